@@ -1,0 +1,267 @@
+//! Ferry's capture programs. They attach to each meshed pod's cgroup (v2):
+//!
+//! - `ferry_connect4` / `ferry_connect6` rewrite a TCP connect to the agent's
+//!   outbound listener and remember the dialled address by socket cookie;
+//! - `ferry_sock_ops` re-keys that record by the connection's 4-tuple as soon
+//!   as the local port exists (the agent only sees the accepted socket), and
+//!   forgets both records when the socket closes;
+//! - `ferry_getpeer4` / `ferry_getpeer6` hand the application back the address
+//!   it dialled.
+//!
+//! Every decision that can live in the agent lives there; these programs only
+//! look things up in maps the agent fills.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{
+            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+            BPF_TCP_CLOSE, bpf_sock_addr,
+        },
+        helpers::generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        },
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{Array, HashMap, LruHashMap},
+        programs::{SockAddrContext, SockOpsContext},
+        EbpfContext as _,
+    };
+    use aya_log_ebpf::{debug, error};
+    use ferry_agent_ebpf::{
+        CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, MAX_CGROUP_DEPTH,
+        MAX_EXCLUDED_PORTS, MAX_PODS, MAX_TRACKED_CONNECTIONS, ORIG_IPV4, ORIG_IPV6, OriginalDst,
+        PodCapture, SockKey, is_v4_mapped, v4_mapped,
+    };
+
+    /// What a cgroup/sock_addr program returns to let the syscall go on.
+    const ALLOW: i32 = 1;
+    /// What a cgroup/sock_addr program returns to fail the syscall with EPERM.
+    const DENY: i32 = 0;
+
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const SOCK_STREAM: u32 = 1;
+    const IPPROTO_TCP: u32 = 6;
+
+    #[map(name = "capture_config")]
+    static CAPTURE_CONFIG: Array<CaptureConfig> = Array::pinned(1, 0);
+
+    #[map(name = "pod_cgroups")]
+    static POD_CGROUPS: HashMap<u64, PodCapture> = HashMap::pinned(MAX_PODS, 0);
+
+    #[map(name = "excluded_ports")]
+    static EXCLUDED_PORTS: HashMap<ExcludedPort, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+
+    #[map(name = "orig_dst_cookie")]
+    static ORIG_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> =
+        LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+
+    #[map(name = "orig_dst_tuple")]
+    static ORIG_DST_BY_TUPLE: LruHashMap<SockKey, OriginalDst> =
+        LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let Some(config) = capture_for(sa, CAPTURE_IPV4) else {
+            return ALLOW;
+        };
+        let dst_ip = sa.user_ip4;
+        let dst_port = u16::from_be(sa.user_port as u16);
+        // 127.0.0.0/8: the first octet is the lowest byte of the network-order word.
+        if dst_ip & 0xff == 127 || dst_ip == config.agent_ip4 {
+            return ALLOW;
+        }
+        let Some(pod) = pod_cgroup() else {
+            return ALLOW;
+        };
+        if is_excluded(pod, dst_port) {
+            return ALLOW;
+        }
+        let original = OriginalDst { addr: v4_mapped(dst_ip), port: dst_port, family: ORIG_IPV4 };
+        if !remember(&ctx, &original) {
+            return DENY;
+        }
+        sa.user_ip4 = config.agent_ip4;
+        sa.user_port = u32::from(config.outbound_port.to_be());
+        debug!(&ctx, "captured connect4 to {:i}:{}", u32::from_be(dst_ip), dst_port);
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let dst_ip = sa.user_ip6;
+        // A dual-stack socket dialling ::ffff:a.b.c.d makes an IPv4 connection.
+        let mapped = is_v4_mapped(&dst_ip);
+        let family = if mapped { CAPTURE_IPV4 } else { CAPTURE_IPV6 };
+        let Some(config) = capture_for(sa, family) else {
+            return ALLOW;
+        };
+        let dst_port = u16::from_be(sa.user_port as u16);
+        let is_loopback = if mapped {
+            dst_ip[3] & 0xff == 127
+        } else {
+            dst_ip == [0, 0, 0, 1_u32.to_be()]
+        };
+        let is_agent =
+            if mapped { dst_ip[3] == config.agent_ip4 } else { dst_ip == config.agent_ip6 };
+        if is_loopback || is_agent {
+            return ALLOW;
+        }
+        let Some(pod) = pod_cgroup() else {
+            return ALLOW;
+        };
+        if is_excluded(pod, dst_port) {
+            return ALLOW;
+        }
+        let original = OriginalDst { addr: dst_ip, port: dst_port, family: ORIG_IPV6 };
+        if !remember(&ctx, &original) {
+            return DENY;
+        }
+        sa.user_ip6 = if mapped { v4_mapped(config.agent_ip4) } else { config.agent_ip6 };
+        sa.user_port = u32::from(config.outbound_port.to_be());
+        debug!(&ctx, "captured connect6 to port {}", dst_port);
+        ALLOW
+    }
+
+    #[sock_ops]
+    pub fn ferry_sock_ops(ctx: SockOpsContext) -> u32 {
+        match ctx.op() {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let Some(original) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+                    return 0;
+                };
+                let key = sock_key(&ctx);
+                if ORIG_DST_BY_TUPLE.insert(&key, &original, 0).is_err() {
+                    error!(&ctx, "cannot record captured connection by 4-tuple");
+                    return 0;
+                }
+                // Ask for state changes so the records go when the socket closes.
+                let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+                if ctx.set_cb_flags(flags as i32).is_err() {
+                    error!(&ctx, "cannot subscribe to TCP state changes");
+                }
+            }
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+                let _ = ORIG_DST_BY_TUPLE.remove(&sock_key(&ctx));
+            }
+            _ => {}
+        }
+        0
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(original) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = original.addr[3];
+            sa.user_port = u32::from(original.port.to_be());
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn ferry_getpeer6(ctx: SockAddrContext) -> i32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(original) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip6 = original.addr;
+            sa.user_port = u32::from(original.port.to_be());
+        }
+        ALLOW
+    }
+
+    /// The capture configuration, if this is a TCP socket and the agent
+    /// listens on the address family the connection will use.
+    #[inline(always)]
+    fn capture_for(sa: &bpf_sock_addr, family: u16) -> Option<CaptureConfig> {
+        if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+            return None;
+        }
+        let config = CAPTURE_CONFIG.get(0)?;
+        (config.flags & family != 0).then_some(*config)
+    }
+
+    /// The id of the pod cgroup the calling task is in: its own cgroup (the
+    /// simulated nodes put processes there) or the nearest ancestor the agent
+    /// registered (Kubernetes puts them in a container cgroup below the pod's).
+    #[inline(always)]
+    fn pod_cgroup() -> Option<u64> {
+        let own = unsafe { bpf_get_current_cgroup_id() };
+        if POD_CGROUPS.get_ptr(&own).is_some() {
+            return Some(own);
+        }
+        for level in 1..MAX_CGROUP_DEPTH {
+            let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+            if ancestor == 0 || ancestor == own {
+                return None;
+            }
+            if POD_CGROUPS.get_ptr(&ancestor).is_some() {
+                return Some(ancestor);
+            }
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn is_excluded(pod_cgroup: u64, port: u16) -> bool {
+        let key = ExcludedPort { pod_cgroup, port, _pad: [0; 6] };
+        EXCLUDED_PORTS.get_ptr(&key).is_some()
+    }
+
+    /// Records the dialled address under the socket's cookie; false if the map refused.
+    #[inline(always)]
+    fn remember(ctx: &SockAddrContext, original: &OriginalDst) -> bool {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if ORIG_DST_BY_COOKIE.insert(&cookie, original, 0).is_err() {
+            // Failing the connect beats letting it leave the pod unencrypted.
+            error!(ctx, "cannot record original destination; refusing connect");
+            return false;
+        }
+        true
+    }
+
+    /// The connection as the agent's listener sees it: pod side first.
+    #[inline(always)]
+    fn sock_key(ctx: &SockOpsContext) -> SockKey {
+        let remote6 = ctx.remote_ip6();
+        let (src_addr, dst_addr) = if ctx.family() == AF_INET
+            || (ctx.family() == AF_INET6 && is_v4_mapped(&remote6))
+        {
+            // For a dual-stack socket dialling IPv4, the IPv6 fields may not be
+            // filled in yet when the connect callback runs; the IPv4 ones are.
+            (v4_mapped(ctx.local_ip4()), v4_mapped(ctx.remote_ip4()))
+        } else {
+            (ctx.local_ip6(), remote6)
+        };
+        SockKey {
+            src_addr,
+            dst_addr,
+            src_port: ctx.local_port() as u16,
+            // sock_ops gives the remote port in network byte order in the upper half.
+            dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+/// On the host this crate is only a library of shared types; the programs
+/// exist for `bpfel-unknown-none` alone.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("ferry-capture holds eBPF programs; the agent loads them.");
+}

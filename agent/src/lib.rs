@@ -1,0 +1,2 @@
+//! Ferry's node agent.
+pub mod workload;

@@ -9,12 +9,18 @@ use anyhow::{Context as _, bail};
 const SETUP_HINT: &str = "run `cargo xtask setup` to install the eBPF toolchain";
 
 fn main() -> anyhow::Result<()> {
-    check_toolchain().with_context(|| format!("cannot build Ferry's eBPF programs: {SETUP_HINT}"))?;
+    check_toolchain()
+        .with_context(|| format!("cannot build Ferry's eBPF programs: {SETUP_HINT}"))?;
     let ebpf_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../agent-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path to agent-ebpf")?;
-    let package = aya_build::Package { name: "ferry-agent-ebpf", root_dir: ebpf_dir, ..Default::default() };
-    aya_build::build_ebpf([package], aya_build::Toolchain::default())
-        .with_context(|| format!("building agent-ebpf failed (if the toolchain is incomplete, {SETUP_HINT})"))
+    let package = aya_build::Package {
+        name: "ferry-agent-ebpf",
+        root_dir: ebpf_dir,
+        ..Default::default()
+    };
+    aya_build::build_ebpf([package], aya_build::Toolchain::default()).with_context(|| {
+        format!("building agent-ebpf failed (if the toolchain is incomplete, {SETUP_HINT})")
+    })
 }
 
 /// bpf-linker on PATH and the nightly toolchain's `rust-src` (for `-Z build-std=core`).

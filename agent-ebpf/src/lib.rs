@@ -161,6 +161,9 @@ mod tests {
         assert!(is_v4_mapped(&mapped));
         let bytes: std::vec::Vec<u8> = mapped.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap());
-        assert_eq!(v6.to_ipv4_mapped(), Some(std::net::Ipv4Addr::new(198, 18, 1, 2)));
+        assert_eq!(
+            v6.to_ipv4_mapped(),
+            Some(std::net::Ipv4Addr::new(198, 18, 1, 2))
+        );
     }
 }

@@ -15,6 +15,7 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
+        EbpfContext as _,
         bindings::{
             BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
             BPF_TCP_CLOSE, bpf_sock_addr,
@@ -25,8 +26,9 @@ mod programs {
         macros::{cgroup_sock_addr, map, sock_ops},
         maps::{Array, HashMap, LruHashMap},
         programs::{SockAddrContext, SockOpsContext},
-        EbpfContext as _,
     };
+    use core::ptr::{read_volatile, write_volatile};
+
     use aya_log_ebpf::{debug, error};
     use ferry_agent_ebpf::{
         CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, MAX_CGROUP_DEPTH,
@@ -79,20 +81,29 @@ mod programs {
         if is_excluded(pod, dst_port) {
             return ALLOW;
         }
-        let original = OriginalDst { addr: v4_mapped(dst_ip), port: dst_port, family: ORIG_IPV4 };
+        let original = OriginalDst {
+            addr: v4_mapped(dst_ip),
+            port: dst_port,
+            family: ORIG_IPV4,
+        };
         if !remember(&ctx, &original) {
             return DENY;
         }
         sa.user_ip4 = config.agent_ip4;
         sa.user_port = u32::from(config.outbound_port.to_be());
-        debug!(&ctx, "captured connect4 to {:i}:{}", u32::from_be(dst_ip), dst_port);
+        debug!(
+            &ctx,
+            "captured connect4 to {:i}:{}",
+            u32::from_be(dst_ip),
+            dst_port
+        );
         ALLOW
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         let sa = unsafe { &mut *ctx.sock_addr };
-        let dst_ip = sa.user_ip6;
+        let dst_ip = read_user_ip6(sa);
         // A dual-stack socket dialling ::ffff:a.b.c.d makes an IPv4 connection.
         let mapped = is_v4_mapped(&dst_ip);
         let family = if mapped { CAPTURE_IPV4 } else { CAPTURE_IPV6 };
@@ -105,8 +116,11 @@ mod programs {
         } else {
             dst_ip == [0, 0, 0, 1_u32.to_be()]
         };
-        let is_agent =
-            if mapped { dst_ip[3] == config.agent_ip4 } else { dst_ip == config.agent_ip6 };
+        let is_agent = if mapped {
+            dst_ip[3] == config.agent_ip4
+        } else {
+            dst_ip == config.agent_ip6
+        };
         if is_loopback || is_agent {
             return ALLOW;
         }
@@ -116,11 +130,22 @@ mod programs {
         if is_excluded(pod, dst_port) {
             return ALLOW;
         }
-        let original = OriginalDst { addr: dst_ip, port: dst_port, family: ORIG_IPV6 };
+        let original = OriginalDst {
+            addr: dst_ip,
+            port: dst_port,
+            family: ORIG_IPV6,
+        };
         if !remember(&ctx, &original) {
             return DENY;
         }
-        sa.user_ip6 = if mapped { v4_mapped(config.agent_ip4) } else { config.agent_ip6 };
+        write_user_ip6(
+            sa,
+            if mapped {
+                v4_mapped(config.agent_ip4)
+            } else {
+                config.agent_ip6
+            },
+        );
         sa.user_port = u32::from(config.outbound_port.to_be());
         debug!(&ctx, "captured connect6 to port {}", dst_port);
         ALLOW
@@ -171,7 +196,7 @@ mod programs {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if let Some(original) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
             let sa = unsafe { &mut *ctx.sock_addr };
-            sa.user_ip6 = original.addr;
+            write_user_ip6(sa, original.addr);
             sa.user_port = u32::from(original.port.to_be());
         }
         ALLOW
@@ -211,7 +236,11 @@ mod programs {
 
     #[inline(always)]
     fn is_excluded(pod_cgroup: u64, port: u16) -> bool {
-        let key = ExcludedPort { pod_cgroup, port, _pad: [0; 6] };
+        let key = ExcludedPort {
+            pod_cgroup,
+            port,
+            _pad: [0; 6],
+        };
         EXCLUDED_PORTS.get_ptr(&key).is_some()
     }
 
@@ -227,25 +256,68 @@ mod programs {
         true
     }
 
+    /// `user_ip6` word by word: the verifier allows only plain 4-byte loads
+    /// and stores on the context, never a memcpy of the array.
+    #[inline(always)]
+    fn read_user_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+        unsafe { read_words(&raw const sa.user_ip6) }
+    }
+
+    #[inline(always)]
+    unsafe fn read_words(p: *const [u32; 4]) -> [u32; 4] {
+        unsafe {
+            [
+                read_volatile(&raw const (*p)[0]),
+                read_volatile(&raw const (*p)[1]),
+                read_volatile(&raw const (*p)[2]),
+                read_volatile(&raw const (*p)[3]),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    fn write_user_ip6(sa: &mut bpf_sock_addr, addr: [u32; 4]) {
+        let p = &raw mut sa.user_ip6;
+        unsafe {
+            write_volatile(&raw mut (*p)[0], addr[0]);
+            write_volatile(&raw mut (*p)[1], addr[1]);
+            write_volatile(&raw mut (*p)[2], addr[2]);
+            write_volatile(&raw mut (*p)[3], addr[3]);
+        }
+    }
+
     /// The connection as the agent's listener sees it: pod side first.
     #[inline(always)]
     fn sock_key(ctx: &SockOpsContext) -> SockKey {
-        let remote6 = ctx.remote_ip6();
-        let (src_addr, dst_addr) = if ctx.family() == AF_INET
-            || (ctx.family() == AF_INET6 && is_v4_mapped(&remote6))
-        {
-            // For a dual-stack socket dialling IPv4, the IPv6 fields may not be
-            // filled in yet when the connect callback runs; the IPv4 ones are.
-            (v4_mapped(ctx.local_ip4()), v4_mapped(ctx.remote_ip4()))
-        } else {
-            (ctx.local_ip6(), remote6)
+        // Every context field is read once, up front, with a volatile load:
+        // otherwise LLVM may select between field pointers and dereference the
+        // result, which the verifier refuses ("modified ctx ptr").
+        let ops = ctx.ops;
+        let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
+            (
+                read_volatile(&raw const (*ops).family),
+                read_volatile(&raw const (*ops).local_ip4),
+                read_volatile(&raw const (*ops).remote_ip4),
+                read_words(&raw const (*ops).local_ip6),
+                read_words(&raw const (*ops).remote_ip6),
+                read_volatile(&raw const (*ops).local_port),
+                read_volatile(&raw const (*ops).remote_port),
+            )
         };
+        let (src_addr, dst_addr) =
+            if family == AF_INET || (family == AF_INET6 && is_v4_mapped(&remote_ip6)) {
+                // For a dual-stack socket dialling IPv4, the IPv6 fields may not be
+                // filled in yet when the connect callback runs; the IPv4 ones are.
+                (v4_mapped(local_ip4), v4_mapped(remote_ip4))
+            } else {
+                (local_ip6, remote_ip6)
+            };
         SockKey {
             src_addr,
             dst_addr,
-            src_port: ctx.local_port() as u16,
+            src_port: local_port as u16,
             // sock_ops gives the remote port in network byte order in the upper half.
-            dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+            dst_port: u16::from_be((remote_port >> 16) as u16),
         }
     }
 

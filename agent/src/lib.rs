@@ -1,2 +1,167 @@
-//! Ferry's node agent.
+//! Ferry's node agent: captures the meshed pods of its node with eBPF and
+//! carries their connections.
+
+pub mod admin;
+pub mod capture;
+pub mod cli;
+pub mod proxy;
 pub mod workload;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    admin::{AdminState, CaptureView, Readiness},
+    capture::{Capture, Redirect},
+    cli::RunArgs,
+    proxy::{connections::Connections, outbound::Outbound},
+    workload::{FileSource, WorkloadTable},
+};
+
+/// How soon a pod whose capture failed is tried again.
+pub const CAPTURE_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs the agent until SIGINT or SIGTERM. Pinned capture stays in place when
+/// it stops, so pods keep being redirected across a restart.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let (source, table) = FileSource::load(args.workloads.clone(), args.node.clone())?;
+    let redirect = redirect_for(&table, args.outbound_port)?;
+    tracing::info!(node = %args.node, addresses = ?table.node.addresses, pods = table.workloads.len(), "starting");
+
+    // Bind everything first: a port in use is a start-up error, not a later surprise.
+    let mut outbound_listeners = Vec::new();
+    for ip in &table.node.addresses {
+        let addr = SocketAddr::new(*ip, args.outbound_port);
+        outbound_listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("outbound listener on {addr}"))?,
+        );
+    }
+    let admin = TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("admin on {}", args.admin_addr))?;
+    let probe_addr = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), args.probe_port);
+    let probe = TcpListener::bind(probe_addr)
+        .await
+        .with_context(|| format!("readiness probe on {probe_addr}"))?;
+
+    let (capture, original_dsts) = Capture::load(&args.bpffs_root, &args.node, redirect)?;
+    let (table_tx, table_rx) = watch::channel(Arc::new(table));
+    let readiness = Arc::new(Readiness::not_ready("pods not captured yet"));
+    let capture_view = Arc::new(Mutex::new(CaptureView {
+        pin_dir: capture.pin_dir().display().to_string(),
+        ..Default::default()
+    }));
+    let connections = Arc::new(Connections::default());
+
+    tokio::spawn(source.watch(table_tx));
+    tokio::spawn(keep_captured(
+        capture,
+        table_rx.clone(),
+        Arc::clone(&capture_view),
+        Arc::clone(&readiness),
+    ));
+
+    let outbound = Arc::new(Outbound {
+        workloads: table_rx.clone(),
+        original_dsts: Arc::new(original_dsts),
+        connections: Arc::clone(&connections),
+    });
+    for listener in outbound_listeners {
+        tracing::info!(addr = %listener.local_addr()?, "outbound listener ready");
+        tokio::spawn(Arc::clone(&outbound).serve(listener));
+    }
+    let state = Arc::new(AdminState {
+        workloads: table_rx,
+        attachments: capture_view,
+        connections,
+        readiness,
+    });
+    tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
+    tokio::spawn(admin::serve_admin(admin, Arc::clone(&state)));
+    tokio::spawn(admin::serve_probe(probe, state));
+
+    shutdown_signal().await;
+    tracing::info!("stopping; pinned capture stays in place for the next agent");
+    Ok(())
+}
+
+/// Where the capture programs send connections: this node's addresses.
+fn redirect_for(table: &WorkloadTable, port: u16) -> anyhow::Result<Redirect> {
+    let addrs = &table.node.addresses;
+    let ipv4 = addrs.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let ipv6 = addrs.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    anyhow::ensure!(
+        ipv4.is_some() || ipv6.is_some(),
+        "node {} has no addresses in the workload source; the agent needs one to receive captured connections",
+        table.node.name
+    );
+    Ok(Redirect { ipv4, ipv6, port })
+}
+
+/// Keeps the capture programs on exactly this node's meshed pods as the
+/// workload table changes; retries pods that failed.
+async fn keep_captured(
+    mut capture: Capture,
+    mut tables: watch::Receiver<Arc<WorkloadTable>>,
+    view: Arc<Mutex<CaptureView>>,
+    readiness: Arc<Readiness>,
+) {
+    loop {
+        let table = tables.borrow_and_update().clone();
+        let failures: Vec<String> = capture
+            .reconcile(table.local_meshed().map(AsRef::as_ref))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for failure in &failures {
+            tracing::error!(error = %failure, "capture failed; retrying in {CAPTURE_RETRY:?}");
+        }
+        readiness.set(failures.iter().map(|f| format!("capture: {f}")).collect());
+        {
+            let mut view = view.lock().expect("capture view lock");
+            view.attached = capture.attachments().cloned().collect();
+            view.failures = failures.clone();
+        }
+        let changed = tables.changed();
+        if failures.is_empty() {
+            if changed.await.is_err() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                result = changed => if result.is_err() { return },
+                () = tokio::time::sleep(CAPTURE_RETRY) => {}
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,6 +1,16 @@
-static CAPTURE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-capture"));
-fn main() {
-    let mut ebpf = aya::Ebpf::load(CAPTURE).unwrap();
-    for (n, _) in ebpf.programs() { println!("{n}"); }
-    let _ = &mut ebpf;
+use clap::Parser as _;
+use ferry_agent::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => args.log.init().and_then(|()| ferry_agent::run(args)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferry-agent: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -86,21 +86,28 @@ impl WorkloadFile {
             file: path.to_owned(),
             problems: vec![format!("cannot read: {e}")],
         })?;
-        Self::parse(&text, local_node).map_err(|problems| WorkloadFileError { file: path.to_owned(), problems })
+        Self::parse(&text, local_node).map_err(|problems| WorkloadFileError {
+            file: path.to_owned(),
+            problems,
+        })
     }
 
     /// Parses and checks YAML text; every problem found is reported, not just the first.
     pub fn parse(text: &str, local_node: Option<&str>) -> Result<Self, Vec<String>> {
         let file: Self = serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?;
         let problems = file.problems(local_node);
-        if problems.is_empty() { Ok(file) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(file)
+        } else {
+            Err(problems)
+        }
     }
 
     /// Whether pods of `namespace` are meshed.
     pub fn is_meshed(&self, namespace: &str) -> bool {
-        self.namespaces
-            .iter()
-            .any(|ns| ns.name == namespace && ns.labels.get(MESH_LABEL).is_some_and(|v| v == MESH_ENABLED))
+        self.namespaces.iter().any(|ns| {
+            ns.name == namespace && ns.labels.get(MESH_LABEL).is_some_and(|v| v == MESH_ENABLED)
+        })
     }
 
     fn problems(&self, local_node: Option<&str>) -> Vec<String> {
@@ -109,7 +116,10 @@ impl WorkloadFile {
         for (i, node) in self.nodes.iter().enumerate() {
             let at = format!("nodes[{i}] ({})", node.name);
             if !is_dns_label(&node.name) {
-                problems.push(format!("{at}.name: {:?} is not a valid node name", node.name));
+                problems.push(format!(
+                    "{at}.name: {:?} is not a valid node name",
+                    node.name
+                ));
             }
             if !node_names.insert(node.name.as_str()) {
                 problems.push(format!("{at}.name: node {:?} is listed twice", node.name));
@@ -124,10 +134,16 @@ impl WorkloadFile {
         let mut namespaces = HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             if !is_dns_label(&ns.name) {
-                problems.push(format!("namespaces[{i}].name: {:?} is not a valid namespace name", ns.name));
+                problems.push(format!(
+                    "namespaces[{i}].name: {:?} is not a valid namespace name",
+                    ns.name
+                ));
             }
             if !namespaces.insert(ns.name.as_str()) {
-                problems.push(format!("namespaces[{i}].name: namespace {:?} is listed twice", ns.name));
+                problems.push(format!(
+                    "namespaces[{i}].name: namespace {:?} is listed twice",
+                    ns.name
+                ));
             }
         }
         let mut pod_names = HashSet::new();
@@ -135,18 +151,25 @@ impl WorkloadFile {
         for (i, pod) in self.pods.iter().enumerate() {
             let id = format!("{}/{}", pod.namespace, pod.name);
             let at = format!("pods[{i}] ({id})");
-            for (field, value) in
-                [("name", &pod.name), ("namespace", &pod.namespace), ("serviceAccount", &pod.service_account)]
-            {
+            for (field, value) in [
+                ("name", &pod.name),
+                ("namespace", &pod.namespace),
+                ("serviceAccount", &pod.service_account),
+            ] {
                 if !is_dns_subdomain(value) {
-                    problems.push(format!("{at}.{field}: {value:?} is not a valid Kubernetes name"));
+                    problems.push(format!(
+                        "{at}.{field}: {value:?} is not a valid Kubernetes name"
+                    ));
                 }
             }
             if !pod_names.insert(id.clone()) {
                 problems.push(format!("{at}: pod {id} is listed twice"));
             }
             if !node_names.contains(pod.node.as_str()) {
-                problems.push(format!("{at}.node: node {:?} is not listed under nodes", pod.node));
+                problems.push(format!(
+                    "{at}.node: node {:?} is not listed under nodes",
+                    pod.node
+                ));
             }
             if pod.ips.is_empty() {
                 problems.push(format!("{at}.ips: a pod needs at least one IP"));
@@ -182,7 +205,9 @@ impl WorkloadFile {
 }
 
 fn check_one_per_family(ips: &[IpAddr], at: &str, problems: &mut Vec<String>) {
-    if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1 || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1 {
+    if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+        || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+    {
         problems.push(format!("{at}: at most one IPv4 and one IPv6 address"));
     }
     for ip in ips {
@@ -196,7 +221,8 @@ fn check_one_per_family(ips: &[IpAddr], at: &str, problems: &mut Vec<String>) {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -271,7 +297,9 @@ pods:
     }
 
     fn problems(text: &str) -> String {
-        WorkloadFile::parse(text, Some("n1")).unwrap_err().join("\n")
+        WorkloadFile::parse(text, Some("n1"))
+            .unwrap_err()
+            .join("\n")
     }
 
     #[test]
@@ -287,7 +315,10 @@ pods:
     fn missing_service_account_is_named() {
         let text = VALID.replace("    serviceAccount: web\n", "");
         let msg = problems(&text);
-        assert!(msg.contains("pods[0]: missing field `serviceAccount`"), "{msg}");
+        assert!(
+            msg.contains("pods[0]: missing field `serviceAccount`"),
+            "{msg}"
+        );
         assert!(msg.contains("line 12"), "{msg}");
     }
 
@@ -301,7 +332,10 @@ pods:
 
     #[test]
     fn local_pod_needs_an_existing_cgroup() {
-        let text = VALID.replace("node: n2\n    ips: [198.18.2.2]", "node: n1\n    ips: [198.18.2.2]");
+        let text = VALID.replace(
+            "node: n2\n    ips: [198.18.2.2]",
+            "node: n1\n    ips: [198.18.2.2]",
+        );
         assert!(problems(&text).contains("pods[0] (shop/web-0).cgroup: missing"));
         let text = text.replace(
             "ips: [198.18.2.2]",
@@ -309,7 +343,9 @@ pods:
         );
         let msg = problems(&text);
         assert!(
-            msg.contains("pods[0] (shop/web-0).cgroup: /sys/fs/cgroup/no/such/ferry/pod does not exist"),
+            msg.contains(
+                "pods[0] (shop/web-0).cgroup: /sys/fs/cgroup/no/such/ferry/pod does not exist"
+            ),
             "{msg}"
         );
     }
@@ -317,17 +353,31 @@ pods:
     #[test]
     fn reports_every_semantic_problem_together() {
         let text = VALID
-            .replace("node: n2\n    ips: [198.18.2.2]", "node: n9\n    ips: [198.18.2.3]")
+            .replace(
+                "node: n2\n    ips: [198.18.2.2]",
+                "node: n9\n    ips: [198.18.2.3]",
+            )
             .replace("name: db-0", "name: Db_0");
         let msg = problems(&text);
         assert!(msg.contains("node \"n9\" is not listed"), "{msg}");
-        assert!(msg.contains("198.18.2.3 is also the IP of pod shop/web-0"), "{msg}");
-        assert!(msg.contains("\"Db_0\" is not a valid Kubernetes name"), "{msg}");
+        assert!(
+            msg.contains("198.18.2.3 is also the IP of pod shop/web-0"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("\"Db_0\" is not a valid Kubernetes name"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unknown_local_node_is_refused() {
-        let msg = WorkloadFile::parse(VALID, Some("n7")).unwrap_err().join("\n");
-        assert!(msg.contains("this agent's node \"n7\" is not listed"), "{msg}");
+        let msg = WorkloadFile::parse(VALID, Some("n7"))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            msg.contains("this agent's node \"n7\" is not listed"),
+            "{msg}"
+        );
     }
 }

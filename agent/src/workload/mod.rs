@@ -1,1 +1,167 @@
+//! What the agent knows about the cluster's workloads, and where it learns it.
+//!
+//! A [`WorkloadTable`] is an immutable snapshot: sources build a new one and
+//! publish it through a `watch` channel, so readers on the connection path
+//! never wait on a writer.
+
 pub mod file;
+mod file_source;
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
+
+use serde::{Serialize, Serializer};
+
+pub use file_source::FileSource;
+
+/// One pod, as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Whether the pod's namespace carries `ferry.dev/mesh=enabled`.
+    pub meshed: bool,
+    /// The pod's cgroup v2 directory (known for pods on this node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded_ports: Vec<u16>,
+}
+
+impl Workload {
+    /// `namespace/name`, the way Kubernetes people say it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// This node, as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalNode {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A snapshot of every workload the agent knows, indexed for the connection path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkloadTable {
+    pub node: LocalNode,
+    #[serde(serialize_with = "serialize_arcs")]
+    pub workloads: Vec<Arc<Workload>>,
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl WorkloadTable {
+    pub fn new(node: LocalNode, workloads: Vec<Workload>) -> Self {
+        let workloads: Vec<_> = workloads.into_iter().map(Arc::new).collect();
+        let by_ip = workloads
+            .iter()
+            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, Arc::clone(w))))
+            .collect();
+        Self {
+            node,
+            workloads,
+            by_ip,
+        }
+    }
+
+    /// Builds the table `node` sees from a checked workload file.
+    pub fn from_file(file: &file::WorkloadFile, node: &str) -> Self {
+        let addresses = file
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default();
+        let workloads = file
+            .pods
+            .iter()
+            .map(|pod| Workload {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+                node: pod.node.clone(),
+                ips: pod.ips.clone(),
+                meshed: file.is_meshed(&pod.namespace),
+                cgroup: pod.cgroup.clone(),
+                excluded_ports: pod.excluded_ports.clone(),
+            })
+            .collect();
+        Self::new(
+            LocalNode {
+                name: node.to_owned(),
+                addresses,
+            },
+            workloads,
+        )
+    }
+
+    /// The workload that owns `ip` (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    /// The meshed pods on this node: the ones whose cgroups get the capture programs.
+    pub fn local_meshed(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads
+            .iter()
+            .filter(|w| w.meshed && w.node == self.node.name && w.cgroup.is_some())
+    }
+}
+
+fn serialize_arcs<S: Serializer>(workloads: &[Arc<Workload>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(workloads.iter().map(AsRef::as_ref))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> WorkloadTable {
+        let text = "
+nodes: [{ name: n1, addresses: [198.19.0.1] }, { name: n2, addresses: [198.19.0.2] }]
+namespaces: [{ name: shop, labels: { ferry.dev/mesh: enabled } }, { name: legacy }]
+pods:
+  - { name: a, namespace: shop, serviceAccount: a, node: n1, ips: [198.18.1.2, \"2001:2:0:1::2\"], cgroup: /x/a }
+  - { name: b, namespace: legacy, serviceAccount: b, node: n1, ips: [198.18.1.3], cgroup: /x/b }
+  - { name: c, namespace: shop, serviceAccount: c, node: n2, ips: [198.18.2.2] }
+";
+        WorkloadTable::from_file(&file::WorkloadFile::parse(text, None).unwrap(), "n1")
+    }
+
+    #[test]
+    fn finds_workloads_by_ip_of_either_family() {
+        let table = table();
+        assert_eq!(
+            table.by_ip("198.18.1.2".parse().unwrap()).unwrap().key(),
+            "shop/a"
+        );
+        assert_eq!(
+            table.by_ip("2001:2:0:1::2".parse().unwrap()).unwrap().key(),
+            "shop/a"
+        );
+        assert_eq!(
+            table
+                .by_ip("::ffff:198.18.1.3".parse().unwrap())
+                .unwrap()
+                .key(),
+            "legacy/b"
+        );
+        assert!(table.by_ip("198.18.9.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn captures_only_meshed_pods_of_this_node() {
+        let table = table();
+        let local: Vec<_> = table.local_meshed().map(|w| w.key()).collect();
+        assert_eq!(local, ["shop/a"]);
+        assert_eq!(
+            table.node.addresses,
+            ["198.19.0.1".parse::<IpAddr>().unwrap()]
+        );
+    }
+}

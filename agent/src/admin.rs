@@ -1,0 +1,209 @@
+//! The admin endpoint (localhost only) and the readiness probe.
+//!
+//! `GET /config_dump` shows the agent's whole state as JSON; debugging starts
+//! there. `/healthz/ready` answers 200 once the agent serves every local pod,
+//! and 503 with the reasons until then.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    capture::Attachment,
+    proxy::connections::{ConnectionInfo, Connections, Totals},
+    workload::{LocalNode, Workload, WorkloadTable},
+};
+
+/// Why the agent is not ready; empty when it is.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    reasons: Mutex<Vec<String>>,
+}
+
+impl Readiness {
+    pub fn not_ready(reason: impl Into<String>) -> Self {
+        Self {
+            reasons: Mutex::new(vec![reason.into()]),
+        }
+    }
+
+    pub fn set(&self, reasons: Vec<String>) {
+        *self.reasons.lock().expect("readiness lock") = reasons;
+    }
+
+    pub fn reasons(&self) -> Vec<String> {
+        self.reasons.lock().expect("readiness lock").clone()
+    }
+}
+
+/// What the admin endpoint reads from.
+pub struct AdminState {
+    pub workloads: watch::Receiver<Arc<WorkloadTable>>,
+    pub attachments: Arc<Mutex<CaptureView>>,
+    pub connections: Arc<Connections>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// The capture state as last reconciled.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureView {
+    pub pin_dir: String,
+    pub attached: Vec<Attachment>,
+    pub failures: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigDump<'a> {
+    node: &'a LocalNode,
+    workloads: Vec<&'a Workload>,
+    capture: CaptureView,
+    connections: Vec<ConnectionInfo>,
+    totals: &'a Totals,
+    ready: bool,
+    not_ready_reasons: Vec<String>,
+}
+
+/// Serves the full admin API on `listener` (bind it to localhost).
+pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
+    serve(listener, state, route_admin).await
+}
+
+/// Serves only `/healthz/ready` (the kubelet's probe port).
+pub async fn serve_probe(listener: TcpListener, state: Arc<AdminState>) {
+    serve(listener, state, |state, req| match req.uri().path() {
+        "/healthz/ready" => ready(state),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "only /healthz/ready is served here\n".into(),
+        ),
+    })
+    .await
+}
+
+async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    route: fn(&AdminState, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = route(&state, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz/ready" => ready(state),
+        "/config_dump" => {
+            let table = state.workloads.borrow().clone();
+            let reasons = state.readiness.reasons();
+            json(&ConfigDump {
+                node: &table.node,
+                workloads: table.workloads.iter().map(AsRef::as_ref).collect(),
+                capture: state.attachments.lock().expect("capture view lock").clone(),
+                connections: state.connections.live(),
+                totals: &state.connections.totals,
+                ready: reasons.is_empty(),
+                not_ready_reasons: reasons,
+            })
+        }
+        "/workloads" => {
+            let table = state.workloads.borrow().clone();
+            json(
+                &table
+                    .workloads
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .collect::<Vec<&Workload>>(),
+            )
+        }
+        "/connections" => json(&state.connections.live()),
+        path => text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no such page {path}; try /config_dump, /workloads, /connections, /healthz/ready\n"
+            ),
+        ),
+    }
+}
+
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    let reasons = state.readiness.reasons();
+    if reasons.is_empty() {
+        text(StatusCode::OK, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n- {}\n", reasons.join("\n- ")),
+        )
+    }
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => response(StatusCode::OK, "application/json", body),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot serialise: {e}\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// The admin address must be a loopback address: the admin API shows the
+/// node's workloads and connections and must not be reachable off the node.
+pub fn check_admin_addr(addr: SocketAddr) -> Result<SocketAddr, String> {
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!(
+            "admin address {addr} is not a loopback address; the admin API listens on localhost only"
+        ))
+    }
+}

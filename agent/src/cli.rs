@@ -1,0 +1,125 @@
+//! The agent's command line. Every default is a named constant; the
+//! DaemonSet manifest sets flags through the same parser.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ferry";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_PROBE_PORT: u16 = 15021;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-agent",
+    version,
+    about = "Ferry's node agent: transparent mTLS for meshed pods"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture this node's meshed pods and carry their connections.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// This node's name, as in the workload source.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// The workload file (YAML) describing nodes, namespaces and pods; watched for changes.
+    #[arg(long, env = "FERRY_WORKLOADS")]
+    pub workloads: PathBuf,
+    /// bpffs directory under which the agent pins its maps and links, in `<root>/<node>/`.
+    #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+    /// Address of the admin API; must be a loopback address.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR, value_parser = parse_admin_addr)]
+    pub admin_addr: SocketAddr,
+    /// Port of the outbound listener the capture programs redirect to (on the node's addresses).
+    #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+    /// Port of the kubelet readiness probe, `/healthz/ready` (on all addresses).
+    #[arg(long, default_value_t = DEFAULT_PROBE_PORT)]
+    pub probe_port: u16,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,ferry_agent=debug`).
+    #[arg(long = "log-level", env = "FERRY_LOG", default_value = "info")]
+    pub filter: String,
+    #[arg(long = "log-format", env = "FERRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_admin_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    crate::admin::check_admin_addr(addr)
+}
+
+impl LogArgs {
+    /// Installs the global `tracing` subscriber (and the `log` bridge aya-log writes through).
+    pub fn init(&self) -> anyhow::Result<()> {
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.filter)
+            .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", self.filter))?;
+        use std::io::IsTerminal as _;
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        match self.format {
+            LogFormat::Text => builder.try_init(),
+            LogFormat::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .try_init(),
+        }
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_must_listen_on_localhost() {
+        let args = [
+            "ferry-agent",
+            "run",
+            "--node",
+            "n1",
+            "--workloads",
+            "w.yaml",
+            "--admin-addr",
+            "0.0.0.0:15000",
+        ];
+        let error = Cli::try_parse_from(args).unwrap_err().to_string();
+        assert!(error.contains("not a loopback address"), "{error}");
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let Command::Run(args) =
+            Cli::try_parse_from(["ferry-agent", "run", "--node", "n1", "--workloads", "w"])
+                .unwrap()
+                .command;
+        assert_eq!(args.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!((args.outbound_port, args.probe_port), (15001, 15021));
+    }
+}

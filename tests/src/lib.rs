@@ -1,1 +1,46 @@
+//! Ferry's end-to-end test harness: simulated Kubernetes nodes built from
+//! the running kernel (network namespaces, veths, bridges, cgroup v2
+//! directories; root needed), real `ferry-agent` processes on them, and
+//! `ferry-testapp` workloads in their pods. See [`Cluster`].
 
+pub mod cgroup;
+mod http;
+mod leftovers;
+pub mod netns;
+mod process;
+mod sim;
+pub mod stream;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+
+pub use leftovers::{clean_leftovers, leftovers};
+pub use process::Proc;
+pub use sim::{Agent, Cluster, Node, NodeId, Pod, PodId, PodOptions};
+
+/// The bpffs directory under which agents pin, in `<root>/<node name>/`:
+/// the agent's default, so pins of tests and of a manual run look alike.
+pub const BPFFS_ROOT: &str = ferry_agent::cli::DEFAULT_BPFFS_ROOT;
+
+/// The path of a workspace binary built in the same profile as the running
+/// executable (`target/<profile>/<name>`, found from a test binary in
+/// `target/<profile>/deps/` or a binary in `target/<profile>/`).
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let mut dir = exe
+        .parent()
+        .with_context(|| format!("{} has no parent directory", exe.display()))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} does not exist; build it first: cargo xtask test builds ferry-agent and ferry-testapp \
+             (or `cargo build -p ferry-agent -p ferry-tests`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

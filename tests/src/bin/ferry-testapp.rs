@@ -1,0 +1,311 @@
+//! `ferry-testapp`: the workload the end-to-end tests run inside simulated
+//! pods. It knows nothing of Ferry: a plain TCP/UDP client and server that
+//! checks every byte (deterministic streams, see `ferry_tests::stream`) and
+//! reports each connection as one JSON line on stdout, which the harness
+//! reads (`Proc::wait_for_line`).
+
+use std::{
+    io::{self, BufRead as _, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use ferry_tests::stream::{SEED_A, SEED_B, Stream, Verifier};
+use serde_json::{Value, json};
+
+/// How long a connect may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay silent before it counts as failed; a test
+/// gets an error instead of a hang when bytes stop flowing.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `udp` waits for its echo.
+const UDP_ECHO_TIMEOUT: Duration = Duration::from_secs(3);
+const UDP_PROBE: &[u8] = b"ferry-udp-probe";
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-testapp",
+    about = "Test workload for Ferry's end-to-end tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Accept TCP connections: check that stream A arrives, answer with stream B.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Bytes of stream B to send back on each connection.
+        #[arg(long, default_value_t = 0)]
+        bytes: u64,
+        /// Also echo UDP datagrams on the same address.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// Connect, send stream A, half-close, check that stream B comes back.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Bytes to send, and to expect back.
+        #[arg(long)]
+        bytes: u64,
+        /// Connections to make, one after the other.
+        #[arg(long, default_value_t = 1)]
+        repeat: u64,
+        /// Print only a final summary line.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Send one datagram on a connected UDP socket and wait for its echo.
+    Udp {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+    /// Connect and keep the connection open until stdin has a line or ends.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Serve { listen, bytes, udp } => serve(listen, bytes, udp),
+        Command::Connect {
+            to,
+            bytes,
+            repeat,
+            quiet,
+        } => connect_repeatedly(to, bytes, repeat, quiet),
+        Command::Udp { to } => udp_probe(to),
+        Command::Hold { to } => hold(to),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ferry-testapp: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints one event as a JSON line and flushes it: the harness reads stdout
+/// through a pipe while the process runs.
+fn emit(event: &Value) {
+    let mut out = io::stdout().lock();
+    // A closed stdout (harness gone) must not kill a server mid-test.
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+fn serve(listen: SocketAddr, bytes: u64, udp: bool) -> anyhow::Result<()> {
+    let listener =
+        TcpListener::bind(listen).with_context(|| format!("cannot listen on TCP {listen}"))?;
+    let bound = listener.local_addr()?;
+    if udp {
+        let socket = UdpSocket::bind(bound).with_context(|| format!("cannot bind UDP {bound}"))?;
+        thread::spawn(move || echo_datagrams(&socket));
+    }
+    emit(&json!({"event": "listening", "addr": bound.to_string()}));
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                thread::spawn(move || serve_connection(stream, bytes));
+            }
+            Err(err) => eprintln!("ferry-testapp: accept on {bound}: {err}"),
+        }
+    }
+    Ok(())
+}
+
+fn echo_datagrams(socket: &UdpSocket) {
+    let mut buf = vec![0; 65536];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                if let Err(err) = socket.send_to(&buf[..len], from) {
+                    eprintln!("ferry-testapp: UDP echo to {from}: {err}");
+                }
+            }
+            Err(err) => eprintln!("ferry-testapp: UDP receive: {err}"),
+        }
+    }
+}
+
+/// One server connection: read stream A to EOF, answer with `bytes` of stream B.
+fn serve_connection(mut stream: TcpStream, bytes: u64) {
+    let peer = display_addr(stream.peer_addr());
+    let local = display_addr(stream.local_addr());
+    let result = stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| receive(&mut stream, SEED_A));
+    let (verifier, mut error) = match result {
+        Ok(verifier) => (Some(verifier), None),
+        Err(err) => (None, Some(format!("receive: {err}"))),
+    };
+    let mut sent = 0;
+    if error.is_none() {
+        match send(&mut stream, SEED_B, bytes) {
+            Ok(()) => sent = bytes,
+            Err(err) => error = Some(format!("send: {err}")),
+        }
+    }
+    let mut event = json!({
+        "event": "served",
+        "peer": peer,
+        "local": local,
+        "received": verifier.as_ref().map_or(0, Verifier::received),
+        "intact": error.is_none() && verifier.as_ref().is_some_and(Verifier::intact),
+        "sent": sent,
+    });
+    if let Some(error) = error {
+        event["error"] = error.into();
+    }
+    emit(&event);
+}
+
+/// Reads to EOF, checking the bytes against the stream seeded with `seed`.
+fn receive(stream: &mut TcpStream, seed: u64) -> io::Result<Verifier> {
+    let mut verifier = Verifier::new(seed);
+    let mut buf = vec![0; CHUNK];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(verifier),
+            Ok(len) => verifier.update(&buf[..len]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Writes `bytes` of the stream seeded with `seed`, then half-closes.
+fn send(stream: &mut TcpStream, seed: u64, bytes: u64) -> io::Result<()> {
+    let mut source = Stream::new(seed);
+    let mut buf = vec![0; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let len = usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK));
+        source.fill(&mut buf[..len]);
+        stream.write_all(&buf[..len])?;
+        left -= len as u64;
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+fn display_addr(addr: io::Result<SocketAddr>) -> String {
+    addr.map_or_else(|err| format!("unknown ({err})"), |addr| addr.to_string())
+}
+
+fn connect_repeatedly(to: SocketAddr, bytes: u64, repeat: u64, quiet: bool) -> anyhow::Result<()> {
+    let mut failed = 0u64;
+    let mut first_error = None;
+    for _ in 0..repeat {
+        if let Err(err) = connect_once(to, bytes, quiet) {
+            failed += 1;
+            if !quiet {
+                emit(
+                    &json!({"event": "failed", "to": to.to_string(), "error": format!("{err:#}")}),
+                );
+            }
+            first_error.get_or_insert(err);
+        }
+    }
+    if quiet {
+        emit(&json!({"event": "summary", "connections": repeat, "failed": failed}));
+    }
+    match first_error {
+        None => Ok(()),
+        Some(err) => Err(err.context(format!(
+            "{failed} of {repeat} connections to {to} failed; the first"
+        ))),
+    }
+}
+
+/// One client connection; an error if it failed or the answer was not intact.
+fn connect_once(to: SocketAddr, bytes: u64, quiet: bool) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        .with_context(|| format!("cannot connect to {to}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let peer = display_addr(stream.peer_addr());
+    let local = display_addr(stream.local_addr());
+    if !quiet {
+        emit(&json!({"event": "connected", "peer": peer, "local": local}));
+    }
+    send(&mut stream, SEED_A, bytes).with_context(|| format!("sending to {to}"))?;
+    let verifier = receive(&mut stream, SEED_B).with_context(|| format!("receiving from {to}"))?;
+    let intact = verifier.intact() && verifier.received() == bytes;
+    if !quiet {
+        emit(&json!({
+            "event": "done",
+            "peer": peer,
+            "local": local,
+            "sent": bytes,
+            "received": verifier.received(),
+            "intact": intact,
+        }));
+    }
+    if !intact {
+        bail!(
+            "the answer from {to} is not intact: {} bytes arrived, {bytes} expected, {}",
+            verifier.received(),
+            if verifier.intact() {
+                "content as expected"
+            } else {
+                "content differs from stream B"
+            }
+        );
+    }
+    Ok(())
+}
+
+fn udp_probe(to: SocketAddr) -> anyhow::Result<()> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(any).context("cannot bind a UDP socket")?;
+    socket
+        .connect(to)
+        .with_context(|| format!("cannot connect the UDP socket to {to}"))?;
+    let peer = display_addr(socket.peer_addr());
+    socket
+        .send(UDP_PROBE)
+        .with_context(|| format!("cannot send to {to}"))?;
+    socket.set_read_timeout(Some(UDP_ECHO_TIMEOUT))?;
+    let mut buf = [0; 512];
+    let echoed = matches!(socket.recv(&mut buf), Ok(len) if &buf[..len] == UDP_PROBE);
+    emit(&json!({"event": "udp", "peer": peer, "echoed": echoed}));
+    if !echoed {
+        bail!("no echo from {to} within {UDP_ECHO_TIMEOUT:?}");
+    }
+    Ok(())
+}
+
+fn hold(to: SocketAddr) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        .with_context(|| format!("cannot connect to {to}"))?;
+    emit(&json!({
+        "event": "connected",
+        "peer": display_addr(stream.peer_addr()),
+        "local": display_addr(stream.local_addr()),
+    }));
+    let mut line = String::new();
+    io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading stdin")?;
+    drop(stream);
+    emit(&json!({"event": "closed"}));
+    Ok(())
+}

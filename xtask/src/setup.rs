@@ -1,0 +1,279 @@
+//! `cargo xtask setup`: everything building and testing Ferry needs on a fresh
+//! Debian 12 machine (see /work/shared/TOOLCHAIN.md for why each piece). Every
+//! step checks first and changes nothing that is already right, so a second
+//! run takes seconds and setup can run before every `test` and `demo`.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, mounts};
+
+/// Debian packages: LLVM 22 (+ Polly, zstd) to build bpf-linker, bpftool to
+/// inspect what the agent loaded, iproute2 for the simulated nodes' network
+/// namespaces and veths, tcpdump to look at their traffic.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "bpftool",
+    "iproute2",
+    "tcpdump",
+];
+
+/// bpf-linker links the eBPF object; its LLVM (22) must be at least the LLVM
+/// of the nightly rustc that compiles agent-ebpf (also 22).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// Without this prefix bpf-linker's build finds Debian's default LLVM 14.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Where the agent pins its maps (`/sys/fs/bpf/ferry/<node>/…`).
+const BPF_FS: &str = "/sys/fs/bpf";
+/// Where a cgroup v2 hierarchy is mounted if the machine has none.
+const FALLBACK_CGROUP2: &str = "/run/ferry/cgroup2";
+
+/// Runs every setup step in order (packages first: bpf-linker builds with them).
+pub fn setup() -> Result<()> {
+    let started = Instant::now();
+    ensure_root()?;
+    ensure_debian_packages()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_bpffs()?;
+    ensure_cgroup2()?;
+    println!(
+        "setup: all in place ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Installing packages, mounting, and the tests' namespaces all need root;
+/// saying so up front beats a permission error halfway through.
+fn ensure_root() -> Result<()> {
+    cmd::step("checking that we run as root");
+    if effective_uid()? != 0 {
+        bail!(
+            "cargo xtask must run as root: it installs Debian packages, mounts bpffs and cgroup2, \
+             and the tests create network namespaces; rerun it as root \
+             (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask setup`)"
+        );
+    }
+    cmd::note("uid 0");
+    Ok(())
+}
+
+/// The effective uid, from `/proc/self/status` (std has no geteuid).
+fn effective_uid() -> Result<u32> {
+    let status =
+        fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"));
+    let euid = uids.and_then(|uids| uids.split_whitespace().nth(1));
+    euid.and_then(|uid| uid.parse().ok())
+        .context("no effective uid in /proc/self/status")
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    cmd::step(&format!(
+        "checking Debian packages: {}",
+        DEBIAN_PACKAGES.join(" ")
+    ));
+    let missing = missing_debian_packages()?;
+    if missing.is_empty() {
+        cmd::note("all installed");
+        return Ok(());
+    }
+    cmd::note(&format!("missing: {}", missing.join(" ")));
+    let hint = "check that the machine reaches the Debian mirrors (deb.debian.org), then rerun";
+    cmd::run(Command::new("apt-get").arg("update")).with_context(|| hint.to_owned())?;
+    let mut install = Command::new("apt-get");
+    install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y"])
+        .args(&missing);
+    cmd::run(&mut install).with_context(|| hint.to_owned())
+}
+
+/// The packages of [`DEBIAN_PACKAGES`] that dpkg does not report as installed
+/// (unknown packages print nothing, so anything not listed counts as missing).
+fn missing_debian_packages() -> Result<Vec<&'static str>> {
+    let mut query = Command::new("dpkg-query");
+    query
+        .args(["-W", "-f=${Package} ${Status}\\n"])
+        .args(DEBIAN_PACKAGES);
+    let out = cmd::probe(&mut query)?;
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let installed: Vec<&str> = listed
+        .lines()
+        .filter(|line| line.ends_with(" install ok installed"))
+        .filter_map(|line| line.split(' ').next())
+        .collect();
+    Ok(DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !installed.contains(package))
+        .collect())
+}
+
+/// agent-ebpf is built with `-Z build-std=core`, which needs the library sources.
+fn ensure_rust_src() -> Result<()> {
+    cmd::step("checking the nightly toolchain's rust-src component");
+    let installed = cmd::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context(
+        "cannot list the nightly toolchain's components: Ferry's eBPF programs build with nightly; \
+             install it with `rustup toolchain install nightly`",
+    )?;
+    if installed
+        .lines()
+        .any(|line| line == "rust-src" || line.starts_with("rust-src-"))
+    {
+        cmd::note("installed");
+        return Ok(());
+    }
+    cmd::note("missing");
+    cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("cannot add rust-src to the nightly toolchain: check access to static.rust-lang.org, then rerun")
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    cmd::step(&format!(
+        "checking bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
+    ));
+    match bpf_linker_version() {
+        Some(version) if version == BPF_LINKER_VERSION => {
+            cmd::note(&format!("bpf-linker {version}"));
+            return Ok(());
+        }
+        Some(version) => cmd::note(&format!(
+            "found bpf-linker {version}, need {BPF_LINKER_VERSION}"
+        )),
+        None => cmd::note("not found on PATH"),
+    }
+    install_bpf_linker()?;
+    match bpf_linker_version() {
+        Some(version) if version == BPF_LINKER_VERSION => {
+            cmd::note(&format!("installed bpf-linker {version}"));
+            Ok(())
+        }
+        found => bail!(
+            "cargo installed bpf-linker {BPF_LINKER_VERSION} into {}, but `bpf-linker` on PATH is {}: \
+             put that directory first on PATH, then rerun",
+            cargo_bin_dir().display(),
+            found.map_or_else(
+                || "missing".to_owned(),
+                |version| format!("version {version}")
+            ),
+        ),
+    }
+}
+
+/// The version `bpf-linker --version` reports (`bpf-linker 0.13.0`), if it runs.
+fn bpf_linker_version() -> Option<String> {
+    let out = cmd::probe(Command::new("bpf-linker").arg("--version")).ok()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.status
+        .success()
+        .then(|| stdout.split_whitespace().nth(1).map(str::to_owned))
+        .flatten()
+}
+
+/// Builds bpf-linker from crates.io against Debian's LLVM 22 (a few minutes).
+fn install_bpf_linker() -> Result<()> {
+    let llvm_bin = Path::new(LLVM_PREFIX).join("bin");
+    let path = env::join_paths(
+        std::iter::once(llvm_bin).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )
+    .context("cannot put the LLVM 22 directory on PATH")?;
+    let mut install = Command::new("cargo");
+    install
+        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("PATH", path)
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            BPF_LINKER_LLVM_FEATURE,
+        ]);
+    cmd::run(&mut install).with_context(|| {
+        format!(
+            "building bpf-linker failed: check that {LLVM_PREFIX} holds LLVM 22 \
+             (Debian package llvm-22-dev) and that crates.io is reachable, then rerun"
+        )
+    })
+}
+
+/// Where `cargo install` puts binaries: `$CARGO_INSTALL_ROOT/bin`, else `$CARGO_HOME/bin`.
+fn cargo_bin_dir() -> PathBuf {
+    let home = || env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo"));
+    let root = env::var_os("CARGO_INSTALL_ROOT")
+        .or_else(|| env::var_os("CARGO_HOME"))
+        .map(PathBuf::from);
+    root.or_else(home).unwrap_or_default().join("bin")
+}
+
+/// The agent pins its maps in bpffs so that `bpftool` can read them and an
+/// agent restart keeps redirection in place.
+fn ensure_bpffs() -> Result<()> {
+    cmd::step(&format!("checking bpffs at {BPF_FS}"));
+    let point = Path::new(BPF_FS);
+    if mounts::is_mounted(point, "bpf")? {
+        cmd::note("mounted");
+        return Ok(());
+    }
+    cmd::note("not mounted");
+    create_dir(point)?;
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPF_FS]))
+        .context("cannot mount bpffs: is this a container without CAP_SYS_ADMIN?")?;
+    if !mounts::is_mounted(point, "bpf")? {
+        bail!("`mount -t bpf bpf {BPF_FS}` succeeded but {BPF_FS} is still not a bpffs");
+    }
+    cmd::note("mounted");
+    Ok(())
+}
+
+/// The capture programs attach to each pod's cgroup v2 directory; machines
+/// that only mount cgroup v1 controllers get a cgroup2 mount of their own.
+fn ensure_cgroup2() -> Result<()> {
+    cmd::step("checking for a cgroup v2 hierarchy");
+    if let Some(point) = mounts::cgroup2_points()?.first() {
+        cmd::note(&format!("mounted at {}", point.display()));
+        return Ok(());
+    }
+    cmd::note("none mounted");
+    create_dir(Path::new(FALLBACK_CGROUP2))?;
+    cmd::run(Command::new("mount").args(["-t", "cgroup2", "none", FALLBACK_CGROUP2]))
+        .context("cannot mount cgroup2: is this a container without CAP_SYS_ADMIN?")?;
+    if mounts::cgroup2_points()?.is_empty() {
+        bail!("`mount -t cgroup2 none {FALLBACK_CGROUP2}` succeeded but no cgroup2 mount appeared");
+    }
+    cmd::note(&format!("mounted at {FALLBACK_CGROUP2}"));
+    Ok(())
+}
+
+/// `mkdir -p`, printed like a command because it changes the machine.
+fn create_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    cmd::announce_equivalent(&format!("mkdir -p {}", dir.display()));
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}

@@ -5,11 +5,13 @@
 
 pub mod cgroup;
 mod http;
+pub mod inspect;
 mod leftovers;
 pub mod netns;
 mod process;
 mod sim;
 pub mod stream;
+pub mod testapp;
 
 use std::path::PathBuf;
 

@@ -755,7 +755,7 @@ fn reserve_id() -> anyhow::Result<(String, PathBuf)> {
 
 /// Address number `host` of node `node`'s pod subnets: 0 names the subnet,
 /// 1 is the node's gateway, pod j has j + 1.
-fn pod_address(node: u8, host: u8) -> (Ipv4Addr, Ipv6Addr) {
+pub(crate) fn pod_address(node: u8, host: u8) -> (Ipv4Addr, Ipv6Addr) {
     (
         Ipv4Addr::new(198, 18, node, host),
         Ipv6Addr::new(0x2001, 2, 0, node.into(), 0, 0, 0, host.into()),

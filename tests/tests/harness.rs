@@ -5,14 +5,17 @@
 
 use std::{
     io::Write as _,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context as _, ensure};
 use ferry_agent::workload::file::WorkloadFile;
-use ferry_tests::{Cluster, PodId, PodOptions, bin_path, netns};
+use ferry_tests::{
+    Cluster, PodId, PodOptions, bin_path, netns,
+    testapp::{Family, event, pod_addr, socket_addr},
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -58,31 +61,6 @@ fn pods_on_two_nodes_talk_over_ipv4_and_ipv6() -> anyhow::Result<()> {
     assert_removed_on_drop(cluster)
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Family {
-    V4,
-    V6,
-}
-
-fn addr(cluster: &Cluster, pod: PodId, family: Family, port: u16) -> SocketAddr {
-    match family {
-        Family::V4 => cluster.pod(pod).addr_v4(port),
-        Family::V6 => cluster.pod(pod).addr_v6(port),
-    }
-}
-
-fn event(name: &'static str) -> impl Fn(&Value) -> bool {
-    move |line| line["event"] == name
-}
-
-fn socket_addr(value: &Value) -> anyhow::Result<SocketAddr> {
-    let text = value
-        .as_str()
-        .with_context(|| format!("not an address: {value}"))?;
-    text.parse()
-        .with_context(|| format!("not an address: {text}"))
-}
-
 /// 1 MiB each way between the pods, checked at both ends, plus a UDP echo.
 fn exchange(
     cluster: &mut Cluster,
@@ -91,7 +69,7 @@ fn exchange(
     family: Family,
 ) -> anyhow::Result<()> {
     let testapp = bin_path("ferry-testapp")?;
-    let listen = addr(cluster, server, family, PORT).to_string();
+    let listen = pod_addr(cluster, server, family, PORT).to_string();
     let mib = MIB.to_string();
     let mut serve = cluster.spawn_in_pod(
         server,
@@ -161,7 +139,7 @@ fn exchange(
 /// `connect --repeat --quiet` prints one summary line.
 fn repeat_quietly(cluster: &mut Cluster, client: PodId, server: PodId) -> anyhow::Result<()> {
     let testapp = bin_path("ferry-testapp")?;
-    let listen = addr(cluster, server, Family::V4, PORT + 1).to_string();
+    let listen = pod_addr(cluster, server, Family::V4, PORT + 1).to_string();
     let mut serve = cluster.spawn_in_pod(
         server,
         &testapp,
@@ -194,7 +172,7 @@ fn hold_until_stdin_closes(
     server: PodId,
 ) -> anyhow::Result<()> {
     let testapp = bin_path("ferry-testapp")?;
-    let listen = addr(cluster, server, Family::V6, PORT + 2).to_string();
+    let listen = pod_addr(cluster, server, Family::V6, PORT + 2).to_string();
     let mut serve = cluster.spawn_in_pod(server, &testapp, &["serve", "--listen", &listen])?;
     serve.wait_for_line(event("listening"), WAIT)?;
     let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &listen])?;

@@ -199,10 +199,10 @@ impl Capture {
             }
         }
         for id in self.pinned_cgroups() {
-            if !keep.contains(&id) {
-                if let Err(error) = self.release(id) {
-                    errors.push(error);
-                }
+            if !keep.contains(&id)
+                && let Err(error) = self.release(id)
+            {
+                errors.push(error);
             }
         }
         errors

@@ -126,10 +126,10 @@ impl WorkloadFile {
             }
             check_one_per_family(&node.addresses, &format!("{at}.addresses"), &mut problems);
         }
-        if let Some(local) = local_node {
-            if !node_names.contains(local) {
-                problems.push(format!("nodes: this agent's node {local:?} is not listed"));
-            }
+        if let Some(local) = local_node
+            && !node_names.contains(local)
+        {
+            problems.push(format!("nodes: this agent's node {local:?} is not listed"));
         }
         let mut namespaces = HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {

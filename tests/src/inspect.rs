@@ -1,0 +1,143 @@
+//! What an operator would look at, read the way an operator reads it:
+//! `bpftool` for the kernel's view, the agent's admin endpoint for its own.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+
+use crate::{Cluster, NodeId};
+
+/// Every program Ferry attaches to a meshed pod's cgroup, sorted.
+pub const PROGRAMS: [&str; 5] = [
+    "ferry_connect4",
+    "ferry_connect6",
+    "ferry_getpeer4",
+    "ferry_getpeer6",
+    "ferry_sock_ops",
+];
+
+/// Every map Ferry pins under `<bpffs root>/<node>/`.
+pub const MAPS: [&str; 5] = [
+    "capture_config",
+    "pod_cgroups",
+    "excluded_ports",
+    "orig_dst_cookie",
+    "orig_dst_tuple",
+];
+
+/// Runs `bpftool -j ARGS` and parses its JSON.
+pub fn bpftool(args: &[&str]) -> anyhow::Result<Value> {
+    let output = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("cannot run bpftool (run `cargo xtask setup`)")?;
+    ensure!(
+        output.status.success(),
+        "bpftool {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // `cgroup show` prints nothing at all for a cgroup without programs.
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Array(Vec::new()));
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| format!("bpftool {args:?}: not JSON"))
+}
+
+/// The names of the programs attached to `cgroup` itself, one per attachment, sorted.
+pub fn programs_on(cgroup: &Path) -> anyhow::Result<Vec<String>> {
+    let cgroup = cgroup.to_str().context("cgroup path is not UTF-8")?;
+    let attached = bpftool(&["cgroup", "show", cgroup])?;
+    let mut names: Vec<String> = attached
+        .as_array()
+        .with_context(|| format!("bpftool cgroup show: {attached}"))?
+        .iter()
+        .filter_map(|prog| prog["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The names of every loaded BPF program.
+pub fn loaded_programs() -> anyhow::Result<Vec<String>> {
+    let loaded = bpftool(&["prog", "show"])?;
+    Ok(loaded
+        .as_array()
+        .context("bpftool prog show: not a list")?
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Every original destination in the pinned `orig_dst_tuple` map under `pin_dir`.
+pub fn pinned_original_dsts(pin_dir: &Path) -> anyhow::Result<Vec<SocketAddr>> {
+    let map = pin_dir.join("orig_dst_tuple");
+    let map = map.to_str().context("pin path is not UTF-8")?;
+    let entries = bpftool(&["map", "dump", "pinned", map])?;
+    entries
+        .as_array()
+        .with_context(|| format!("bpftool map dump: {entries}"))?
+        .iter()
+        .map(|entry| original_dst(&hex_bytes(&entry["value"])?))
+        .collect()
+}
+
+/// Decodes an `OriginalDst` from `bpftool map dump`'s bytes: 16 address
+/// bytes (network order, IPv4 mapped), then port and family in host order.
+fn original_dst(bytes: &[u8]) -> anyhow::Result<SocketAddr> {
+    ensure!(
+        bytes.len() == 20,
+        "an OriginalDst is 20 bytes, got {bytes:?}"
+    );
+    let addr = Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[..16])?);
+    let port = u16::from_ne_bytes([bytes[16], bytes[17]]);
+    let ip = match addr.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(addr),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn hex_bytes(value: &Value) -> anyhow::Result<Vec<u8>> {
+    value
+        .as_array()
+        .with_context(|| format!("not a byte list: {value}"))?
+        .iter()
+        .map(|b| {
+            let text = b.as_str().context("not a hex string")?;
+            u8::from_str_radix(text.trim_start_matches("0x"), 16).context("not hex")
+        })
+        .collect()
+}
+
+/// GETs `path` from the node's agent and parses the JSON it answers.
+pub fn admin_json(cluster: &Cluster, node: NodeId, path: &str) -> anyhow::Result<Value> {
+    let (status, body) = cluster.admin_get(node, path)?;
+    ensure!(status == 200, "GET {path}: {status} {body}");
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+}
+
+/// Connections the node's agent has captured since it started.
+pub fn captured_total(cluster: &Cluster, node: NodeId) -> anyhow::Result<u64> {
+    let dump = admin_json(cluster, node, "/config_dump")?;
+    dump["totals"]["captured"]
+        .as_u64()
+        .with_context(|| format!("no totals.captured in {dump}"))
+}
+
+/// Whether `ip` is one of the node's own addresses: its uplink, or the pods'
+/// gateway, which the agent's connections to local pods come from.
+pub fn is_node_addr(cluster: &Cluster, node: NodeId, ip: IpAddr) -> bool {
+    let node = cluster.node(node);
+    let (gateway_v4, gateway_v6) = crate::sim::pod_address(node.index, 1);
+    let ip = ip.to_canonical();
+    ip == IpAddr::V4(node.ipv4)
+        || ip == IpAddr::V6(node.ipv6)
+        || ip == IpAddr::V4(gateway_v4)
+        || ip == IpAddr::V6(gateway_v6)
+}

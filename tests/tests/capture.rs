@@ -1,0 +1,485 @@
+//! The capture path, end to end: real agents load Ferry's eBPF programs onto
+//! simulated pods' cgroups, and real client and server processes in those
+//! pods talk through the agent without knowing it. Needs root; fails (never
+//! skips) when the machine cannot run simulated nodes.
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use ferry_tests::{
+    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    inspect::{
+        MAPS, PROGRAMS, admin_json, captured_total, is_node_addr, loaded_programs,
+        pinned_original_dsts, programs_on,
+    },
+    testapp::{Family, event, json_lines, pod_addr, socket_addr},
+};
+
+const MIB: u64 = 1 << 20;
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What one client connection saw, and what the server saw of it.
+struct Exchange {
+    /// The client's `getpeername`.
+    client_peer: SocketAddr,
+    /// The server's `getpeername`: who connected to it.
+    server_peer: SocketAddr,
+}
+
+/// `bytes` each way from `client` to a fresh server in `server`, checked at
+/// both ends; the server sends its half only after the client half-closed.
+fn exchange(
+    cluster: &mut Cluster,
+    client: PodId,
+    server: PodId,
+    to: SocketAddr,
+    bytes: u64,
+) -> anyhow::Result<Exchange> {
+    let testapp = bin_path("ferry-testapp")?;
+    let listen = SocketAddr::new(
+        if to.is_ipv4() {
+            cluster.pod(server).ipv4.into()
+        } else {
+            cluster.pod(server).ipv6.into()
+        },
+        to.port(),
+    )
+    .to_string();
+    let count = bytes.to_string();
+    let mut serve = cluster.spawn_in_pod(
+        server,
+        &testapp,
+        &["serve", "--listen", &listen, "--bytes", &count],
+    )?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    let to_text = to.to_string();
+    let mut connect = cluster.spawn_in_pod(
+        client,
+        &testapp,
+        &["connect", "--to", &to_text, "--bytes", &count],
+    )?;
+    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(
+        status.success(),
+        "connect to {to} failed ({status}): {stderr}\n{stdout}"
+    );
+    let lines = json_lines(&stdout)?;
+    let done = lines
+        .iter()
+        .find(|l| event("done")(l))
+        .with_context(|| format!("no done line: {stdout}"))?;
+    ensure!(
+        done["intact"] == true,
+        "client saw a damaged answer: {done}"
+    );
+    ensure!(done["received"] == bytes, "client got {done}");
+    let served = serve.wait_for_line(event("served"), WAIT)?;
+    ensure!(
+        served["intact"] == true,
+        "server saw a damaged stream: {served}"
+    );
+    ensure!(served["received"] == bytes, "server got {served}");
+    serve.kill();
+    Ok(Exchange {
+        client_peer: socket_addr(&done["peer"])?,
+        server_peer: socket_addr(&served["peer"])?,
+    })
+}
+
+/// A live client connection held open until dropped.
+struct Held(Proc);
+
+impl Held {
+    fn open(cluster: &mut Cluster, client: PodId, to: SocketAddr) -> anyhow::Result<Self> {
+        let testapp = bin_path("ferry-testapp")?;
+        let mut hold =
+            cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &to.to_string()])?;
+        hold.wait_for_line(event("connected"), WAIT)?;
+        Ok(Self(hold))
+    }
+
+    fn close(mut self) -> anyhow::Result<()> {
+        self.0.close_stdin();
+        let (status, _, stderr) = self.0.wait_exit(WAIT)?;
+        ensure!(status.success(), "hold failed ({status}): {stderr}");
+        Ok(())
+    }
+}
+
+fn serve_forever(cluster: &mut Cluster, pod: PodId, listen: SocketAddr) -> anyhow::Result<Proc> {
+    let testapp = bin_path("ferry-testapp")?;
+    let mut serve = cluster.spawn_in_pod(
+        pod,
+        &testapp,
+        &["serve", "--listen", &listen.to_string(), "--udp"],
+    )?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    Ok(serve)
+}
+
+fn expected_programs() -> Vec<String> {
+    PROGRAMS.iter().map(|p| (*p).to_owned()).collect()
+}
+
+/// Polls until `check` passes or `WAIT` runs out; the last error explains.
+fn eventually(mut check: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match check() {
+            Ok(()) => return Ok(()),
+            Err(err) if Instant::now() >= deadline => return Err(err),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[test]
+fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-meshed")?;
+    let n1 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
+    let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
+    let _agent = cluster.start_agent(n1)?;
+
+    for family in [Family::V4, Family::V6] {
+        let before = captured_total(&cluster, n1)?;
+        let to = pod_addr(&cluster, server, family, PORT);
+        let seen = exchange(&mut cluster, client, server, to, 16 * MIB)
+            .with_context(|| format!("{family:?}"))?;
+        ensure!(
+            seen.client_peer == to,
+            "{family:?}: the client's getpeername says {}, but it dialled {to}",
+            seen.client_peer
+        );
+        // The agent, not the client pod, opened the server's connection.
+        ensure!(
+            is_node_addr(&cluster, n1, seen.server_peer.ip()),
+            "{family:?}: the server saw {} connect, not the agent",
+            seen.server_peer,
+        );
+        ensure!(
+            captured_total(&cluster, n1)? == before + 1,
+            "{family:?}: the agent's captured counter did not count the connection"
+        );
+    }
+
+    // A live connection, as the agent and bpftool show it.
+    let to = pod_addr(&cluster, server, Family::V4, PORT + 1);
+    let _serve = serve_forever(&mut cluster, server, to)?;
+    let held = Held::open(&mut cluster, client, to)?;
+    let live = admin_json(&cluster, n1, "/connections")?;
+    let entry = live
+        .as_array()
+        .context("/connections is not a list")?
+        .iter()
+        .find(|c| c["originalDst"] == to.to_string())
+        .with_context(|| format!("no live connection to {to} in {live}"))?;
+    ensure!(entry["sourcePod"] == "shop/client", "{entry}");
+    ensure!(entry["destinationPod"] == "shop/server", "{entry}");
+    let client_ip: IpAddr = cluster.pod(client).ipv4.into();
+    ensure!(
+        socket_addr(&entry["source"])?.ip().to_canonical() == client_ip,
+        "{entry}"
+    );
+    let pinned = pinned_original_dsts(&_agent.pin_dir)?;
+    ensure!(
+        pinned.contains(&to),
+        "bpftool map dump of orig_dst_tuple has no entry for {to}: {pinned:?}"
+    );
+    held.close()?;
+    eventually(|| {
+        let live = admin_json(&cluster, n1, "/connections")?;
+        ensure!(
+            live.as_array().is_some_and(Vec::is_empty),
+            "still live: {live}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn unmeshed_pods_and_udp_are_not_redirected() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-bypass")?;
+    let n1 = cluster.add_node()?;
+    let meshed = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
+    let plain = cluster.add_pod(n1, PodOptions::unmeshed("legacy", "legacy", "legacy"))?;
+    let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "legacy", "server"))?;
+    let _agent = cluster.start_agent(n1)?;
+
+    let to = pod_addr(&cluster, server, Family::V4, PORT);
+    let before = captured_total(&cluster, n1)?;
+    let seen = exchange(&mut cluster, plain, server, to, MIB)?;
+    ensure!(
+        seen.server_peer.ip() == IpAddr::from(cluster.pod(plain).ipv4),
+        "the unmeshed client reached the server as {}, not as itself",
+        seen.server_peer
+    );
+    ensure!(
+        captured_total(&cluster, n1)? == before,
+        "an unmeshed pod was captured"
+    );
+    ensure!(
+        programs_on(&cluster.pod(plain).cgroup)?.is_empty(),
+        "programs attached to the unmeshed pod's cgroup"
+    );
+
+    // A connected UDP socket in a meshed pod (what a DNS resolver does).
+    let testapp = bin_path("ferry-testapp")?;
+    for family in [Family::V4, Family::V6] {
+        let to = pod_addr(&cluster, server, family, PORT + 1);
+        let mut serve = serve_forever(&mut cluster, server, to)?;
+        let mut udp = cluster.spawn_in_pod(meshed, &testapp, &["udp", "--to", &to.to_string()])?;
+        let (status, stdout, stderr) = udp.wait_exit(WAIT)?;
+        ensure!(
+            status.success(),
+            "{family:?}: UDP from a meshed pod did not reach the server directly: {stderr}{stdout}"
+        );
+        serve.kill();
+    }
+    ensure!(captured_total(&cluster, n1)? == before, "UDP was captured");
+    Ok(())
+}
+
+#[test]
+fn excluded_ports_go_around_the_agent() -> anyhow::Result<()> {
+    const EXCLUDED: u16 = 5432;
+    let mut cluster = Cluster::new("capture-excluded")?;
+    let n1 = cluster.add_node()?;
+    let client = cluster.add_pod(
+        n1,
+        PodOptions::meshed("client", "shop", "client").excluding_ports(&[EXCLUDED]),
+    )?;
+    let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
+    let _agent = cluster.start_agent(n1)?;
+
+    let client_ip = IpAddr::from(cluster.pod(client).ipv4);
+    let excluded = pod_addr(&cluster, server, Family::V4, EXCLUDED);
+    let seen = exchange(&mut cluster, client, server, excluded, MIB)?;
+    ensure!(
+        seen.server_peer.ip() == client_ip,
+        "port {EXCLUDED} is excluded, but the server saw {} connect",
+        seen.server_peer
+    );
+    let captured = pod_addr(&cluster, server, Family::V4, PORT);
+    let seen = exchange(&mut cluster, client, server, captured, MIB)?;
+    ensure!(
+        is_node_addr(&cluster, n1, seen.server_peer.ip()),
+        "port {PORT} is not excluded, but the server saw {} connect",
+        seen.server_peer
+    );
+    Ok(())
+}
+
+#[test]
+fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-restart")?;
+    let n1 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
+    let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
+    let mut agent = cluster.start_agent(n1)?;
+
+    let loaded = loaded_programs()?;
+    for program in PROGRAMS {
+        ensure!(
+            loaded.iter().any(|name| name == program),
+            "bpftool prog show lacks {program}"
+        );
+    }
+    let cgroup = cluster.pod(client).cgroup.clone();
+    ensure!(programs_on(&cgroup)? == expected_programs());
+    for map in MAPS {
+        let path = agent.pin_dir.join(map);
+        ensure!(path.exists(), "{} is not pinned", path.display());
+    }
+
+    let to = pod_addr(&cluster, server, Family::V4, PORT);
+    let _serve = serve_forever(&mut cluster, server, to)?;
+    agent.kill9();
+
+    // While no agent runs, the pinned links keep the programs on the cgroup:
+    // a new connection is refused at once instead of leaving the mesh in
+    // plaintext.
+    ensure!(
+        programs_on(&cgroup)? == expected_programs(),
+        "programs left the cgroup when the agent died"
+    );
+    let testapp = bin_path("ferry-testapp")?;
+    let mut connect = cluster.spawn_in_pod(
+        client,
+        &testapp,
+        &["connect", "--to", &to.to_string(), "--bytes", "1"],
+    )?;
+    let (status, _, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(
+        !status.success() && stderr.contains("refused"),
+        "with the agent down, a captured connect should be refused: {status} {stderr}"
+    );
+
+    let agent = cluster.start_agent(n1)?;
+    let again = pod_addr(&cluster, server, Family::V4, PORT + 2);
+    let seen = exchange(&mut cluster, client, server, again, MIB)?;
+    ensure!(
+        is_node_addr(&cluster, n1, seen.server_peer.ip()),
+        "after the restart the server saw {} connect, not the agent",
+        seen.server_peer
+    );
+    ensure!(seen.client_peer == again);
+    ensure!(
+        programs_on(&cgroup)? == expected_programs(),
+        "after a restart the cgroup carries {:?}",
+        programs_on(&cgroup)?
+    );
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn a_pod_removed_from_the_workloads_is_released() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-release")?;
+    let n1 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
+    let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "legacy", "server"))?;
+    let agent = cluster.start_agent(n1)?;
+    let cgroup = cluster.pod(client).cgroup.clone();
+    ensure!(programs_on(&cgroup)? == expected_programs());
+    let links = agent.pin_dir.join("links");
+    let pinned_links = std::fs::read_dir(&links)?.count();
+    ensure!(
+        pinned_links == 1,
+        "{pinned_links} pods pinned under {}",
+        links.display()
+    );
+
+    // Rewrite the file without the client pod: the agent follows.
+    let path = cluster.workloads_path();
+    let text = std::fs::read_to_string(&path)?;
+    let mut file: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let pods = file["pods"].as_sequence_mut().context("pods")?;
+    pods.retain(|pod| pod["name"] != "client");
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, serde_yaml::to_string(&file)?)?;
+    std::fs::rename(&partial, &path)?;
+
+    eventually(|| {
+        let attached = programs_on(&cgroup)?;
+        ensure!(attached.is_empty(), "still attached: {attached:?}");
+        let left = std::fs::read_dir(&links)?.count();
+        ensure!(
+            left == 0,
+            "{left} pods still pinned under {}",
+            links.display()
+        );
+        Ok(())
+    })?;
+    let to = pod_addr(&cluster, server, Family::V4, PORT);
+    let seen = exchange(&mut cluster, client, server, to, MIB)?;
+    ensure!(
+        seen.server_peer.ip() == IpAddr::from(cluster.pod(client).ipv4),
+        "a released pod's connection still went through the agent"
+    );
+    Ok(())
+}
+
+/// Starts the agent on `yaml` and returns what it printed when it refused it.
+fn refused(cluster: &mut Cluster, node: NodeId, yaml: &str) -> anyhow::Result<String> {
+    let path = cluster.tempdir().join("bad-workloads.yaml");
+    std::fs::File::create(&path)?.write_all(yaml.as_bytes())?;
+    let agent = bin_path("ferry-agent")?;
+    let name = cluster.node(node).name.clone();
+    let file = path.to_str().context("path is not UTF-8")?.to_owned();
+    let pins = cluster.tempdir().join("no-pins");
+    let pins = pins.to_str().context("path is not UTF-8")?.to_owned();
+    let mut run = cluster.spawn_on_node(
+        node,
+        &agent,
+        &[
+            "run",
+            "--node",
+            &name,
+            "--workloads",
+            &file,
+            "--bpffs-root",
+            &pins,
+        ],
+    )?;
+    let (status, _, stderr) = run.wait_exit(WAIT)?;
+    if status.success() {
+        bail!("the agent accepted a bad workload file:\n{yaml}");
+    }
+    ensure!(
+        stderr.contains(&file),
+        "the error does not name the file {file}: {stderr}"
+    );
+    Ok(stderr)
+}
+
+#[test]
+fn a_bad_workload_file_is_refused_with_what_and_where() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-bad-file")?;
+    let n1 = cluster.add_node()?;
+    let node = cluster.node(n1).name.clone();
+    let cgroup = cluster.cgroup_dir().display().to_string();
+    let header = format!(
+        "nodes: [{{ name: {node}, addresses: [198.19.0.1] }}]\n\
+         namespaces: [{{ name: shop, labels: {{ ferry.dev/mesh: enabled }} }}]\n"
+    );
+    let pod = |fields: &str| format!("{header}pods:\n  - {{ {fields} }}\n");
+
+    let stderr = refused(
+        &mut cluster,
+        n1,
+        &pod(&format!(
+            "name: a, namespace: shop, serviceAccount: a, node: {node}, ips: [198.18.1.2], cgroup: {cgroup}, colour: red"
+        )),
+    )?;
+    ensure!(
+        stderr.contains("colour") && stderr.contains("unknown field") && stderr.contains("line"),
+        "unknown field: {stderr}"
+    );
+
+    let stderr = refused(
+        &mut cluster,
+        n1,
+        &pod(&format!(
+            "name: a, namespace: shop, node: {node}, ips: [198.18.1.2], cgroup: {cgroup}"
+        )),
+    )?;
+    ensure!(
+        stderr.contains("serviceAccount") && stderr.contains("missing"),
+        "missing serviceAccount: {stderr}"
+    );
+
+    let stderr = refused(
+        &mut cluster,
+        n1,
+        &pod(&format!(
+            "name: a, namespace: shop, serviceAccount: a, node: {node}, ips: [198.18.1.300], cgroup: {cgroup}"
+        )),
+    )?;
+    ensure!(
+        stderr.contains("198.18.1.300") || stderr.contains("IP address"),
+        "invalid IP: {stderr}"
+    );
+    ensure!(
+        stderr.contains("line"),
+        "invalid IP without a line: {stderr}"
+    );
+
+    let stderr = refused(
+        &mut cluster,
+        n1,
+        &pod(&format!(
+            "name: a, namespace: shop, serviceAccount: a, node: {node}, ips: [198.18.1.2], cgroup: {cgroup}/no-such-pod"
+        )),
+    )?;
+    ensure!(
+        stderr.contains("pods[0]") && stderr.contains("cgroup") && stderr.contains("no-such-pod"),
+        "missing cgroup: {stderr}"
+    );
+    Ok(())
+}

@@ -4,7 +4,8 @@
 //! publish it through a `watch` channel, so readers on the connection path
 //! never wait on a writer.
 
-pub mod file;
+/// The workload file format, shared with the CA (which authorizes nodes from it).
+pub use ferry_proto::workload_file as file;
 mod file_source;
 
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};

@@ -29,6 +29,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::{is_dns_label, is_dns_subdomain};
+
 /// The namespace label that opts a namespace's pods into the mesh.
 pub const MESH_LABEL: &str = "ferry.dev/mesh";
 /// The value of [`MESH_LABEL`] that means "meshed".
@@ -215,21 +217,6 @@ fn check_one_per_family(ips: &[IpAddr], at: &str, problems: &mut Vec<String>) {
             problems.push(format!("{at}: {ip} cannot be a workload address"));
         }
     }
-}
-
-/// RFC 1123 label: what Kubernetes requires of namespace and node names.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// RFC 1123 subdomain: what Kubernetes requires of pod and ServiceAccount names.
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// A workload file that cannot be used, with every problem found in it.

@@ -1,1 +1,86 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use ferry_ca::{
+    bootstrap,
+    cli::{Cli, Command, LogFormat},
+    issuer::LeafPolicy,
+    jwt,
+    serve::{self, ServeConfig},
+    service::Authenticator,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = init_logging(&cli) {
+        eprintln!("ferry-ca: {error:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Bootstrap(args) => bootstrap::bootstrap(
+            &args.out,
+            &args.trust_domain,
+            args.root_lifetime,
+            args.issuer_lifetime,
+        )
+        .map(|written| {
+            println!("trust bundle: {}", written.trust_bundle.display());
+            println!(
+                "issuer (tls.crt, tls.key): {}",
+                written.issuer_dir.display()
+            );
+            println!(
+                "root key: {} (keep it offline; only a new issuer needs it)",
+                written.root_key.display()
+            );
+        })
+        .map_err(anyhow::Error::msg),
+        Command::Serve(args) => run_serve(*args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferry-ca: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(args: ferry_ca::cli::ServeArgs) -> anyhow::Result<()> {
+    let verifier =
+        jwt::Verifier::from_jwks_file(&args.jwks, &args.token_issuer, &args.token_audience)
+            .map_err(anyhow::Error::msg)?;
+    let config = ServeConfig {
+        listen: args.listen,
+        issuer_dir: args.issuer_dir,
+        trust_bundle: args.trust_bundle,
+        trust_domain: args.trust_domain,
+        server_names: args.server_names,
+        policy: LeafPolicy {
+            lifetime: args.leaf_lifetime,
+            clock_skew: args.clock_skew,
+        },
+        allowed_agents: args.allowed_agents,
+        authenticator: Authenticator::Jwks(verifier),
+        workloads: args.workloads,
+        metrics_addr: args.metrics_addr,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve::serve(config))
+}
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_filter)
+        .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cli.log_filter))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! `ferry.identity.v1.Identity/Certify`: authenticate the calling agent,
+//! authorize it for the identity it asks for, check the CSR, sign.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use ferry_proto::{
+    SpiffeId,
+    identity::v1::{CertifyRequest, CertifyResponse, identity_server::Identity},
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::{
+    csr,
+    issuer::{Issuer, LeafPolicy},
+    jwt::{self, TokenIdentity},
+    metrics::Metrics,
+    nodes::PodIndex,
+};
+
+/// The largest Certify request accepted (a CSR is a few hundred bytes, a
+/// token about a kilobyte).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub const MAX_CSR_BYTES: usize = 8 * 1024;
+
+/// How callers prove who they are.
+pub enum Authenticator {
+    /// Offline, against the API server's keys.
+    Jwks(jwt::Verifier),
+}
+
+impl Authenticator {
+    async fn authenticate(&self, token: &str) -> Result<TokenIdentity, String> {
+        match self {
+            Self::Jwks(verifier) => verifier
+                .verify(token, jwt::unix_now())
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+pub struct Ca {
+    pub issuer: Arc<RwLock<Arc<Issuer>>>,
+    pub authenticator: Authenticator,
+    pub pods: PodIndex,
+    pub trust_domain: String,
+    /// Kubernetes usernames of the agents (`system:serviceaccount:ns:sa`).
+    pub allowed_agents: Vec<String>,
+    pub policy: LeafPolicy,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a request was refused: a metric label, a gRPC code, and what to tell the caller.
+struct Refusal {
+    reason: &'static str,
+    code: Code,
+    message: String,
+}
+
+fn refuse(reason: &'static str, code: Code, message: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        code,
+        message: message.into(),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for Ca {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        match self.certify(&request, peer).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(refusal) => {
+                self.metrics.refused(refusal.reason);
+                tracing::warn!(
+                    peer = ?peer,
+                    identity = %request.identity.chars().take(300).collect::<String>(),
+                    reason = refusal.reason,
+                    error = %refusal.message,
+                    "refused a certificate request"
+                );
+                Err(Status::new(refusal.code, refusal.message))
+            }
+        }
+    }
+}
+
+impl Ca {
+    async fn certify(
+        &self,
+        request: &CertifyRequest,
+        peer: Option<SocketAddr>,
+    ) -> Result<CertifyResponse, Refusal> {
+        if request.csr_der.len() > MAX_CSR_BYTES {
+            return Err(refuse(
+                "too_large",
+                Code::InvalidArgument,
+                format!(
+                    "the CSR is {} bytes; at most {MAX_CSR_BYTES} are accepted",
+                    request.csr_der.len()
+                ),
+            ));
+        }
+        let caller = self
+            .authenticator
+            .authenticate(&request.token)
+            .await
+            .map_err(|e| refuse("unauthenticated", Code::Unauthenticated, e))?;
+        let username = caller.username();
+        if !self.allowed_agents.contains(&username) {
+            return Err(refuse(
+                "not_an_agent",
+                Code::PermissionDenied,
+                format!(
+                    "{username} is not a Ferry agent identity; allowed: {}",
+                    self.allowed_agents.join(", ")
+                ),
+            ));
+        }
+        let identity: SpiffeId =
+            request
+                .identity
+                .parse()
+                .map_err(|e: ferry_proto::SpiffeIdError| {
+                    refuse(
+                        "bad_identity",
+                        Code::InvalidArgument,
+                        format!("requested identity: {e}"),
+                    )
+                })?;
+        if identity.trust_domain() != self.trust_domain {
+            return Err(refuse(
+                "bad_identity",
+                Code::InvalidArgument,
+                format!(
+                    "{identity} is not in this CA's trust domain {}",
+                    self.trust_domain
+                ),
+            ));
+        }
+        if !self.pods.has_pod(
+            &caller.node,
+            identity.namespace(),
+            identity.service_account(),
+        ) {
+            return Err(refuse(
+                "no_pod_on_node",
+                Code::PermissionDenied,
+                format!(
+                    "no pod with ServiceAccount {}/{} runs on node {}, the node of the caller {username}",
+                    identity.namespace(),
+                    identity.service_account(),
+                    caller.node
+                ),
+            ));
+        }
+        let checked = csr::check(&request.csr_der, &identity)
+            .map_err(|e| refuse("bad_csr", Code::InvalidArgument, e.to_string()))?;
+        let issuer = Arc::clone(&self.issuer.read().expect("issuer lock"));
+        let leaf = issuer
+            .sign_leaf(&identity, &checked.spki_der, self.policy)
+            .map_err(|e| refuse("signing_failed", Code::Internal, e))?;
+        self.metrics.issued();
+        tracing::info!(
+            identity = %identity,
+            caller = %username,
+            node = %caller.node,
+            peer = ?peer,
+            serial = %leaf.serial_hex,
+            not_after = %leaf.not_after,
+            issuer = %issuer.label,
+            "issued a certificate"
+        );
+        Ok(CertifyResponse {
+            leaf_der: leaf.der.to_vec(),
+            intermediates_der: vec![issuer.cert_der.to_vec()],
+            trust_bundle_der: issuer.roots.iter().map(|r| r.to_vec()).collect(),
+            valid_until_unix: leaf.not_after.unix_timestamp(),
+        })
+    }
+}

@@ -18,6 +18,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     capture::Attachment,
+    identity::CertView,
     proxy::connections::{ConnectionInfo, Connections, Totals},
     workload::{LocalNode, Workload, WorkloadTable},
 };
@@ -50,6 +51,42 @@ pub struct AdminState {
     pub attachments: Arc<Mutex<CaptureView>>,
     pub connections: Arc<Connections>,
     pub readiness: Arc<Readiness>,
+    /// The certificate manager, when the agent runs with a CA.
+    pub identities: Option<Arc<dyn IdentityState>>,
+}
+
+/// What the admin endpoint shows of the certificate manager.
+pub trait IdentityState: Send + Sync {
+    fn certs(&self) -> Vec<CertView>;
+    fn not_ready(&self) -> Vec<String>;
+}
+
+impl<C: crate::identity::Certifier> IdentityState for crate::identity::CertManager<C> {
+    fn certs(&self) -> Vec<CertView> {
+        self.view()
+    }
+
+    fn not_ready(&self) -> Vec<String> {
+        crate::identity::CertManager::not_ready(self)
+    }
+}
+
+impl AdminState {
+    /// Every reason the agent is not ready: capture, then identities.
+    fn not_ready(&self) -> Vec<String> {
+        let mut reasons = self.readiness.reasons();
+        if let Some(identities) = &self.identities {
+            reasons.extend(identities.not_ready());
+        }
+        reasons
+    }
+
+    fn certs(&self) -> Vec<CertView> {
+        self.identities
+            .as_ref()
+            .map(|identities| identities.certs())
+            .unwrap_or_default()
+    }
 }
 
 /// The capture state as last reconciled.
@@ -69,6 +106,9 @@ struct ConfigDump<'a> {
     capture: CaptureView,
     connections: Vec<ConnectionInfo>,
     totals: &'a Totals,
+    /// Without a CA the agent has no identities and carries plaintext only.
+    mtls: bool,
+    certificates: Vec<CertView>,
     ready: bool,
     not_ready_reasons: Vec<String>,
 }
@@ -125,13 +165,15 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         "/healthz/ready" => ready(state),
         "/config_dump" => {
             let table = state.workloads.borrow().clone();
-            let reasons = state.readiness.reasons();
+            let reasons = state.not_ready();
             json(&ConfigDump {
                 node: &table.node,
                 workloads: table.workloads.iter().map(AsRef::as_ref).collect(),
                 capture: state.attachments.lock().expect("capture view lock").clone(),
                 connections: state.connections.live(),
                 totals: &state.connections.totals,
+                mtls: state.identities.is_some(),
+                certificates: state.certs(),
                 ready: reasons.is_empty(),
                 not_ready_reasons: reasons,
             })
@@ -147,17 +189,18 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
             )
         }
         "/connections" => json(&state.connections.live()),
+        "/certs" => json(&state.certs()),
         path => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such page {path}; try /config_dump, /workloads, /connections, /healthz/ready\n"
+                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /healthz/ready\n"
             ),
         ),
     }
 }
 
 fn ready(state: &AdminState) -> Response<Full<Bytes>> {
-    let reasons = state.readiness.reasons();
+    let reasons = state.not_ready();
     if reasons.is_empty() {
         text(StatusCode::OK, "ready\n".into())
     } else {

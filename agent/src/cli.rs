@@ -48,7 +48,29 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_PROBE_PORT)]
     pub probe_port: u16,
     #[command(flatten)]
+    pub identity: IdentityArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Where the agent gets its workloads' certificates. Without `--ca-addr`
+/// the agent runs without identities: capture and plaintext passthrough only.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdentityArgs {
+    /// The Ferry CA, `host:port`.
+    #[arg(long, env = "FERRY_CA_ADDR", requires_all = ["trust_bundle", "token_file"])]
+    pub ca_addr: Option<String>,
+    /// The name the CA's serving certificate must carry.
+    #[arg(long, default_value = ferry_proto::DEFAULT_CA_SERVER_NAME)]
+    pub ca_server_name: String,
+    /// The mesh's trust bundle (PEM roots): the CA and every peer must chain to it.
+    #[arg(long, env = "FERRY_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// The agent's own projected ServiceAccount token (audience ferry-ca); re-read at each request.
+    #[arg(long, env = "FERRY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, default_value = ferry_proto::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]

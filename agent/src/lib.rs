@@ -2,24 +2,29 @@
 //! carries their connections.
 
 pub mod admin;
+pub mod backoff;
 pub mod capture;
 pub mod cli;
+pub mod identity;
 pub mod proxy;
 pub mod workload;
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context as _;
+use ferry_proto::SpiffeId;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     admin::{AdminState, CaptureView, Readiness},
     capture::{Capture, Redirect},
     cli::RunArgs,
+    identity::{CertManager, IdentityConfig, ca_client::CaClient},
     proxy::{connections::Connections, outbound::Outbound},
     workload::{FileSource, WorkloadTable},
 };
@@ -67,6 +72,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         ..Default::default()
     }));
     let connections = Arc::new(Connections::default());
+    let identities = start_identities(&args.identity, table_rx.clone())?;
 
     tokio::spawn(source.watch(table_tx));
     tokio::spawn(keep_captured(
@@ -90,6 +96,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         attachments: capture_view,
         connections,
         readiness,
+        identities: identities.map(|manager| manager as Arc<dyn admin::IdentityState>),
     });
     tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
     tokio::spawn(admin::serve_admin(admin, Arc::clone(&state)));
@@ -98,6 +105,64 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("stopping; pinned capture stays in place for the next agent");
     Ok(())
+}
+
+/// Starts the certificate manager when the agent has a CA, and keeps its
+/// identities in step with the ServiceAccounts of this node's meshed pods.
+fn start_identities(
+    args: &cli::IdentityArgs,
+    mut tables: watch::Receiver<Arc<WorkloadTable>>,
+) -> anyhow::Result<Option<Arc<CertManager<CaClient>>>> {
+    let (Some(ca_addr), Some(trust_bundle), Some(token_file)) =
+        (&args.ca_addr, &args.trust_bundle, &args.token_file)
+    else {
+        tracing::warn!(
+            "no --ca-addr: running without workload identities; captured connections are relayed in plaintext"
+        );
+        return Ok(None);
+    };
+    let client = CaClient::new(
+        ca_addr.clone(),
+        args.ca_server_name.clone(),
+        trust_bundle.clone(),
+    )?;
+    let manager = CertManager::new(
+        IdentityConfig {
+            trust_domain: args.trust_domain.clone(),
+            trust_bundle: trust_bundle.clone(),
+            token_file: token_file.clone(),
+            backoff: identity::CA_BACKOFF,
+        },
+        client,
+    );
+    let follower = Arc::clone(&manager);
+    tokio::spawn(async move {
+        loop {
+            let table = tables.borrow_and_update().clone();
+            follower.set_identities(&local_identities(&table, follower.trust_domain()));
+            if tables.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    tracing::info!(ca = %ca_addr, trust_domain = %args.trust_domain, "getting workload certificates from the CA");
+    Ok(Some(manager))
+}
+
+/// The identities this node's meshed pods run as.
+fn local_identities(table: &WorkloadTable, trust_domain: &str) -> BTreeSet<SpiffeId> {
+    table
+        .local_meshed()
+        .filter_map(
+            |pod| match SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account) {
+                Ok(identity) => Some(identity),
+                Err(error) => {
+                    tracing::error!(pod = %pod.key(), %error, "pod has no valid identity");
+                    None
+                }
+            },
+        )
+        .collect()
 }
 
 /// Where the capture programs send connections: this node's addresses.

@@ -1,0 +1,685 @@
+//! The certificate manager: keeps a valid certificate for every identity the
+//! node's pods run as, and publishes each one (validated first) through a
+//! `watch`, so new TLS handshakes use the newest and live ones are untouched.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ferry_proto::{SpiffeId, identity::v1::CertifyRequest};
+use rcgen::{CertificateParams, KeyPair, PublicKeyData as _, SanType, string::Ia5String};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime},
+    sign::CertifiedKey,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{Certifier, ca_client::read_roots, identity_of, renewal};
+use crate::backoff::{Backoff, jitter_sample};
+
+/// How long one attempt to get a certificate may take.
+pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Backoff while the CA fails: from 1 s up to 5 min.
+pub const CA_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    /// PEM roots every certificate must chain to; re-read at each renewal.
+    pub trust_bundle: PathBuf,
+    /// The agent's own ServiceAccount token (audience ferry-ca); re-read at each request.
+    pub token_file: PathBuf,
+    pub backoff: Backoff,
+}
+
+/// A certificate that passed every check, ready for TLS.
+#[derive(Debug)]
+pub struct Issued {
+    pub identity: SpiffeId,
+    pub certified_key: Arc<CertifiedKey>,
+    /// The roots peers must chain to, as of this certificate.
+    pub roots: Arc<RootCertStore>,
+    pub leaf_pem: String,
+    pub serial: String,
+    pub issuer: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// One identity's certificate, as `/certs` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertView {
+    pub identity: String,
+    pub ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before_unix: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_after_unix: Option<u64>,
+    /// When the next attempt (renewal or retry) is due.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_in_secs: Option<u64>,
+    pub issued: u64,
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaf_pem: Option<String>,
+}
+
+/// One identity the manager keeps certified.
+struct Slot {
+    current: watch::Sender<Option<Arc<Issued>>>,
+    status: Mutex<Status>,
+    task: tokio::task::AbortHandle,
+}
+
+#[derive(Default)]
+struct Status {
+    next_attempt: Option<tokio::time::Instant>,
+    issued: u64,
+    failures: u32,
+    last_error: Option<String>,
+}
+
+pub struct CertManager<C> {
+    config: IdentityConfig,
+    certifier: Arc<C>,
+    slots: Mutex<BTreeMap<SpiffeId, Arc<Slot>>>,
+}
+
+impl<C: Certifier> CertManager<C> {
+    pub fn new(config: IdentityConfig, certifier: C) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            certifier: Arc::new(certifier),
+            slots: Mutex::default(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.config.trust_domain
+    }
+
+    /// Keeps exactly `wanted` certified: starts the new ones, and drops the
+    /// keys and certificates of the ones no pod on this node runs as anymore.
+    pub fn set_identities(self: &Arc<Self>, wanted: &BTreeSet<SpiffeId>) {
+        let mut slots = self.slots.lock().expect("cert slots lock");
+        slots.retain(|identity, slot| {
+            let keep = wanted.contains(identity);
+            if !keep {
+                slot.task.abort();
+                tracing::info!(%identity, "no pod on this node runs as this identity anymore; dropped its key");
+            }
+            keep
+        });
+        for identity in wanted {
+            if slots.contains_key(identity) {
+                continue;
+            }
+            let (current, _) = watch::channel(None);
+            let manager = Arc::downgrade(self);
+            let slot = Arc::new_cyclic(|weak: &Weak<Slot>| {
+                let task = tokio::spawn(keep_certified(manager, weak.clone(), identity.clone()));
+                Slot {
+                    current,
+                    status: Mutex::default(),
+                    task: task.abort_handle(),
+                }
+            });
+            tracing::info!(%identity, "new identity on this node; getting a certificate");
+            slots.insert(identity.clone(), slot);
+        }
+    }
+
+    /// The current certificate of `identity`, if it has one.
+    pub fn current(&self, identity: &SpiffeId) -> Option<Arc<Issued>> {
+        let slots = self.slots.lock().expect("cert slots lock");
+        slots.get(identity)?.current.borrow().clone()
+    }
+
+    /// Follows `identity`'s certificate as it is renewed.
+    pub fn subscribe(&self, identity: &SpiffeId) -> Option<watch::Receiver<Option<Arc<Issued>>>> {
+        let slots = self.slots.lock().expect("cert slots lock");
+        Some(slots.get(identity)?.current.subscribe())
+    }
+
+    /// Why the agent cannot serve yet: identities still without a valid certificate.
+    pub fn not_ready(&self) -> Vec<String> {
+        let now = SystemTime::now();
+        let slots = self.slots.lock().expect("cert slots lock");
+        slots
+            .iter()
+            .filter(|(_, slot)| {
+                !slot
+                    .current
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|issued| issued.not_after > now)
+            })
+            .map(|(identity, slot)| {
+                let status = slot.status.lock().expect("cert status lock");
+                match &status.last_error {
+                    Some(error) => format!("no certificate yet for {identity}: {error}"),
+                    None => format!("no certificate yet for {identity}"),
+                }
+            })
+            .collect()
+    }
+
+    pub fn view(&self) -> Vec<CertView> {
+        let now = tokio::time::Instant::now();
+        let slots = self.slots.lock().expect("cert slots lock");
+        slots
+            .iter()
+            .map(|(identity, slot)| {
+                let current = slot.current.borrow().clone();
+                let status = slot.status.lock().expect("cert status lock");
+                CertView {
+                    identity: identity.to_string(),
+                    ready: current.is_some(),
+                    serial: current.as_ref().map(|c| c.serial.clone()),
+                    issuer: current.as_ref().map(|c| c.issuer.clone()),
+                    not_before_unix: current.as_ref().map(|c| unix(c.not_before)),
+                    not_after_unix: current.as_ref().map(|c| unix(c.not_after)),
+                    next_attempt_in_secs: status
+                        .next_attempt
+                        .map(|at| at.saturating_duration_since(now).as_secs()),
+                    issued: status.issued,
+                    consecutive_failures: status.failures,
+                    last_error: status.last_error.clone(),
+                    leaf_pem: current.as_ref().map(|c| c.leaf_pem.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// One attempt: a CSR with this identity's key, `Certify`, and the checks.
+    async fn obtain(&self, identity: &SpiffeId, key: &KeyPair) -> Result<Issued, String> {
+        let token = std::fs::read_to_string(&self.config.token_file).map_err(|e| {
+            format!(
+                "cannot read the agent's token {}: {e}",
+                self.config.token_file.display()
+            )
+        })?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            Ia5String::try_from(identity.to_string()).map_err(|e| e.to_string())?,
+        )];
+        let csr = params
+            .serialize_request(key)
+            .map_err(|e| format!("cannot make a CSR: {e}"))?;
+        let request = CertifyRequest {
+            identity: identity.to_string(),
+            csr_der: csr.der().to_vec(),
+            token: token.trim().to_owned(),
+        };
+        let response = tokio::time::timeout(CERTIFY_TIMEOUT, self.certifier.certify(request))
+            .await
+            .map_err(|_| format!("the CA did not answer within {CERTIFY_TIMEOUT:?}"))??;
+        let roots = read_roots(&self.config.trust_bundle).map_err(|e| e.to_string())?;
+        validate(
+            identity,
+            key,
+            &response.leaf_der,
+            &response.intermediates_der,
+            roots,
+        )
+    }
+}
+
+/// Checks a certificate from the CA before anything uses it: it chains to
+/// the trust bundle, carries exactly `identity`, holds our key, and is valid now.
+fn validate(
+    identity: &SpiffeId,
+    key: &KeyPair,
+    leaf_der: &[u8],
+    intermediates_der: &[Vec<u8>],
+    roots: RootCertStore,
+) -> Result<Issued, String> {
+    let leaf = CertificateDer::from(leaf_der.to_vec());
+    let intermediates: Vec<CertificateDer<'static>> = intermediates_der
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let end_entity = webpki::EndEntityCert::try_from(&leaf)
+        .map_err(|e| format!("the CA's certificate does not parse: {e}"))?;
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        end_entity
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &roots.roots,
+                &intermediates,
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| {
+                format!("the CA's certificate does not verify against the trust bundle: {e}")
+            })?;
+    }
+    let presented = identity_of(&leaf)?;
+    if &presented != identity {
+        return Err(format!(
+            "the CA's certificate is for {presented}, not {identity}"
+        ));
+    }
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| e.to_string())?;
+    if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err("the CA's certificate is not for this identity's key".to_owned());
+    }
+    let validity = parsed.validity();
+    let not_before = system_time(validity.not_before.timestamp());
+    let not_after = system_time(validity.not_after.timestamp());
+    let private = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
+    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&private)
+        .map_err(|e| format!("the identity's key is not usable for TLS: {e}"))?;
+    let mut chain = vec![leaf.clone()];
+    chain.extend(intermediates);
+    let leaf_pem = pem_encode(&leaf);
+    Ok(Issued {
+        identity: identity.clone(),
+        certified_key: Arc::new(CertifiedKey::new(chain, signing)),
+        roots: Arc::new(roots),
+        leaf_pem,
+        serial: parsed.raw_serial_as_string().replace(':', ""),
+        issuer: parsed.issuer().to_string(),
+        not_before,
+        not_after,
+    })
+}
+
+/// Keeps one identity certified until its slot is dropped (the task is aborted).
+async fn keep_certified<C: Certifier>(
+    manager: Weak<CertManager<C>>,
+    slot: Weak<Slot>,
+    identity: SpiffeId,
+) {
+    // Generated here, never written anywhere, dropped with this task.
+    let key = match KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
+        Ok(key) => key,
+        Err(error) => {
+            tracing::error!(%identity, %error, "cannot generate a key");
+            return;
+        }
+    };
+    let mut failures = 0u32;
+    loop {
+        let (Some(manager), Some(slot)) = (manager.upgrade(), slot.upgrade()) else {
+            return;
+        };
+        let wait = match manager.obtain(&identity, &key).await {
+            Ok(issued) => {
+                failures = 0;
+                let wait = renewal::renew_in(
+                    issued.not_before,
+                    issued.not_after,
+                    SystemTime::now(),
+                    jitter_sample(),
+                );
+                tracing::info!(
+                    %identity,
+                    serial = %issued.serial,
+                    not_after = unix(issued.not_after),
+                    renew_in = ?wait,
+                    "certificate ready"
+                );
+                {
+                    let mut status = slot.status.lock().expect("cert status lock");
+                    status.issued += 1;
+                    status.failures = 0;
+                    status.last_error = None;
+                }
+                slot.current.send_replace(Some(Arc::new(issued)));
+                wait
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                let wait = manager.config.backoff.delay(failures, jitter_sample());
+                let still_valid = slot
+                    .current
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|c| c.not_after > SystemTime::now());
+                tracing::warn!(
+                    %identity,
+                    %error,
+                    failures,
+                    retry_in = ?wait,
+                    serving_old_certificate = still_valid,
+                    "could not get a certificate"
+                );
+                let mut status = slot.status.lock().expect("cert status lock");
+                status.failures = failures;
+                status.last_error = Some(error);
+                wait
+            }
+        };
+        slot.status.lock().expect("cert status lock").next_attempt =
+            Some(tokio::time::Instant::now() + wait);
+        drop((manager, slot));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn system_time(unix_secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(unix_secs).unwrap_or(0))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn pem_encode(cert: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::Path,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+
+    use ferry_ca::issuer::{Issuer, LeafPolicy};
+    use ferry_proto::identity::v1::CertifyResponse;
+
+    use super::*;
+
+    const LIFETIME: Duration = Duration::from_secs(3600);
+
+    /// The real CA's signing code in-process, with switches to fail or misbehave.
+    struct TestCa {
+        issuer: Issuer,
+        calls: AtomicUsize,
+        called_at: Mutex<Vec<tokio::time::Instant>>,
+        issued_at: Mutex<Vec<tokio::time::Instant>>,
+        down: AtomicBool,
+        /// Sign for another identity than the one asked for.
+        wrong_identity: AtomicBool,
+    }
+
+    impl Certifier for Arc<TestCa> {
+        async fn certify(&self, request: CertifyRequest) -> Result<CertifyResponse, String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.called_at
+                .lock()
+                .unwrap()
+                .push(tokio::time::Instant::now());
+            if self.down.load(Ordering::SeqCst) {
+                return Err("connection refused".to_owned());
+            }
+            let mut identity: SpiffeId = request.identity.parse().map_err(|e| format!("{e}"))?;
+            let checked =
+                ferry_ca::csr::check(&request.csr_der, &identity).map_err(|e| e.to_string())?;
+            if self.wrong_identity.load(Ordering::SeqCst) {
+                identity =
+                    SpiffeId::new(identity.trust_domain(), identity.namespace(), "admin").unwrap();
+            }
+            let leaf = self.issuer.sign_leaf(
+                &identity,
+                &checked.spki_der,
+                LeafPolicy {
+                    lifetime: LIFETIME,
+                    clock_skew: Duration::ZERO,
+                },
+            )?;
+            self.issued_at
+                .lock()
+                .unwrap()
+                .push(tokio::time::Instant::now());
+            Ok(CertifyResponse {
+                leaf_der: leaf.der.to_vec(),
+                intermediates_der: vec![self.issuer.cert_der.to_vec()],
+                trust_bundle_der: self.issuer.roots.iter().map(|r| r.to_vec()).collect(),
+                valid_until_unix: leaf.not_after.unix_timestamp(),
+            })
+        }
+    }
+
+    struct Setup {
+        ca: Arc<TestCa>,
+        manager: Arc<CertManager<Arc<TestCa>>>,
+        _dir: TempDir,
+    }
+
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn setup() -> Setup {
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-certmanager-{}-{}",
+            std::process::id(),
+            jitter_sample().to_bits()
+        ));
+        let written = ferry_ca::bootstrap::bootstrap(
+            &dir,
+            "cluster.local",
+            Duration::from_secs(10 * 86400),
+            Duration::from_secs(5 * 86400),
+        )
+        .unwrap();
+        let issuer = Issuer::load(&written.issuer_dir, &written.trust_bundle).unwrap();
+        std::fs::write(dir.join("token"), "a-token\n").unwrap();
+        let ca = Arc::new(TestCa {
+            issuer,
+            calls: AtomicUsize::new(0),
+            called_at: Mutex::default(),
+            issued_at: Mutex::default(),
+            down: AtomicBool::new(false),
+            wrong_identity: AtomicBool::new(false),
+        });
+        let manager = CertManager::new(
+            IdentityConfig {
+                trust_domain: "cluster.local".to_owned(),
+                trust_bundle: written.trust_bundle.clone(),
+                token_file: dir.join("token"),
+                backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            },
+            Arc::clone(&ca),
+        );
+        Setup {
+            ca,
+            manager,
+            _dir: TempDir(dir),
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Advances paused time in small steps, letting tasks run in between.
+    async fn advance(by: Duration) {
+        let step = Duration::from_secs(1);
+        let mut left = by;
+        while left > Duration::ZERO {
+            let now = left.min(step);
+            tokio::time::advance(now).await;
+            settle().await;
+            left -= now;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn certifies_each_identity_and_renews_near_half_life() {
+        let Setup { ca, manager, _dir } = setup();
+        assert_eq!(manager.not_ready().len(), 0);
+        manager.set_identities(&[id("api"), id("web")].into());
+        settle().await;
+        for sa in ["api", "web"] {
+            let issued = manager
+                .current(&id(sa))
+                .unwrap_or_else(|| panic!("not certified: {:?}", manager.view()));
+            assert_eq!(issued.identity, id(sa));
+            assert_eq!(issued.certified_key.cert.len(), 2, "leaf and issuer");
+        }
+        assert!(manager.not_ready().is_empty(), "{:?}", manager.not_ready());
+
+        advance(LIFETIME / 2 + Duration::from_secs(5)).await;
+        let issued_at = ca.issued_at.lock().unwrap().clone();
+        assert_eq!(
+            issued_at.len(),
+            4,
+            "one renewal each within half the lifetime"
+        );
+        let first = issued_at[0];
+        for renewal in &issued_at[2..] {
+            let after = *renewal - first;
+            assert!(
+                after >= LIFETIME.mul_f64(0.4) - Duration::from_secs(2)
+                    && after <= LIFETIME / 2 + Duration::from_secs(2),
+                "renewed {after:?} after issuance"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backs_off_while_the_ca_is_down_and_keeps_the_old_certificate() {
+        let Setup { ca, manager, _dir } = setup();
+        manager.set_identities(&[id("api")].into());
+        settle().await;
+        let first = manager.current(&id("api")).unwrap();
+        ca.down.store(true, Ordering::SeqCst);
+        let calls_before = ca.calls.load(Ordering::SeqCst);
+        // Past the renewal time: retries begin, backing off.
+        advance(LIFETIME / 2 + Duration::from_secs(60)).await;
+        let retries = ca.calls.load(Ordering::SeqCst) - calls_before;
+        assert!(retries >= 3, "{retries} retries");
+        // The waits between retries grow: 1 s doubling, jitter in the upper half.
+        let called_at = ca.called_at.lock().unwrap().clone();
+        let gaps: Vec<Duration> = called_at[calls_before..]
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .collect();
+        for (i, gap) in gaps.iter().enumerate() {
+            // Time advances in 1 s steps here, hence the second of slack.
+            let ceiling = Duration::from_secs(1 << i.min(6)).min(Duration::from_secs(60));
+            assert!(
+                *gap + Duration::from_secs(1) >= ceiling / 2
+                    && *gap <= ceiling + Duration::from_secs(1),
+                "retry gaps {gaps:?}"
+            );
+        }
+        let still = manager.current(&id("api")).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &still),
+            "the valid certificate must keep serving"
+        );
+        let view = manager.view();
+        assert!(
+            view[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("connection refused")
+        );
+        assert!(view[0].consecutive_failures >= 3);
+
+        ca.down.store(false, Ordering::SeqCst);
+        advance(Duration::from_secs(120)).await;
+        let renewed = manager.current(&id("api")).unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &renewed),
+            "renewed once the CA is back"
+        );
+        assert_eq!(manager.view()[0].consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refuses_a_certificate_for_another_identity() {
+        let Setup { ca, manager, _dir } = setup();
+        ca.wrong_identity.store(true, Ordering::SeqCst);
+        manager.set_identities(&[id("api")].into());
+        settle().await;
+        assert!(manager.current(&id("api")).is_none());
+        let reasons = manager.not_ready();
+        assert_eq!(reasons.len(), 1);
+        assert!(
+            reasons[0].contains("is for spiffe://cluster.local/ns/shop/sa/admin"),
+            "{reasons:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drops_an_identity_whose_last_pod_left() {
+        let Setup { ca, manager, _dir } = setup();
+        manager.set_identities(&[id("api"), id("web")].into());
+        settle().await;
+        manager.set_identities(&[id("web")].into());
+        settle().await;
+        assert!(manager.current(&id("api")).is_none());
+        assert!(manager.current(&id("web")).is_some());
+        let calls = ca.calls.load(Ordering::SeqCst);
+        advance(LIFETIME).await;
+        // Only web renews (twice in a lifetime at most).
+        let renewals = ca.calls.load(Ordering::SeqCst) - calls;
+        assert!((1..=3).contains(&renewals), "{renewals}");
+        assert_eq!(manager.view().len(), 1);
+    }
+
+    #[test]
+    fn validation_refuses_a_chain_from_another_ca() {
+        let Setup { manager, _dir, .. } = setup();
+        let other = setup();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = other
+            .ca
+            .issuer
+            .sign_leaf(
+                &id("api"),
+                &key.subject_public_key_info(),
+                LeafPolicy {
+                    lifetime: LIFETIME,
+                    clock_skew: Duration::ZERO,
+                },
+            )
+            .unwrap();
+        let roots = read_roots(Path::new(&manager.config.trust_bundle)).unwrap();
+        let error = validate(
+            &id("api"),
+            &key,
+            &leaf.der,
+            &[other.ca.issuer.cert_der.to_vec()],
+            roots,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("does not verify against the trust bundle"),
+            "{error}"
+        );
+    }
+}

@@ -36,7 +36,7 @@ pub(crate) fn pids(name: &str) -> anyhow::Result<Vec<i32>> {
 /// Runs `f` on a thread that has entered namespace `name`. Network
 /// namespaces are per thread, so the rest of the test process stays where it
 /// is, and the thread (with its namespace) ends with `f`.
-pub(crate) fn in_netns<T: Send>(
+pub fn in_netns<T: Send>(
     name: &str,
     f: impl FnOnce() -> anyhow::Result<T> + Send,
 ) -> anyhow::Result<T> {

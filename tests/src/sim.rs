@@ -47,6 +47,9 @@ const FABRIC_BRIDGE: &str = "fabric";
 const UPLINK: &str = "uplink";
 /// The bridge in a node that its pods' veths attach to.
 const PODS_BRIDGE: &str = "pods";
+/// The fabric's own address, on its bridge: where cluster-wide services
+/// (the CA) listen, reachable from every node.
+pub const FABRIC_SERVICE_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 254);
 /// The last octet limits both node and pod numbers.
 const MAX_NODES: usize = 254;
 const MAX_PODS_PER_NODE: usize = 253;
@@ -263,7 +266,34 @@ impl Cluster {
             "bridge",
         ])?;
         ip(&["-n", &fabric, "link", "set", FABRIC_BRIDGE, "up"])?;
+        ip(&[
+            "-n",
+            &fabric,
+            "addr",
+            "add",
+            &format!("{FABRIC_SERVICE_V4}/24"),
+            "dev",
+            FABRIC_BRIDGE,
+        ])?;
         Ok(())
+    }
+
+    /// The namespace joining the nodes, where cluster-wide services run.
+    pub fn fabric_netns(&self) -> &str {
+        &self.fabric
+    }
+
+    /// Starts `program` in the fabric namespace (at [`FABRIC_SERVICE_V4`]),
+    /// stdout piped; killed with the cluster.
+    pub fn spawn_in_fabric(&mut self, program: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+        let label = format!("fabric: {}", command_line(program, args));
+        let placement = Placement {
+            netns: &self.fabric,
+            cgroup: None,
+        };
+        let (proc, shared) = Proc::spawn(label, &placement, program, args)?;
+        self.procs.push(shared);
+        Ok(proc)
     }
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
@@ -595,6 +625,11 @@ impl Cluster {
     /// Writes the workload file, starts `ferry-agent run` for the node in its
     /// namespace, and waits until `/healthz/ready` answers 200.
     pub fn start_agent(&mut self, node: NodeId) -> anyhow::Result<Agent> {
+        self.start_agent_with(node, &[])
+    }
+
+    /// [`start_agent`](Self::start_agent) with more arguments for `ferry-agent run`.
+    pub fn start_agent_with(&mut self, node: NodeId, extra: &[&str]) -> anyhow::Result<Agent> {
         let workloads = self.write_workloads()?;
         let agent_bin = bin_path("ferry-agent")?;
         let name = self.nodes[node.0].name.clone();
@@ -608,6 +643,7 @@ impl Cluster {
             "--bpffs-root",
             BPFFS_ROOT,
         ];
+        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
         let proc = self.spawn_on_node(node, &agent_bin, &args)?;
         let mut agent = Agent {
             proc,

@@ -1,0 +1,174 @@
+//! The Ferry CA on a simulated cluster: bootstrapped into the cluster's
+//! temporary directory, trusting a token key the fixture holds (it mints
+//! agent tokens the way the Kubernetes API server does), and serving in the
+//! fabric namespace where every node reaches it.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ferry_ca::jwt::{Minter, TokenRequest};
+
+use crate::{Agent, Cluster, NodeId, Proc, bin_path, netns, sim::FABRIC_SERVICE_V4};
+
+/// The agents' ServiceAccount, as the CA's default `--allowed-agent` names it.
+pub const AGENT_NAMESPACE: &str = "ferry-system";
+pub const AGENT_SERVICE_ACCOUNT: &str = "ferry-agent";
+/// The `iss` of minted tokens (the CA's default `--token-issuer`).
+pub const TOKEN_ISSUER: &str = ferry_ca::cli::DEFAULT_TOKEN_ISSUER;
+/// The name in the CA's serving certificate that agents check.
+pub const CA_SERVER_NAME: &str = ferry_proto::DEFAULT_CA_SERVER_NAME;
+const CA_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct CaFixture {
+    pub proc: Proc,
+    /// Where agents reach it.
+    pub addr: SocketAddr,
+    /// ca.crt: the trust bundle.
+    pub trust_bundle: PathBuf,
+    /// issuer/: tls.crt and tls.key, watched by the CA.
+    pub issuer_dir: PathBuf,
+    /// Everything bootstrap wrote (also root.key).
+    pub dir: PathBuf,
+    pub jwks: PathBuf,
+    pub minter: Minter,
+}
+
+/// Options for [`Cluster::start_ca_with`].
+#[derive(Debug, Clone, Default)]
+pub struct CaOptions {
+    /// `--leaf-lifetime`, e.g. `"1h"`; the CA's default (24h) if `None`.
+    pub leaf_lifetime: Option<String>,
+}
+
+impl Cluster {
+    /// Bootstraps and starts a CA with default options.
+    pub fn start_ca(&mut self) -> anyhow::Result<CaFixture> {
+        self.start_ca_with(&CaOptions::default())
+    }
+
+    pub fn start_ca_with(&mut self, options: &CaOptions) -> anyhow::Result<CaFixture> {
+        let ca_bin = bin_path("ferry-ca")?;
+        let dir = self.tempdir().join("ca");
+        let dir_text = dir.to_str().context("tempdir is not UTF-8")?.to_owned();
+        let output = std::process::Command::new(&ca_bin)
+            .args(["bootstrap", "--out", &dir_text])
+            .output()
+            .context("cannot run ferry-ca bootstrap")?;
+        if !output.status.success() {
+            bail!(
+                "ferry-ca bootstrap failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let minter = Minter::generate(TOKEN_ISSUER).map_err(anyhow::Error::msg)?;
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, serde_json::to_string(&minter.jwks())?)?;
+        let workloads = self.write_workloads()?;
+        let addr = SocketAddr::from((FABRIC_SERVICE_V4, ferry_proto::CA_PORT));
+        let trust_bundle = dir.join("ca.crt");
+        let issuer_dir = dir.join("issuer");
+        let mut args = vec![
+            "serve".to_owned(),
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--issuer-dir".to_owned(),
+            issuer_dir.to_string_lossy().into_owned(),
+            "--trust-bundle".to_owned(),
+            trust_bundle.to_string_lossy().into_owned(),
+            "--jwks".to_owned(),
+            jwks.to_string_lossy().into_owned(),
+            "--workloads".to_owned(),
+            workloads.to_string_lossy().into_owned(),
+            "--server-name".to_owned(),
+            CA_SERVER_NAME.to_owned(),
+        ];
+        if let Some(lifetime) = &options.leaf_lifetime {
+            args.extend(["--leaf-lifetime".to_owned(), lifetime.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = self.spawn_in_fabric(&ca_bin, &args)?;
+        let fabric = self.fabric_netns().to_owned();
+        let deadline = Instant::now() + CA_READY_TIMEOUT;
+        loop {
+            if let Some(status) = proc.has_exited()? {
+                bail!(
+                    "ferry-ca exited ({status}) before serving:\n{}",
+                    proc.stderr_tail()
+                );
+            }
+            let listening = netns::in_netns(&fabric, || {
+                Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            })?;
+            if listening {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "ferry-ca did not listen on {addr} within {CA_READY_TIMEOUT:?}:\n{}",
+                    proc.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(CaFixture {
+            proc,
+            addr,
+            trust_bundle,
+            issuer_dir,
+            dir,
+            jwks,
+            minter,
+        })
+    }
+
+    /// Writes a token for `node`'s agent and starts the agent with the CA.
+    pub fn start_agent_with_ca(&mut self, node: NodeId, ca: &CaFixture) -> anyhow::Result<Agent> {
+        let name = self.node(node).name.clone();
+        let token = ca.agent_token(&name)?;
+        let token_file = self.tempdir().join(format!("{name}.token"));
+        std::fs::write(&token_file, token)?;
+        let token_file = token_file.to_string_lossy().into_owned();
+        let addr = ca.addr.to_string();
+        let bundle = ca.trust_bundle.to_string_lossy().into_owned();
+        self.start_agent_with(
+            node,
+            &[
+                "--ca-addr",
+                &addr,
+                "--ca-server-name",
+                CA_SERVER_NAME,
+                "--trust-bundle",
+                &bundle,
+                "--token-file",
+                &token_file,
+            ],
+        )
+    }
+}
+
+impl CaFixture {
+    /// A valid token for the agent of node `node`.
+    pub fn agent_token(&self, node: &str) -> anyhow::Result<String> {
+        self.mint(&Self::agent_request(node))
+    }
+
+    /// What the API server would put in the token of `node`'s agent pod.
+    pub fn agent_request(node: &str) -> TokenRequest {
+        TokenRequest {
+            namespace: AGENT_NAMESPACE.to_owned(),
+            service_account: AGENT_SERVICE_ACCOUNT.to_owned(),
+            node: node.to_owned(),
+            pod: format!("ferry-agent-{node}"),
+            audience: vec![ferry_proto::TOKEN_AUDIENCE.to_owned()],
+            lifetime_secs: 3600,
+        }
+    }
+
+    pub fn mint(&self, request: &TokenRequest) -> anyhow::Result<String> {
+        self.minter.mint(request).map_err(anyhow::Error::msg)
+    }
+}

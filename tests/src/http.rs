@@ -13,7 +13,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// GETs `path` from `addr`; returns the status code and the body.
-pub(crate) fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;

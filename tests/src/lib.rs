@@ -5,7 +5,7 @@
 
 pub mod ca;
 pub mod cgroup;
-mod http;
+pub mod http;
 pub mod inspect;
 mod leftovers;
 pub mod netns;

@@ -121,11 +121,7 @@ fn start_identities(
         );
         return Ok(None);
     };
-    let client = CaClient::new(
-        ca_addr.clone(),
-        args.ca_server_name.clone(),
-        trust_bundle.clone(),
-    )?;
+    let client = CaClient::new(ca_addr.clone(), &args.ca_server_name, trust_bundle.clone())?;
     let manager = CertManager::new(
         IdentityConfig {
             trust_domain: args.trust_domain.clone(),

@@ -57,6 +57,7 @@ pub struct BootstrapArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("authentication").required(true))]
 pub struct ServeArgs {
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], CA_PORT)))]
     pub listen: SocketAddr,
@@ -80,19 +81,27 @@ pub struct ServeArgs {
     #[arg(long = "allowed-agent", default_values_t = [DEFAULT_ALLOWED_AGENT.to_owned()])]
     pub allowed_agents: Vec<String>,
     /// Verify tokens offline against this JWKS (the API server's signing keys).
-    #[arg(long)]
-    pub jwks: PathBuf,
+    #[arg(long, group = "authentication")]
+    pub jwks: Option<PathBuf>,
+    /// Ask the Kubernetes API server to review each token (TokenReview).
+    #[arg(long, group = "authentication")]
+    pub token_review: bool,
     /// The `iss` the tokens must carry.
     #[arg(long, default_value = DEFAULT_TOKEN_ISSUER)]
     pub token_issuer: String,
     /// The `aud` the tokens must carry.
     #[arg(long, default_value = TOKEN_AUDIENCE)]
     pub token_audience: String,
-    /// Which pods run where (the workload file format), for node authorization.
+    /// Which pods run where (the workload file format), for node authorization;
+    /// without it the CA watches the cluster's pods.
     #[arg(long)]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
     #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+    /// A kubeconfig for the API server; by default the in-cluster
+    /// ServiceAccount, or `$KUBECONFIG`.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// `90s`, `15m`, `24h`, `7d`, or a plain number of seconds.

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod csr;
 pub mod issuer;
 pub mod jwt;
+pub mod kubernetes;
 mod metrics;
 mod metrics_http;
 pub mod nodes;

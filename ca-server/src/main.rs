@@ -6,8 +6,10 @@ use ferry_ca::{
     cli::{Cli, Command, LogFormat},
     issuer::LeafPolicy,
     jwt,
+    kubernetes::{KubePods, TokenReviewer},
+    nodes::PodIndex,
     serve::{self, ServeConfig},
-    service::Authenticator,
+    service::{Authenticator, Pods},
 };
 
 fn main() -> ExitCode {
@@ -47,9 +49,41 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(args: ferry_ca::cli::ServeArgs) -> anyhow::Result<()> {
-    let verifier =
-        jwt::Verifier::from_jwks_file(&args.jwks, &args.token_issuer, &args.token_audience)
-            .map_err(anyhow::Error::msg)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve_async(args))
+}
+
+async fn serve_async(args: ferry_ca::cli::ServeArgs) -> anyhow::Result<()> {
+    let needs_cluster = args.token_review || args.workloads.is_none();
+    let client = if needs_cluster {
+        Some(kube_client(args.kubeconfig.as_deref()).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the Kubernetes API (needed for --token-review, or without --workloads): {e:#}"
+            )
+        })?)
+    } else {
+        None
+    };
+    let authenticator = match (&args.jwks, &client) {
+        (Some(jwks), _) => Authenticator::Jwks(
+            jwt::Verifier::from_jwks_file(jwks, &args.token_issuer, &args.token_audience)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        (None, Some(client)) => {
+            Authenticator::TokenReview(TokenReviewer::new(client.clone(), &args.token_audience))
+        }
+        (None, None) => unreachable!("clap requires --jwks or --token-review"),
+    };
+    let pods = match (&args.workloads, client) {
+        (Some(file), _) => Pods::File(PodIndex::load(file).map_err(anyhow::Error::msg)?),
+        (None, Some(client)) => {
+            Pods::Kubernetes(KubePods::start(client).await.map_err(anyhow::Error::msg)?)
+        }
+        (None, None) => unreachable!("a client is made when there is no --workloads"),
+    };
     let config = ServeConfig {
         listen: args.listen,
         issuer_dir: args.issuer_dir,
@@ -61,15 +95,22 @@ fn run_serve(args: ferry_ca::cli::ServeArgs) -> anyhow::Result<()> {
             clock_skew: args.clock_skew,
         },
         allowed_agents: args.allowed_agents,
-        authenticator: Authenticator::Jwks(verifier),
-        workloads: args.workloads,
+        authenticator,
+        pods,
         metrics_addr: args.metrics_addr,
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(serve::serve(config))
+    serve::serve(config).await
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {

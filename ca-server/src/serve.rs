@@ -23,8 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     issuer::{Issuer, LeafPolicy},
     metrics::Metrics,
-    nodes::PodIndex,
-    service::{Authenticator, Ca, MAX_REQUEST_BYTES},
+    service::{Authenticator, Ca, MAX_REQUEST_BYTES, Pods},
 };
 
 /// How often the issuer files are checked for a replacement.
@@ -41,7 +40,7 @@ pub struct ServeConfig {
     pub policy: LeafPolicy,
     pub allowed_agents: Vec<String>,
     pub authenticator: Authenticator,
-    pub workloads: PathBuf,
+    pub pods: Pods,
     pub metrics_addr: SocketAddr,
 }
 
@@ -49,7 +48,6 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let issuer = Arc::new(
         Issuer::load(&config.issuer_dir, &config.trust_bundle).map_err(anyhow::Error::msg)?,
     );
-    let pods = PodIndex::load(&config.workloads).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(Metrics::default());
     metrics.issuer_expires_at(issuer.not_after.unix_timestamp());
     let serving = Arc::new(ServingCert::new(&issuer, &config.server_names)?);
@@ -85,7 +83,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ca = Ca {
         issuer: shared_issuer,
         authenticator: config.authenticator,
-        pods,
+        pods: config.pods,
         trust_domain: config.trust_domain,
         allowed_agents: config.allowed_agents,
         policy: config.policy,

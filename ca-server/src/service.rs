@@ -16,6 +16,7 @@ use crate::{
     csr,
     issuer::{Issuer, LeafPolicy},
     jwt::{self, TokenIdentity},
+    kubernetes::{KubePods, TokenReviewer},
     metrics::Metrics,
     nodes::PodIndex,
 };
@@ -29,14 +30,41 @@ pub const MAX_CSR_BYTES: usize = 8 * 1024;
 pub enum Authenticator {
     /// Offline, against the API server's keys.
     Jwks(jwt::Verifier),
+    /// Online: the API server reviews each token.
+    TokenReview(TokenReviewer),
 }
 
 impl Authenticator {
     async fn authenticate(&self, token: &str) -> Result<TokenIdentity, String> {
+        if token.len() > jwt::MAX_TOKEN_BYTES {
+            return Err(format!(
+                "the token is {} bytes; at most {} are accepted",
+                token.len(),
+                jwt::MAX_TOKEN_BYTES
+            ));
+        }
         match self {
             Self::Jwks(verifier) => verifier
                 .verify(token, jwt::unix_now())
                 .map_err(|e| e.to_string()),
+            Self::TokenReview(reviewer) => reviewer.review(token).await,
+        }
+    }
+}
+
+/// Which pods run on which node.
+pub enum Pods {
+    /// The workload file (runs without a cluster).
+    File(PodIndex),
+    /// A watch of the cluster's pods.
+    Kubernetes(KubePods),
+}
+
+impl Pods {
+    fn has_pod(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        match self {
+            Self::File(index) => index.has_pod(node, namespace, service_account),
+            Self::Kubernetes(pods) => pods.has_pod(node, namespace, service_account),
         }
     }
 }
@@ -44,7 +72,7 @@ impl Authenticator {
 pub struct Ca {
     pub issuer: Arc<RwLock<Arc<Issuer>>>,
     pub authenticator: Authenticator,
-    pub pods: PodIndex,
+    pub pods: Pods,
     pub trust_domain: String,
     /// Kubernetes usernames of the agents (`system:serviceaccount:ns:sa`).
     pub allowed_agents: Vec<String>,

@@ -12,7 +12,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use ferry_ca::jwt::{Minter, TokenRequest};
 
-use crate::{Agent, Cluster, NodeId, Proc, bin_path, netns, sim::FABRIC_SERVICE_V4};
+use crate::{
+    Agent, Cluster, NodeId, Proc, bin_path,
+    kube_api::{FakeApiServer, TokenOwner},
+    netns,
+    sim::FABRIC_SERVICE_V4,
+};
 
 /// The agents' ServiceAccount, as the CA's default `--allowed-agent` names it.
 pub const AGENT_NAMESPACE: &str = "ferry-system";
@@ -35,6 +40,8 @@ pub struct CaFixture {
     pub dir: PathBuf,
     pub jwks: PathBuf,
     pub minter: Minter,
+    /// The stand-in API server, when the CA runs as in a cluster.
+    pub api: Option<FakeApiServer>,
 }
 
 /// Options for [`Cluster::start_ca_with`].
@@ -42,7 +49,13 @@ pub struct CaFixture {
 pub struct CaOptions {
     /// `--leaf-lifetime`, e.g. `"1h"`; the CA's default (24h) if `None`.
     pub leaf_lifetime: Option<String>,
+    /// Run as in a cluster: tokens checked by TokenReview and pods watched,
+    /// both through a stand-in API server, instead of a JWKS and the workload file.
+    pub kubernetes: bool,
 }
+
+/// Where the stand-in API server listens (in the fabric namespace).
+pub const FAKE_API_PORT: u16 = 6443;
 
 impl Cluster {
     /// Bootstraps and starts a CA with default options.
@@ -68,6 +81,19 @@ impl Cluster {
         let jwks = dir.join("jwks.json");
         std::fs::write(&jwks, serde_json::to_string(&minter.jwks())?)?;
         let workloads = self.write_workloads()?;
+        let api = if options.kubernetes {
+            let api = FakeApiServer::start(
+                self.fabric_netns(),
+                SocketAddr::from((FABRIC_SERVICE_V4, FAKE_API_PORT)),
+            )?;
+            for pod in self.pods() {
+                let node = &self.node(pod.node).name;
+                api.add_pod(&pod.namespace, &pod.name, &pod.service_account, node);
+            }
+            Some(api)
+        } else {
+            None
+        };
         let addr = SocketAddr::from((FABRIC_SERVICE_V4, ferry_proto::CA_PORT));
         let trust_bundle = dir.join("ca.crt");
         let issuer_dir = dir.join("issuer");
@@ -79,13 +105,25 @@ impl Cluster {
             issuer_dir.to_string_lossy().into_owned(),
             "--trust-bundle".to_owned(),
             trust_bundle.to_string_lossy().into_owned(),
-            "--jwks".to_owned(),
-            jwks.to_string_lossy().into_owned(),
-            "--workloads".to_owned(),
-            workloads.to_string_lossy().into_owned(),
             "--server-name".to_owned(),
             CA_SERVER_NAME.to_owned(),
         ];
+        match &api {
+            Some(api) => {
+                let kubeconfig = api.write_kubeconfig(&dir.join("kubeconfig"))?;
+                args.extend([
+                    "--token-review".to_owned(),
+                    "--kubeconfig".to_owned(),
+                    kubeconfig.to_string_lossy().into_owned(),
+                ]);
+            }
+            None => args.extend([
+                "--jwks".to_owned(),
+                jwks.to_string_lossy().into_owned(),
+                "--workloads".to_owned(),
+                workloads.to_string_lossy().into_owned(),
+            ]),
+        }
         if let Some(lifetime) = &options.leaf_lifetime {
             args.extend(["--leaf-lifetime".to_owned(), lifetime.clone()]);
         }
@@ -122,6 +160,7 @@ impl Cluster {
             dir,
             jwks,
             minter,
+            api,
         })
     }
 
@@ -151,9 +190,29 @@ impl Cluster {
 }
 
 impl CaFixture {
-    /// A valid token for the agent of node `node`.
+    /// A valid token for the agent of node `node`: a JWT the CA's JWKS
+    /// verifies, or, with the stand-in API server, an opaque token it knows.
     pub fn agent_token(&self, node: &str) -> anyhow::Result<String> {
-        self.mint(&Self::agent_request(node))
+        let request = Self::agent_request(node);
+        match &self.api {
+            Some(api) => {
+                let token = format!("opaque-token-{node}-{}", std::process::id());
+                api.add_token(
+                    &token,
+                    TokenOwner {
+                        username: format!(
+                            "system:serviceaccount:{}:{}",
+                            request.namespace, request.service_account
+                        ),
+                        node: Some(request.node.clone()),
+                        pod: Some(request.pod.clone()),
+                        audiences: request.audience,
+                    },
+                );
+                Ok(token)
+            }
+            None => self.mint(&request),
+        }
     }
 
     /// What the API server would put in the token of `node`'s agent pod.

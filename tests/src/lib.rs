@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cgroup;
 pub mod http;
 pub mod inspect;
+pub mod kube_api;
 mod leftovers;
 pub mod netns;
 mod process;

@@ -49,7 +49,7 @@ fn certify(
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let client = CaClient::new(addr, CA_SERVER_NAME.to_owned(), bundle)?;
+            let client = CaClient::new(addr, CA_SERVER_NAME, bundle)?;
             Ok(client.certify(request).await)
         })
     })
@@ -418,6 +418,59 @@ fn a_replaced_issuer_is_used_without_a_restart_and_a_corrupt_one_is_refused() ->
         &setup.ca.trust_bundle,
         &next.join("issuer/tls.crt"),
         &dir,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn in_a_cluster_tokens_are_reviewed_by_the_api_server_and_pods_watched() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("ca-kubernetes")?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    cluster.add_pod(n1, PodOptions::meshed("api-0", "shop", "api"))?;
+    cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let ca = cluster.start_ca_with(&ferry_tests::ca::CaOptions {
+        kubernetes: true,
+        ..Default::default()
+    })?;
+    let setup = Setup { cluster, ca, n1 };
+    let bundle = setup.ca.trust_bundle.clone();
+    let api = setup.ca.api.as_ref().context("no fake API server")?;
+
+    let issued = certify(&setup, &bundle, request(&setup, API, csr(&p256(), &[API]))?)?
+        .map_err(anyhow::Error::msg)?;
+    ensure!(!issued.leaf_der.is_empty());
+
+    let unknown = CertifyRequest {
+        token: "a-token-the-api-server-never-issued".to_owned(),
+        ..request(&setup, API, csr(&p256(), &[API]))?
+    };
+    refused(
+        certify(&setup, &bundle, unknown)?,
+        &["Unauthenticated", "invalid bearer token"],
+    )?;
+
+    api.add_token(
+        "unbound-token",
+        ferry_tests::kube_api::TokenOwner {
+            username: "system:serviceaccount:ferry-system:ferry-agent".to_owned(),
+            node: None,
+            pod: None,
+            audiences: vec!["ferry-ca".to_owned()],
+        },
+    );
+    let unbound = CertifyRequest {
+        token: "unbound-token".to_owned(),
+        ..request(&setup, API, csr(&p256(), &[API]))?
+    };
+    refused(
+        certify(&setup, &bundle, unbound)?,
+        &["Unauthenticated", "not bound to a node"],
+    )?;
+
+    refused(
+        certify(&setup, &bundle, request(&setup, DB, csr(&p256(), &[DB]))?)?,
+        &["PermissionDenied", "no pod with ServiceAccount shop/db"],
     )?;
     Ok(())
 }

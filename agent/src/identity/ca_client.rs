@@ -23,12 +23,8 @@ impl CaClient {
     /// A client of the CA at `address` (`host:port`), whose serving
     /// certificate must chain to a root in `trust_bundle` (re-read at every
     /// connection) and name `server_name`. Connects on first use.
-    pub fn new(
-        address: String,
-        server_name: String,
-        trust_bundle: PathBuf,
-    ) -> anyhow::Result<Self> {
-        let name = ServerName::try_from(server_name.clone())
+    pub fn new(address: String, server_name: &str, trust_bundle: PathBuf) -> anyhow::Result<Self> {
+        let name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| anyhow::anyhow!("CA server name {server_name:?}: {e}"))?;
         let endpoint = Endpoint::from_shared(format!("http://{address}"))?
             .timeout(CA_TIMEOUT)

@@ -160,11 +160,10 @@ impl<C: Certifier> CertManager<C> {
         slots
             .iter()
             .filter(|(_, slot)| {
-                !slot
-                    .current
+                slot.current
                     .borrow()
                     .as_ref()
-                    .is_some_and(|issued| issued.not_after > now)
+                    .is_none_or(|issued| issued.not_after <= now)
             })
             .map(|(identity, slot)| {
                 let status = slot.status.lock().expect("cert status lock");
@@ -499,7 +498,7 @@ mod tests {
         let manager = CertManager::new(
             IdentityConfig {
                 trust_domain: "cluster.local".to_owned(),
-                trust_bundle: written.trust_bundle.clone(),
+                trust_bundle: written.trust_bundle,
                 token_file: dir.join("token"),
                 backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             },

@@ -16,7 +16,8 @@ use crate::{cmd, mounts};
 
 /// Debian packages: LLVM 22 (+ Polly, zstd) to build bpf-linker, bpftool to
 /// inspect what the agent loaded, iproute2 for the simulated nodes' network
-/// namespaces and veths, tcpdump to look at their traffic.
+/// namespaces and veths, tcpdump to look at their traffic, openssl (the
+/// tests' independent certificate verifier), curl for the admin endpoint.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +25,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "tcpdump",
+    "openssl",
+    "curl",
 ];
 
 /// bpf-linker links the eBPF object; its LLVM (22) must be at least the LLVM

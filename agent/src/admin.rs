@@ -53,6 +53,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// The certificate manager, when the agent runs with a CA.
     pub identities: Option<Arc<dyn IdentityState>>,
+    /// The tunnel pool's state as JSON, when the agent runs with a CA.
+    pub pool: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
 /// What the admin endpoint shows of the certificate manager.
@@ -79,6 +81,10 @@ impl AdminState {
             reasons.extend(identities.not_ready());
         }
         reasons
+    }
+
+    fn pool_view(&self) -> serde_json::Value {
+        self.pool.as_ref().map(|view| view()).unwrap_or_default()
     }
 
     fn certs(&self) -> Vec<CertView> {
@@ -109,6 +115,7 @@ struct ConfigDump<'a> {
     /// Without a CA the agent has no identities and carries plaintext only.
     mtls: bool,
     certificates: Vec<CertView>,
+    pool: serde_json::Value,
     ready: bool,
     not_ready_reasons: Vec<String>,
 }
@@ -174,6 +181,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
                 totals: &state.connections.totals,
                 mtls: state.identities.is_some(),
                 certificates: state.certs(),
+                pool: state.pool_view(),
                 ready: reasons.is_empty(),
                 not_ready_reasons: reasons,
             })
@@ -190,10 +198,11 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         }
         "/connections" => json(&state.connections.live()),
         "/certs" => json(&state.certs()),
+        "/pool" => json(&state.pool_view()),
         path => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /healthz/ready\n"
+                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /healthz/ready\n"
             ),
         ),
     }

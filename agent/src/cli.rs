@@ -50,7 +50,30 @@ pub struct RunArgs {
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
+    pub tunnel: TunnelArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// The pool of mTLS connections to other agents.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TunnelArgs {
+    /// A pooled tunnel connection with no streams for this long is closed (seconds).
+    #[arg(long, default_value_t = crate::tunnel::pool::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub pool_idle_timeout: u64,
+    /// Streams one tunnel connection carries before the pool opens another.
+    #[arg(long, default_value_t = crate::tunnel::pool::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: usize,
+}
+
+impl TunnelArgs {
+    pub fn pool_config(&self) -> crate::tunnel::pool::PoolConfig {
+        crate::tunnel::pool::PoolConfig {
+            idle_timeout: std::time::Duration::from_secs(self.pool_idle_timeout.max(1)),
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
+            ..Default::default()
+        }
+    }
 }
 
 /// Where the agent gets its workloads' certificates. Without `--ca-addr`

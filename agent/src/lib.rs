@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cli;
 pub mod identity;
 pub mod proxy;
+pub mod tunnel;
 pub mod workload;
 
 use std::{
@@ -25,7 +26,11 @@ use crate::{
     capture::{Capture, Redirect},
     cli::RunArgs,
     identity::{CertManager, IdentityConfig, ca_client::CaClient},
-    proxy::{connections::Connections, outbound::Outbound},
+    proxy::{
+        connections::Connections,
+        outbound::{Mesh, Outbound},
+    },
+    tunnel::{client::TlsDialer, inbound::Inbound, pool::Pool},
     workload::{FileSource, WorkloadTable},
 };
 
@@ -56,6 +61,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("outbound listener on {addr}"))?,
         );
     }
+    let mut tunnel_listeners = Vec::new();
+    if args.identity.ca_addr.is_some() {
+        for ip in &table.node.addresses {
+            let addr = SocketAddr::new(*ip, ferry_proto::TUNNEL_PORT);
+            tunnel_listeners.push(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("inbound tunnel listener on {addr}"))?,
+            );
+        }
+    }
     let admin = TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("admin on {}", args.admin_addr))?;
@@ -82,10 +98,44 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         Arc::clone(&readiness),
     ));
 
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mesh = identities.as_ref().map(|identities| {
+        let pool = Pool::new(
+            args.tunnel.pool_config(),
+            TlsDialer {
+                identities: Arc::clone(identities),
+                provider: Arc::clone(&provider),
+            },
+        );
+        Mesh {
+            identities: Arc::clone(identities),
+            pool,
+        }
+    });
+    if let Some(mesh) = &mesh {
+        let inbound = Arc::new(Inbound::new(
+            args.node.clone(),
+            mesh.identities.trust_domain().to_owned(),
+            table_rx.clone(),
+            Arc::clone(&mesh.identities),
+            Arc::clone(&provider),
+            Arc::clone(&connections),
+        ));
+        for listener in tunnel_listeners {
+            tracing::info!(addr = %listener.local_addr()?, "inbound tunnel listener ready");
+            tokio::spawn(Arc::clone(&inbound).serve(listener));
+        }
+    }
+    let pool_view = mesh.as_ref().map(|mesh| {
+        let pool = Arc::clone(&mesh.pool);
+        Arc::new(move || serde_json::to_value(pool.view()).unwrap_or_default())
+            as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
+    });
     let outbound = Arc::new(Outbound {
         workloads: table_rx.clone(),
         original_dsts: Arc::new(original_dsts),
         connections: Arc::clone(&connections),
+        mesh,
     });
     for listener in outbound_listeners {
         tracing::info!(addr = %listener.local_addr()?, "outbound listener ready");
@@ -97,6 +147,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         connections,
         readiness,
         identities: identities.map(|manager| manager as Arc<dyn admin::IdentityState>),
+        pool: pool_view,
     });
     tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
     tokio::spawn(admin::serve_admin(admin, Arc::clone(&state)));

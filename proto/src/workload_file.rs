@@ -45,6 +45,45 @@ pub struct WorkloadFile {
     pub namespaces: Vec<NamespaceSpec>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// Who may connect to whom; a destination no policy names accepts any
+    /// identity of the trust domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicySpec>,
+}
+
+/// Which source identities may connect to the pods of one namespace (or of
+/// one ServiceAccount in it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySpec {
+    pub namespace: String,
+    /// Only pods running as this ServiceAccount; the whole namespace if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// SPIFFE ids allowed in; `spiffe://<td>/ns/<ns>/sa/*` allows a whole namespace.
+    pub allow: Vec<String>,
+}
+
+impl PolicySpec {
+    /// Whether this policy governs pods of `namespace` running as `service_account`.
+    pub fn applies_to(&self, namespace: &str, service_account: &str) -> bool {
+        self.namespace == namespace
+            && self
+                .service_account
+                .as_deref()
+                .is_none_or(|sa| sa == service_account)
+    }
+
+    /// Whether `source` is among the allowed identities.
+    pub fn allows(&self, source: &crate::SpiffeId) -> bool {
+        let source = source.to_string();
+        self.allow
+            .iter()
+            .any(|allowed| match allowed.strip_suffix('*') {
+                Some(prefix) => source.starts_with(prefix),
+                None => *allowed == source,
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +185,28 @@ impl WorkloadFile {
                     "namespaces[{i}].name: namespace {:?} is listed twice",
                     ns.name
                 ));
+            }
+        }
+        for (i, policy) in self.policies.iter().enumerate() {
+            let at = format!("policies[{i}]");
+            if !is_dns_label(&policy.namespace) {
+                problems.push(format!(
+                    "{at}.namespace: {:?} is not a valid namespace name",
+                    policy.namespace
+                ));
+            }
+            for (j, allowed) in policy.allow.iter().enumerate() {
+                let valid = match allowed.strip_suffix("/sa/*") {
+                    Some(namespace) => format!("{namespace}/sa/x")
+                        .parse::<crate::SpiffeId>()
+                        .is_ok(),
+                    None => allowed.parse::<crate::SpiffeId>().is_ok(),
+                };
+                if !valid {
+                    problems.push(format!(
+                        "{at}.allow[{j}]: {allowed:?} is neither a SPIFFE id nor spiffe://<td>/ns/<ns>/sa/*"
+                    ));
+                }
             }
         }
         let mut pod_names = HashSet::new();

@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use ferry_agent::workload::file::{
-    MESH_ENABLED, MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, WorkloadFile,
+    MESH_ENABLED, MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, PolicySpec, WorkloadFile,
 };
 
 use crate::{
@@ -176,6 +176,8 @@ pub struct Cluster {
     netns_made: Vec<String>,
     cgroups_made: Vec<PathBuf>,
     procs: Vec<Arc<Shared>>,
+    /// Authorization policies written into the workload file.
+    policies: Vec<PolicySpec>,
 }
 
 impl Cluster {
@@ -196,6 +198,7 @@ impl Cluster {
             netns_made: Vec::new(),
             cgroups_made: Vec::new(),
             procs: Vec::new(),
+            policies: Vec::new(),
         };
         eprintln!(
             "ferry-tests: cluster {} ({name}) in {}",
@@ -276,6 +279,12 @@ impl Cluster {
             FABRIC_BRIDGE,
         ])?;
         Ok(())
+    }
+
+    /// Sets the authorization policies of the workload file (written by the
+    /// next [`write_workloads`](Self::write_workloads)).
+    pub fn set_policies(&mut self, policies: Vec<PolicySpec>) {
+        self.policies = policies;
     }
 
     /// The namespace joining the nodes, where cluster-wide services run.
@@ -505,6 +514,7 @@ impl Cluster {
             namespaces.insert(&pod.namespace, pod.meshed);
         }
         let file = WorkloadFile {
+            policies: self.policies.clone(),
             nodes: self
                 .nodes
                 .iter()

@@ -24,6 +24,13 @@ pub struct ConnectionInfo {
     pub original_dst: SocketAddr,
     /// `namespace/name` of the pod behind `original_dst`, if it is one.
     pub destination_pod: Option<String>,
+    /// The verified SPIFFE id of the source (the client certificate's on
+    /// inbound tunnels; the source pod's ServiceAccount on outbound ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    /// The SPIFFE id the destination must prove (tunnelled connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_identity: Option<String>,
     /// How the agent carries it.
     pub route: Route,
     pub opened_at_unix_ms: u64,
@@ -34,6 +41,12 @@ pub struct ConnectionInfo {
 pub enum Route {
     /// Plain TCP from this agent to the destination.
     Passthrough,
+    /// Over an mTLS tunnel to the destination node's agent.
+    Tunnel,
+    /// To a meshed pod on this node, straight from this agent.
+    Direct,
+    /// Arrived over an mTLS tunnel from another agent, to a pod on this node.
+    InboundTunnel,
 }
 
 /// Counters since the agent started.
@@ -46,6 +59,14 @@ pub struct Totals {
     pub uncaptured: AtomicU64,
     /// Captured connections whose destination could not be reached.
     pub upstream_failures: AtomicU64,
+    /// Tunnel connections from other agents that completed mutual TLS.
+    pub inbound_handshakes: AtomicU64,
+    /// Tunnel connections refused before or during the handshake.
+    pub inbound_refused: AtomicU64,
+    /// `CONNECT` requests refused (not a local meshed pod, wrong identity, policy).
+    pub inbound_denied: AtomicU64,
+    /// Outbound connections refused by policy or by the peer agent.
+    pub outbound_denied: AtomicU64,
 }
 
 #[derive(Debug, Default)]

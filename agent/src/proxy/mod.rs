@@ -3,4 +3,5 @@
 
 pub mod connections;
 pub mod outbound;
-mod relay;
+pub mod relay;
+pub mod route;

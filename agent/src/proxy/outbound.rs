@@ -1,6 +1,8 @@
 //! The outbound listener: every connection a meshed pod on this node makes
 //! arrives here, redirected by the capture programs. The agent looks up where
-//! it was going, who sent it, and carries it there.
+//! it was going and who sent it, decides the route ([`route::decide`]), and
+//! carries it: through an mTLS tunnel to another node's agent, straight to a
+//! meshed pod on this node, or as plain TCP to anything outside the mesh.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,16 +15,33 @@ use tracing::Instrument as _;
 use super::{
     connections::{ConnectionInfo, Connections, Route},
     relay,
+    route::{self, Decision},
 };
-use crate::{capture::OriginalDsts, workload::WorkloadTable};
+use crate::{
+    capture::OriginalDsts,
+    identity::{CertManager, ca_client::CaClient},
+    tunnel::{
+        client::{self, TlsDialer},
+        pool::Pool,
+    },
+    workload::WorkloadTable,
+};
 
 /// How long the agent waits for a destination to accept before resetting the client.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The mTLS side of the agent: identities and the tunnel pool.
+pub struct Mesh {
+    pub identities: Arc<CertManager<CaClient>>,
+    pub pool: Arc<Pool<TlsDialer<CertManager<CaClient>>>>,
+}
 
 pub struct Outbound {
     pub workloads: watch::Receiver<Arc<WorkloadTable>>,
     pub original_dsts: Arc<OriginalDsts>,
     pub connections: Arc<Connections>,
+    /// `None` when the agent runs without a CA: everything passes through.
+    pub mesh: Option<Mesh>,
 }
 
 impl Outbound {
@@ -55,36 +74,101 @@ impl Outbound {
         self.connections.totals.captured.fetch_add(1, relaxed());
         let table = self.workloads.borrow().clone();
         let source_pod = table.by_ip(peer.ip()).map(|w| w.key());
-        let destination_pod = table.by_ip(original_dst.ip()).map(|w| w.key());
+        let trust_domain = self.mesh.as_ref().map(|m| m.identities.trust_domain());
+        let decision = route::decide(&table, peer.ip(), original_dst, trust_domain);
+        let (route, destination_pod, source_identity, destination_identity) = match &decision {
+            Decision::Passthrough => (
+                Route::Passthrough,
+                table.by_ip(original_dst.ip()).map(|w| w.key()),
+                None,
+                None,
+            ),
+            Decision::Direct {
+                source,
+                destination,
+                pod,
+            } => (
+                Route::Direct,
+                Some(pod.clone()),
+                Some(source.to_string()),
+                Some(destination.to_string()),
+            ),
+            Decision::Tunnel { key, pod } => (
+                Route::Tunnel,
+                Some(pod.clone()),
+                Some(key.source.to_string()),
+                Some(key.destination.to_string()),
+            ),
+            Decision::Deny(reason) => {
+                self.connections
+                    .totals
+                    .outbound_denied
+                    .fetch_add(1, relaxed());
+                tracing::warn!(src.addr = %peer, dst.addr = %original_dst, %reason, "connection refused");
+                relay::reset(&client);
+                return;
+            }
+        };
         let span = tracing::info_span!(
             "outbound",
             src.pod = source_pod.as_deref().unwrap_or("unknown"),
             src.addr = %peer,
             dst.addr = %original_dst,
             dst.pod = destination_pod.as_deref().unwrap_or("none"),
+            route = ?route,
         );
-        let info = ConnectionInfo {
+        let tracked = self.connections.open(ConnectionInfo {
             id: 0,
             source_pod,
             source: peer,
             original_dst,
             destination_pod,
-            route: Route::Passthrough,
+            route,
+            source_identity,
+            destination_identity,
             opened_at_unix_ms: 0,
-        };
-        let tracked = self.connections.open(info);
+        });
         async move {
             tracing::info!(connection = tracked.id(), "captured connection");
-            let upstream =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(original_dst)).await
-                {
-                    Ok(Ok(upstream)) => upstream,
-                    Ok(Err(error)) => return self.upstream_failed(&client, &error.to_string()),
-                    Err(_) => return self.upstream_failed(&client, "timed out"),
-                };
-            let _ = upstream.set_nodelay(true);
             let _ = client.set_nodelay(true);
-            match relay::relay(client, upstream).await {
+            let result = match decision {
+                Decision::Tunnel { key, .. } => {
+                    let mesh = self
+                        .mesh
+                        .as_ref()
+                        .expect("a tunnel decision needs the mesh");
+                    match client::open(&mesh.pool, &key, original_dst).await {
+                        Ok((stream, checkout)) => {
+                            tracing::debug!(
+                                connection = checkout.connection_id(),
+                                "tunnel stream open"
+                            );
+                            let result = relay::relay(client, stream).await;
+                            drop(checkout);
+                            result
+                        }
+                        Err(error) => {
+                            return self.upstream_failed(&client, &error.to_string());
+                        }
+                    }
+                }
+                Decision::Passthrough | Decision::Direct { .. } => {
+                    let upstream = match tokio::time::timeout(
+                        CONNECT_TIMEOUT,
+                        TcpStream::connect(original_dst),
+                    )
+                    .await
+                    {
+                        Ok(Ok(upstream)) => upstream,
+                        Ok(Err(error)) => return self.upstream_failed(&client, &error.to_string()),
+                        Err(_) => return self.upstream_failed(&client, "timed out"),
+                    };
+                    let _ = upstream.set_nodelay(true);
+                    relay::relay(client, upstream).await
+                }
+                Decision::Deny(_) => unreachable!("denied connections return above"),
+            };
+            match result {
                 Ok((sent, received)) => tracing::info!(sent, received, "connection closed"),
                 Err(error) => tracing::info!(%error, "connection reset"),
             }

@@ -8,7 +8,14 @@
 pub use ferry_proto::workload_file as file;
 mod file_source;
 
-use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use ferry_proto::SpiffeId;
 
 use serde::{Serialize, Serializer};
 
@@ -52,6 +59,9 @@ pub struct WorkloadTable {
     pub node: LocalNode,
     #[serde(serialize_with = "serialize_arcs")]
     pub workloads: Vec<Arc<Workload>>,
+    /// Every node's addresses: where its agent's tunnel listens.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    pub policies: Vec<file::PolicySpec>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
 }
@@ -63,11 +73,46 @@ impl WorkloadTable {
             .iter()
             .flat_map(|w| w.ips.iter().map(move |ip| (*ip, Arc::clone(w))))
             .collect();
+        let nodes = BTreeMap::from([(node.name.clone(), node.addresses.clone())]);
         Self {
             node,
             workloads,
+            nodes,
+            policies: Vec::new(),
             by_ip,
         }
+    }
+
+    /// The address of `node`'s agent in the family of `like` (or any other).
+    pub fn node_address(&self, node: &str, like: IpAddr) -> Option<IpAddr> {
+        let addresses = self.nodes.get(node)?;
+        addresses
+            .iter()
+            .find(|ip| ip.is_ipv4() == like.to_canonical().is_ipv4())
+            .or_else(|| addresses.first())
+            .copied()
+    }
+
+    /// Whether `source` may connect to `destination`: if a policy governs the
+    /// destination, `source` must be allowed by one; otherwise any identity
+    /// of the trust domain may.
+    pub fn authorize(&self, source: &SpiffeId, destination: &Workload) -> Result<(), String> {
+        let governing: Vec<&file::PolicySpec> = self
+            .policies
+            .iter()
+            .filter(|p| p.applies_to(&destination.namespace, &destination.service_account))
+            .collect();
+        if governing.is_empty() || governing.iter().any(|p| p.allows(source)) {
+            return Ok(());
+        }
+        let allowed: Vec<&str> = governing
+            .iter()
+            .flat_map(|p| p.allow.iter().map(String::as_str))
+            .collect();
+        Err(format!(
+            "policy for {}/{} allows {allowed:?}; {source} is not among them",
+            destination.namespace, destination.service_account
+        ))
     }
 
     /// Builds the table `node` sees from a checked workload file.
@@ -92,13 +137,20 @@ impl WorkloadTable {
                 excluded_ports: pod.excluded_ports.clone(),
             })
             .collect();
-        Self::new(
+        let mut table = Self::new(
             LocalNode {
                 name: node.to_owned(),
                 addresses,
             },
             workloads,
-        )
+        );
+        table.nodes = file
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.addresses.clone()))
+            .collect();
+        table.policies = file.policies.clone();
+        table
     }
 
     /// The workload that owns `ip` (an IPv4-mapped IPv6 address counts as its IPv4 address).
@@ -153,6 +205,53 @@ pods:
             "legacy/b"
         );
         assert!(table.by_ip("198.18.9.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn finds_each_node_agent_in_the_family_asked_for() {
+        let table = table();
+        let v4: IpAddr = "198.18.2.2".parse().unwrap();
+        assert_eq!(
+            table.node_address("n2", v4),
+            Some("198.19.0.2".parse().unwrap())
+        );
+        assert_eq!(table.node_address("n9", v4), None);
+    }
+
+    #[test]
+    fn policies_govern_the_destinations_they_name() {
+        let mut table = table();
+        table.policies = vec![file::PolicySpec {
+            namespace: "shop".to_owned(),
+            service_account: Some("c".to_owned()),
+            allow: vec![
+                "spiffe://cluster.local/ns/shop/sa/a".to_owned(),
+                "spiffe://cluster.local/ns/ops/sa/*".to_owned(),
+            ],
+        }];
+        let c = table.by_ip("198.18.2.2".parse().unwrap()).unwrap().clone();
+        let a = table.by_ip("198.18.1.2".parse().unwrap()).unwrap().clone();
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        assert!(
+            table
+                .authorize(&id("spiffe://cluster.local/ns/shop/sa/a"), &c)
+                .is_ok()
+        );
+        assert!(
+            table
+                .authorize(&id("spiffe://cluster.local/ns/ops/sa/any"), &c)
+                .is_ok()
+        );
+        let denied = table
+            .authorize(&id("spiffe://cluster.local/ns/shop/sa/b"), &c)
+            .unwrap_err();
+        assert!(denied.contains("policy for shop/c"), "{denied}");
+        // No policy names shop/a: anyone of the trust domain may connect.
+        assert!(
+            table
+                .authorize(&id("spiffe://cluster.local/ns/shop/sa/b"), &a)
+                .is_ok()
+        );
     }
 
     #[test]

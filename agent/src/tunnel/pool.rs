@@ -1,0 +1,689 @@
+//! The pool of mTLS tunnel connections to other agents.
+//!
+//! Keyed by (source identity, destination identity, destination agent
+//! address): every pod of one ServiceAccount on this node shares the same
+//! warm connections to a destination, and each connection carries many
+//! HTTP/2 streams. For each key at most one dial is in flight; callers that
+//! find no room wait on that key's dial alone, and the pool's lock is never
+//! held across a handshake. A failed dial backs the key off; idle
+//! connections close after a timeout; keepalive pings find dead peers.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use ferry_proto::SpiffeId;
+use h2::client::SendRequest;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+    time::Instant,
+};
+
+use crate::backoff::Backoff;
+
+/// What one pooled connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    /// The destination node's inbound tunnel address.
+    pub address: SocketAddr,
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} at {}",
+            self.source, self.destination, self.address
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Streams one connection carries before the pool opens another.
+    pub max_streams_per_connection: usize,
+    /// A connection with no streams for this long is closed.
+    pub idle_timeout: Duration,
+    /// How often an idle-or-busy connection is pinged, and how long a pong may take.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// How long a dial (TCP + TLS + HTTP/2 preface) may take.
+    pub dial_timeout: Duration,
+    /// Delay before a key whose dial failed is dialled again.
+    pub backoff: Backoff,
+    /// HTTP/2 windows: large enough that one stream can fill a fast link.
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// New connections that may vanish under one checkout before it gives up.
+const MAX_DIAL_ROUNDS: usize = 3;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            dial_timeout: Duration::from_secs(10),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Opens the transport under a pooled connection: TCP and the TLS handshake
+/// with the source's certificate, checking the destination's identity.
+pub trait Dial: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn dial(&self, key: &PoolKey) -> impl Future<Output = Result<Self::Io, String>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("tunnel to {key} failed: {error}")]
+    Dial { key: String, error: String },
+    #[error("tunnel to {key} is backing off for {remaining:?} after: {last_error}")]
+    BackingOff {
+        key: String,
+        remaining: Duration,
+        last_error: String,
+    },
+}
+
+pub struct Pool<D: Dial> {
+    config: PoolConfig,
+    dialer: D,
+    keys: Mutex<HashMap<PoolKey, KeyState>>,
+    next_id: std::sync::atomic::AtomicU64,
+    totals: Totals,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    /// Completed TLS + HTTP/2 handshakes (connections opened).
+    pub handshakes: std::sync::atomic::AtomicU64,
+    pub dial_failures: std::sync::atomic::AtomicU64,
+    /// Streams handed out (one per tunnelled application connection).
+    pub streams: std::sync::atomic::AtomicU64,
+    pub closed_idle: std::sync::atomic::AtomicU64,
+    pub closed_broken: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct KeyState {
+    connections: Vec<Connection>,
+    /// Set while a dial for this key is in flight; callers wait on it.
+    dialing: Option<watch::Receiver<Option<Result<(), String>>>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+struct Connection {
+    id: u64,
+    send: SendRequest<Bytes>,
+    active: usize,
+    /// Streams it has carried; one that closes having carried none counts as a failed dial.
+    served: u64,
+    opened: Instant,
+    idle_since: Instant,
+}
+
+/// A stream slot on a pooled connection; gives the slot back when dropped.
+pub struct Checkout<D: Dial> {
+    pub send: SendRequest<Bytes>,
+    pool: Weak<Pool<D>>,
+    key: PoolKey,
+    connection: u64,
+}
+
+impl<D: Dial> Checkout<D> {
+    /// The connection could not open a stream: it is dropped from the pool so
+    /// the next checkout dials afresh.
+    pub fn broken(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.remove(&self.key, self.connection, "broken");
+        }
+    }
+
+    pub fn connection_id(&self) -> u64 {
+        self.connection
+    }
+}
+
+impl<D: Dial> Drop for Checkout<D> {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut keys = pool.keys.lock().expect("pool lock");
+        let Some(state) = keys.get_mut(&self.key) else {
+            return;
+        };
+        if let Some(connection) = state
+            .connections
+            .iter_mut()
+            .find(|c| c.id == self.connection)
+        {
+            connection.active -= 1;
+            if connection.active == 0 {
+                connection.idle_since = Instant::now();
+            }
+        }
+    }
+}
+
+/// The pool as `/config_dump` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolView {
+    pub keys: Vec<KeyView>,
+    pub totals: serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyView {
+    pub source: String,
+    pub destination: String,
+    pub address: SocketAddr,
+    pub connections: Vec<ConnectionView>,
+    pub dialing: bool,
+    pub failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionView {
+    pub id: u64,
+    pub streams: usize,
+    pub age_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
+}
+
+impl<D: Dial> Pool<D> {
+    /// Creates the pool and its idle reaper, which ends when the pool is dropped.
+    pub fn new(config: PoolConfig, dialer: D) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            config,
+            dialer,
+            keys: Mutex::default(),
+            next_id: Default::default(),
+            totals: Totals::default(),
+        });
+        tokio::spawn(reap_idle(Arc::downgrade(&pool)));
+        pool
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// A stream slot on a connection for `key`, dialling one if none has room.
+    pub async fn checkout(self: &Arc<Self>, key: &PoolKey) -> Result<Checkout<D>, PoolError> {
+        // A new connection can close before our turn comes; a peer that keeps
+        // doing that gets a few rounds, then the error (and backoff).
+        let mut vanished = 0;
+        loop {
+            let mut dial = {
+                let mut keys = self.keys.lock().expect("pool lock");
+                let state = keys.entry(key.clone()).or_default();
+                let max = self.config.max_streams_per_connection;
+                if let Some(connection) = state.connections.iter_mut().find(|c| c.active < max) {
+                    connection.active += 1;
+                    connection.served += 1;
+                    self.totals.streams.fetch_add(1, relaxed());
+                    return Ok(Checkout {
+                        send: connection.send.clone(),
+                        pool: Arc::downgrade(self),
+                        key: key.clone(),
+                        connection: connection.id,
+                    });
+                }
+                if let Some(retry_at) = state.retry_at {
+                    let now = Instant::now();
+                    if now < retry_at && state.dialing.is_none() {
+                        return Err(PoolError::BackingOff {
+                            key: key.to_string(),
+                            remaining: retry_at - now,
+                            last_error: state.last_error.clone().unwrap_or_default(),
+                        });
+                    }
+                }
+                match &state.dialing {
+                    Some(dialing) => dialing.clone(),
+                    None => {
+                        let (done, dialing) = watch::channel(None);
+                        state.dialing = Some(dialing.clone());
+                        // Its own task: a caller that gives up does not cancel
+                        // the dial the other callers wait on.
+                        tokio::spawn(Arc::clone(self).dial(key.clone(), done));
+                        dialing
+                    }
+                }
+            };
+            let outcome = match dial.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone().expect("waited for Some"),
+                Err(_) => Err("the dial was abandoned".to_owned()),
+            };
+            if let Err(error) = outcome {
+                return Err(PoolError::Dial {
+                    key: key.to_string(),
+                    error,
+                });
+            }
+            let gone = self
+                .keys
+                .lock()
+                .expect("pool lock")
+                .get(key)
+                .is_none_or(|state| state.connections.is_empty());
+            if gone {
+                vanished += 1;
+                if vanished >= MAX_DIAL_ROUNDS {
+                    return Err(PoolError::Dial {
+                        key: key.to_string(),
+                        error: format!(
+                            "{vanished} new connections closed before carrying a stream"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn dial(self: Arc<Self>, key: PoolKey, done: watch::Sender<Option<Result<(), String>>>) {
+        let outcome = match tokio::time::timeout(self.config.dial_timeout, self.connect(&key)).await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("timed out after {:?}", self.config.dial_timeout)),
+        };
+        let reported = {
+            let mut keys = self.keys.lock().expect("pool lock");
+            let state = keys.entry(key.clone()).or_default();
+            state.dialing = None;
+            match outcome {
+                Ok((id, send)) => {
+                    let now = Instant::now();
+                    state.connections.push(Connection {
+                        id,
+                        send,
+                        active: 0,
+                        served: 0,
+                        opened: now,
+                        idle_since: now,
+                    });
+                    state.failures = 0;
+                    state.retry_at = None;
+                    state.last_error = None;
+                    self.totals.handshakes.fetch_add(1, relaxed());
+                    tracing::info!(%key, connection = id, "tunnel connection open");
+                    Ok(())
+                }
+                Err(error) => {
+                    state.failures = state.failures.saturating_add(1);
+                    let delay = self.config.backoff.delay(state.failures, rand_unit());
+                    state.retry_at = Some(Instant::now() + delay);
+                    state.last_error = Some(error.clone());
+                    self.totals.dial_failures.fetch_add(1, relaxed());
+                    tracing::warn!(%key, %error, retry_in = ?delay, "tunnel dial failed");
+                    Err(error)
+                }
+            }
+        };
+        let _ = done.send(Some(reported));
+    }
+
+    /// TLS through the dialer, then the HTTP/2 handshake; spawns the task that
+    /// drives the connection and pings the peer.
+    async fn connect(self: &Arc<Self>, key: &PoolKey) -> Result<(u64, SendRequest<Bytes>), String> {
+        let io = self.dialer.dial(key).await?;
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_frame_size(64 * 1024)
+            .max_concurrent_reset_streams(1024)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let id = self.next_id.fetch_add(1, relaxed()) + 1;
+        let mut ping_pong = connection.ping_pong().expect("ping_pong is taken once");
+        let pool = Arc::downgrade(self);
+        let key = key.clone();
+        let (interval, timeout) = (
+            self.config.keepalive_interval,
+            self.config.keepalive_timeout,
+        );
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                result = &mut connection => match result {
+                    Ok(()) => "closed".to_owned(),
+                    Err(error) => format!("failed: {error}"),
+                },
+                error = keepalive(&mut ping_pong, interval, timeout) => error,
+            };
+            tracing::info!(%key, connection = id, why, "tunnel connection ended");
+            if let Some(pool) = pool.upgrade() {
+                pool.remove(&key, id, &why);
+            }
+        });
+        Ok((id, send))
+    }
+
+    fn remove(&self, key: &PoolKey, id: u64, why: &str) {
+        let mut keys = self.keys.lock().expect("pool lock");
+        let Some(state) = keys.get_mut(key) else {
+            return;
+        };
+        let Some(index) = state.connections.iter().position(|c| c.id == id) else {
+            return;
+        };
+        let removed = state.connections.remove(index);
+        self.totals.closed_broken.fetch_add(1, relaxed());
+        if removed.served == 0 {
+            // Closed before it carried anything: as good as a failed dial.
+            state.failures = state.failures.saturating_add(1);
+            let delay = self.config.backoff.delay(state.failures, rand_unit());
+            state.retry_at = Some(Instant::now() + delay);
+            state.last_error = Some(format!("the peer closed a new connection: {why}"));
+        }
+    }
+
+    /// Closes connections idle past the timeout; forgets keys with nothing left.
+    fn close_idle(&self) {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().expect("pool lock");
+        for (key, state) in keys.iter_mut() {
+            state.connections.retain(|c| {
+                let idle = c.active == 0 && now - c.idle_since >= self.config.idle_timeout;
+                if idle {
+                    self.totals.closed_idle.fetch_add(1, relaxed());
+                    tracing::info!(%key, connection = c.id, "closing idle tunnel connection");
+                }
+                !idle
+            });
+        }
+        keys.retain(|_, state| {
+            !state.connections.is_empty()
+                || state.dialing.is_some()
+                || state.retry_at.is_some_and(|at| at > now)
+        });
+    }
+
+    pub fn view(&self) -> PoolView {
+        let now = Instant::now();
+        let keys = self.keys.lock().expect("pool lock");
+        let mut views: Vec<KeyView> = keys
+            .iter()
+            .map(|(key, state)| KeyView {
+                source: key.source.to_string(),
+                destination: key.destination.to_string(),
+                address: key.address,
+                connections: state
+                    .connections
+                    .iter()
+                    .map(|c| ConnectionView {
+                        id: c.id,
+                        streams: c.active,
+                        age_ms: millis(now - c.opened),
+                        idle_ms: (c.active == 0).then(|| millis(now - c.idle_since)),
+                    })
+                    .collect(),
+                dialing: state.dialing.is_some(),
+                failures: state.failures,
+                last_error: state.last_error.clone(),
+                retry_in_ms: state
+                    .retry_at
+                    .filter(|at| *at > now)
+                    .map(|at| millis(at - now)),
+            })
+            .collect();
+        views.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+        PoolView {
+            keys: views,
+            totals: serde_json::to_value(&self.totals).unwrap_or_default(),
+        }
+    }
+}
+
+/// Pings the peer every `interval`; returns why it stopped answering.
+async fn keepalive(ping_pong: &mut h2::PingPong, interval: Duration, timeout: Duration) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(error)) => return format!("keepalive ping failed: {error}"),
+            Err(_) => return format!("peer did not answer a keepalive ping within {timeout:?}"),
+        }
+    }
+}
+
+async fn reap_idle<D: Dial>(pool: Weak<Pool<D>>) {
+    let period = match pool.upgrade() {
+        Some(pool) => (pool.config.idle_timeout / 4).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        match pool.upgrade() {
+            Some(pool) => pool.close_idle(),
+            None => return,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn relaxed() -> std::sync::atomic::Ordering {
+    std::sync::atomic::Ordering::Relaxed
+}
+
+/// A uniform number in [0, 1) for jitter; quality does not matter here.
+fn rand_unit() -> f64 {
+    crate::backoff::jitter_sample()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::DuplexStream;
+
+    use super::*;
+
+    /// Dials an in-process HTTP/2 server over a pipe, counting dials; fails
+    /// while `failing` is set.
+    #[derive(Default)]
+    struct PipeDialer {
+        dials: AtomicUsize,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        failing: std::sync::atomic::AtomicBool,
+        /// Servers close (GOAWAY) right after the handshake when set.
+        goaway: std::sync::atomic::AtomicBool,
+    }
+
+    impl Dial for Arc<PipeDialer> {
+        type Io = DuplexStream;
+
+        async fn dial(&self, _: &PoolKey) -> Result<DuplexStream, String> {
+            self.dials.fetch_add(1, Ordering::SeqCst);
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            // A handshake takes a while, so concurrent callers pile up on it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err("connection refused".to_owned());
+            }
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let goaway = self.goaway.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(server).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                    if goaway {
+                        connection.graceful_shutdown();
+                    }
+                }
+            });
+            Ok(client)
+        }
+    }
+
+    fn key(n: u8) -> PoolKey {
+        PoolKey {
+            source: "spiffe://cluster.local/ns/a/sa/client".parse().unwrap(),
+            destination: "spiffe://cluster.local/ns/b/sa/server".parse().unwrap(),
+            address: SocketAddr::from(([198, 19, 0, n], 15008)),
+        }
+    }
+
+    fn config() -> PoolConfig {
+        PoolConfig {
+            max_streams_per_connection: 10,
+            idle_timeout: Duration::from_secs(30),
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
+            ..PoolConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_dial_per_key() {
+        let dialer = Arc::new(PipeDialer::default());
+        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let mut callers = tokio::task::JoinSet::new();
+        for _ in 0..25 {
+            let pool = Arc::clone(&pool);
+            callers.spawn(async move { pool.checkout(&key(2)).await.unwrap() });
+        }
+        let checkouts = callers.join_all().await;
+        // 25 streams at 10 per connection: three connections, dialled one at a time.
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+        assert_eq!(dialer.most_in_flight.load(Ordering::SeqCst), 1);
+        let view = pool.view();
+        let streams: Vec<usize> = view.keys[0].connections.iter().map(|c| c.streams).collect();
+        assert_eq!(streams.iter().sum::<usize>(), 25);
+        assert!(streams.iter().all(|s| *s <= 10), "{streams:?}");
+        drop(checkouts);
+        let view = pool.view();
+        assert!(view.keys[0].connections.iter().all(|c| c.streams == 0));
+    }
+
+    #[tokio::test]
+    async fn keys_do_not_share_connections() {
+        let dialer = Arc::new(PipeDialer::default());
+        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let _a = pool.checkout(&key(2)).await.unwrap();
+        let _b = pool.checkout(&key(3)).await.unwrap();
+        let _c = pool.checkout(&key(2)).await.unwrap();
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_dial_backs_the_key_off_then_recovers() {
+        let dialer = Arc::new(PipeDialer::default());
+        dialer.failing.store(true, Ordering::SeqCst);
+        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let first = pool.checkout(&key(2)).await.err().unwrap();
+        assert!(first.to_string().contains("connection refused"), "{first}");
+        let second = pool.checkout(&key(2)).await.err().unwrap();
+        assert!(matches!(second, PoolError::BackingOff { .. }), "{second}");
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
+
+        dialer.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        pool.checkout(&key(2)).await.unwrap();
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.view().keys[0].failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_close_after_the_timeout() {
+        let dialer = Arc::new(PipeDialer::default());
+        let pool = Pool::new(config(), Arc::clone(&dialer));
+        drop(pool.checkout(&key(2)).await.unwrap());
+        assert_eq!(pool.view().keys[0].connections.len(), 1);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(pool.view().keys[0].connections.len(), 1, "closed too early");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(pool.view().keys.is_empty(), "{:?}", pool.view());
+        assert_eq!(pool.totals().closed_idle.load(relaxed()), 1);
+        // The next caller dials again.
+        pool.checkout(&key(2)).await.unwrap();
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closes_leaves_the_pool() {
+        let dialer = Arc::new(PipeDialer::default());
+        dialer.goaway.store(true, Ordering::SeqCst);
+        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let checkout = pool.checkout(&key(2)).await.unwrap();
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("198.18.2.2:80")
+            .body(())
+            .unwrap();
+        let (response, _) = checkout
+            .send
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, true)
+            .unwrap();
+        response.await.unwrap();
+        drop(checkout);
+        // The peer's GOAWAY ends the connection; the driver removes it.
+        for _ in 0..100 {
+            if pool
+                .view()
+                .keys
+                .first()
+                .is_none_or(|k| k.connections.is_empty())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            pool.view()
+                .keys
+                .first()
+                .is_none_or(|k| k.connections.is_empty())
+        );
+        dialer.goaway.store(false, Ordering::SeqCst);
+        pool.checkout(&key(2)).await.unwrap();
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+    }
+}

@@ -1,0 +1,175 @@
+//! The mTLS data path end to end: a real CA, two simulated nodes with an
+//! agent each, and pods that talk across them without knowing it.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use ferry_tests::{
+    Cluster, NodeId, PodId, PodOptions, bin_path,
+    inspect::{admin_json, is_node_addr},
+    testapp::{Family, event, json_lines, pod_addr, socket_addr},
+};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(60);
+
+struct TwoNodes {
+    cluster: Cluster,
+    n1: NodeId,
+    n2: NodeId,
+    client: PodId,
+    server: PodId,
+    agents: Vec<ferry_tests::Agent>,
+    _ca: ferry_tests::ca::CaFixture,
+}
+
+fn two_nodes(name: &str) -> anyhow::Result<TwoNodes> {
+    let mut cluster = Cluster::new(name)?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
+    let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let ca = cluster.start_ca()?;
+    let a1 = cluster.start_agent_with_ca(n1, &ca)?;
+    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    Ok(TwoNodes {
+        cluster,
+        n1,
+        n2,
+        client,
+        server,
+        agents: vec![a1, a2],
+        _ca: ca,
+    })
+}
+
+#[test]
+fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
+    let mut t = two_nodes("tunnel")?;
+    let testapp = bin_path("ferry-testapp")?;
+    for family in Family::BOTH {
+        let to = pod_addr(&t.cluster, t.server, family, PORT);
+        let bytes = (64 * MIB).to_string();
+        let mut serve = t.cluster.spawn_in_pod(
+            t.server,
+            &testapp,
+            &["serve", "--listen", &to.to_string(), "--bytes", &bytes],
+        )?;
+        serve.wait_for_line(event("listening"), WAIT)?;
+        let mut connect = t.cluster.spawn_in_pod(
+            t.client,
+            &testapp,
+            &["connect", "--to", &to.to_string(), "--bytes", &bytes],
+        )?;
+        let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+        ensure!(status.success(), "{family:?}: {stderr}\n{stdout}");
+        let lines = json_lines(&stdout)?;
+        let done = lines.iter().find(|l| event("done")(l)).context("no done")?;
+        ensure!(
+            done["intact"] == true && done["received"] == 64 * MIB,
+            "{done}"
+        );
+        ensure!(socket_addr(&done["peer"])? == to, "getpeername: {done}");
+        let served = serve.wait_for_line(event("served"), WAIT)?;
+        ensure!(
+            served["intact"] == true && served["received"] == 64 * MIB,
+            "{served}"
+        );
+        // The destination node's agent opened the server's connection.
+        let peer = socket_addr(&served["peer"])?;
+        ensure!(
+            is_node_addr(&t.cluster, t.n2, peer.ip()),
+            "{family:?}: the server saw {peer}, not node 2's agent"
+        );
+        serve.kill();
+    }
+
+    // A live connection, as both agents see it.
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
+    let mut serve =
+        t.cluster
+            .spawn_in_pod(t.server, &testapp, &["serve", "--listen", &to.to_string()])?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    let mut hold =
+        t.cluster
+            .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
+    hold.wait_for_line(event("connected"), WAIT)?;
+    let outbound = live_to(&t.cluster, t.n1, &to.to_string())?;
+    ensure!(outbound["route"] == "tunnel", "{outbound}");
+    ensure!(
+        outbound["sourceIdentity"] == "spiffe://cluster.local/ns/shop/sa/web",
+        "{outbound}"
+    );
+    ensure!(
+        outbound["destinationIdentity"] == "spiffe://cluster.local/ns/shop/sa/db",
+        "{outbound}"
+    );
+    let inbound = live_to(&t.cluster, t.n2, &to.to_string())?;
+    ensure!(inbound["route"] == "inboundTunnel", "{inbound}");
+    ensure!(
+        inbound["sourceIdentity"] == "spiffe://cluster.local/ns/shop/sa/web",
+        "{inbound}"
+    );
+    hold.close_stdin();
+    hold.wait_exit(WAIT)?;
+    let log = t.agents[1].proc.stderr_tail();
+    ensure!(
+        log.contains("tunnel stream accepted")
+            && log.contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "node 2's agent did not log the client's identity:\n{log}"
+    );
+    Ok(())
+}
+
+fn live_to(cluster: &Cluster, node: NodeId, to: &str) -> anyhow::Result<Value> {
+    let live = admin_json(cluster, node, "/connections")?;
+    live.as_array()
+        .context("/connections is not a list")?
+        .iter()
+        .find(|c| c["originalDst"] == to)
+        .cloned()
+        .with_context(|| format!("no live connection to {to}: {live}"))
+}
+
+#[test]
+fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> {
+    let mut t = two_nodes("tunnel-pool")?;
+    let testapp = bin_path("ferry-testapp")?;
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
+    let mut serve = t.cluster.spawn_in_pod(
+        t.server,
+        &testapp,
+        &["serve", "--listen", &to.to_string(), "--bytes", "1024"],
+    )?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    let mut connect = t.cluster.spawn_in_pod(
+        t.client,
+        &testapp,
+        &[
+            "connect",
+            "--to",
+            &to.to_string(),
+            "--bytes",
+            "1024",
+            "--repeat",
+            "200",
+            "--quiet",
+        ],
+    )?;
+    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(status.success(), "{stderr}\n{stdout}");
+    let pool = admin_json(&t.cluster, t.n1, "/pool")?;
+    let handshakes = pool["totals"]["handshakes"]
+        .as_u64()
+        .context("handshakes")?;
+    let streams = pool["totals"]["streams"].as_u64().context("streams")?;
+    ensure!(streams == 200, "{pool}");
+    ensure!(
+        handshakes <= 3,
+        "200 connections took {handshakes} TLS handshakes: {pool}"
+    );
+    let _ = &t.n2;
+    Ok(())
+}

@@ -173,3 +173,176 @@ fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> 
     let _ = &t.n2;
     Ok(())
 }
+
+/// The first bytes the client sends: what must never cross the node link in clear.
+fn plaintext_marker() -> Vec<u8> {
+    let mut marker = vec![0; 64];
+    ferry_tests::stream::Stream::new(ferry_tests::stream::SEED_A).fill(&mut marker);
+    marker
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+#[test]
+fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Result<()> {
+    let mut t = two_nodes("tunnel-wire")?;
+    let testapp = bin_path("ferry-testapp")?;
+    let pcap = t.cluster.tempdir().join("link.pcap");
+    let pcap_text = pcap.to_string_lossy().into_owned();
+    let mut tcpdump = t.cluster.spawn_in_fabric(
+        std::path::Path::new("/usr/bin/tcpdump"),
+        &["-i", "fabric", "-U", "-s", "0", "-w", &pcap_text, "tcp"],
+    )?;
+    // tcpdump opens its file once it is capturing.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !pcap.exists() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "tcpdump did not start: {}",
+            tcpdump.stderr_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
+    let mut serve = t.cluster.spawn_in_pod(
+        t.server,
+        &testapp,
+        &["serve", "--listen", &to.to_string(), "--bytes", "1048576"],
+    )?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    let mut connect = t.cluster.spawn_in_pod(
+        t.client,
+        &testapp,
+        &["connect", "--to", &to.to_string(), "--bytes", "1048576"],
+    )?;
+    let (status, _, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(status.success(), "{stderr}");
+    std::thread::sleep(Duration::from_millis(300));
+    tcpdump.kill();
+
+    let captured = std::fs::read(&pcap)?;
+    ensure!(
+        captured.len() > 1_048_576,
+        "the capture holds only {} bytes",
+        captured.len()
+    );
+    ensure!(
+        !contains(&captured, &plaintext_marker()),
+        "the client's plaintext crossed the node link"
+    );
+    // The TLS ClientHello names the destination identity (SNI) and offers h2.
+    ensure!(
+        contains(&captured, b"db.shop.sa.cluster.local"),
+        "no TLS ClientHello for the destination identity on the link"
+    );
+    // supported_versions (0x002b) offering only TLS 1.3 (0x0304).
+    ensure!(
+        contains(&captured, &[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]),
+        "the ClientHello does not offer TLS 1.3 alone"
+    );
+
+    // A policy that does not allow the client: the destination agent refuses.
+    t.cluster
+        .set_policies(vec![ferry_agent::workload::file::PolicySpec {
+            namespace: "shop".to_owned(),
+            service_account: Some("db".to_owned()),
+            allow: vec!["spiffe://cluster.local/ns/shop/sa/admin".to_owned()],
+        }]);
+    t.cluster.write_workloads()?;
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
+    let mut small = t.cluster.spawn_in_pod(
+        t.server,
+        &testapp,
+        &["serve", "--listen", &to.to_string(), "--bytes", "1"],
+    )?;
+    small.wait_for_line(event("listening"), WAIT)?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut connect = t.cluster.spawn_in_pod(
+            t.client,
+            &testapp,
+            &["connect", "--to", &to.to_string(), "--bytes", "1"],
+        )?;
+        let (status, _, _) = connect.wait_exit(WAIT)?;
+        if !status.success() {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the policy was never applied"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dump = admin_json(&t.cluster, t.n2, "/config_dump")?;
+    ensure!(
+        dump["totals"]["inboundDenied"].as_u64() >= Some(1),
+        "{}",
+        dump["totals"]
+    );
+    let log = t.agents[1].proc.stderr_tail();
+    ensure!(
+        log.contains("policy for shop/db allows"),
+        "node 2's agent did not log the denial:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn garbage_on_the_tunnel_port_is_dropped_and_service_goes_on() -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut t = two_nodes("tunnel-garbage")?;
+    let agent =
+        std::net::SocketAddr::new(t.cluster.node(t.n2).ipv4.into(), ferry_proto::TUNNEL_PORT);
+    let fabric = t.cluster.fabric_netns().to_owned();
+    ferry_tests::netns::in_netns(&fabric, || {
+        for garbage in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0][..],
+            &[0u8; 4096][..],
+        ] {
+            let mut stream = std::net::TcpStream::connect_timeout(&agent, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+            stream.write_all(garbage)?;
+            let mut answer = Vec::new();
+            // The agent closes the connection (possibly with a TLS alert).
+            let _ = stream.read_to_end(&mut answer);
+            ensure!(
+                answer.len() < 64,
+                "the agent answered garbage with {} bytes",
+                answer.len()
+            );
+        }
+        Ok(())
+    })?;
+    let testapp = bin_path("ferry-testapp")?;
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
+    let mut serve = t.cluster.spawn_in_pod(
+        t.server,
+        &testapp,
+        &["serve", "--listen", &to.to_string(), "--bytes", "1024"],
+    )?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    let mut connect = t.cluster.spawn_in_pod(
+        t.client,
+        &testapp,
+        &["connect", "--to", &to.to_string(), "--bytes", "1024"],
+    )?;
+    let (status, _, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(
+        status.success(),
+        "after garbage, the tunnel no longer works: {stderr}"
+    );
+    let dump = admin_json(&t.cluster, t.n2, "/config_dump")?;
+    ensure!(
+        dump["totals"]["inboundRefused"].as_u64() >= Some(3),
+        "{}",
+        dump["totals"]
+    );
+    Ok(())
+}

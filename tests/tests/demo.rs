@@ -7,7 +7,7 @@ use anyhow::{Context as _, ensure};
 use ferry_tests::{bin_path, leftovers};
 
 #[test]
-fn the_demo_proves_capture_and_cleans_up() -> anyhow::Result<()> {
+fn the_demo_proves_mtls_between_two_nodes_and_cleans_up() -> anyhow::Result<()> {
     let demo = bin_path("ferry-demo")?;
     let started = std::time::Instant::now();
     let output = Command::new(&demo)
@@ -29,12 +29,17 @@ fn the_demo_proves_capture_and_cleans_up() -> anyhow::Result<()> {
     for expected in [
         "ferry_connect4",
         "ferry_sock_ops",
-        "its getpeername() says 198.18.1.3:8080",
-        "the agent, not the client pod",
+        "spiffe://cluster.local/ns/shop/sa/client serial",
+        "spiffe://cluster.local/ns/shop/sa/server serial",
+        "its getpeername() says 198.18.2.2:8080",
+        "node 2's agent, at the end of the tunnel",
         "arrived intact: client true, server true",
-        "original destination 198.18.1.3:8081",
-        "shop/client from",
-        "removed the node",
+        "a TLS 1.3 ClientHello for server.shop.sa.cluster.local, and none of the client's plaintext",
+        "route tunnel, source identity spiffe://cluster.local/ns/shop/sa/client",
+        "route inboundTunnel, source identity spiffe://cluster.local/ns/shop/sa/client",
+        "1 TLS connection(s)",
+        "original destination 198.18.2.2:8081",
+        "removed the nodes",
     ] {
         ensure!(
             stdout.contains(expected),

@@ -1,13 +1,17 @@
-//! `ferry-demo` (run by `cargo xtask demo`): Ferry on a simulated node,
-//! with a short printed proof of what it does, then running until Ctrl-C so
-//! you can look around with `bpftool` and the admin endpoint.
+//! `ferry-demo` (run by `cargo xtask demo`): Ferry's main job on two
+//! simulated nodes — a CA, an agent per node, a meshed client on node 1
+//! talking to a meshed server on node 2 over a pooled mTLS tunnel — with a
+//! short printed proof, then running until Ctrl-C so you can look around
+//! with `bpftool` and the admin endpoint.
 //!
-//! The node is a network namespace with a real `ferry-agent`; the pods are
-//! network namespaces plus cgroups with real client and server processes
-//! (`ferry-testapp`). Everything is removed again when the demo ends.
+//! Nodes are network namespaces with a real `ferry-agent`; the CA is a real
+//! `ferry-ca` in the namespace joining them; pods are network namespaces plus
+//! cgroups with real client and server processes (`ferry-testapp`).
+//! Everything is removed again when the demo ends.
 
 use std::{
     net::SocketAddr,
+    path::Path,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -27,7 +31,10 @@ const SERVER_PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry-demo", about = "Ferry on a simulated node, explained")]
+#[command(
+    name = "ferry-demo",
+    about = "Ferry on two simulated nodes with a CA, explained"
+)]
 struct Args {
     /// Print the proof and exit instead of waiting for Ctrl-C.
     #[arg(long)]
@@ -47,7 +54,8 @@ fn main() -> ExitCode {
 
 struct Demo {
     cluster: Cluster,
-    node: NodeId,
+    n1: NodeId,
+    n2: NodeId,
     client: PodId,
     server: PodId,
     legacy: PodId,
@@ -59,23 +67,27 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // instead of killing it. (Children get default handlers back at exec.)
     catch_stop_signals()?;
 
-    heading("Building a simulated node");
+    heading("Building a CA and two simulated nodes");
     let mut cluster = Cluster::new("demo")?;
-    let node = cluster.add_node()?;
-    let client = cluster.add_pod(node, PodOptions::meshed("client", "shop", "client"))?;
-    let server = cluster.add_pod(node, PodOptions::meshed("server", "shop", "server"))?;
-    let legacy = cluster.add_pod(node, PodOptions::unmeshed("legacy", "legacy", "legacy"))?;
-    let n = cluster.node(node).clone();
-    say(&format!(
-        "node {} (network namespace {}, address {} / {})",
-        n.name, n.netns, n.ipv4, n.ipv6
-    ));
-    for pod in [client, server, legacy] {
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
+    let legacy = cluster.add_pod(n1, PodOptions::unmeshed("legacy", "legacy", "legacy"))?;
+    let server = cluster.add_pod(n2, PodOptions::meshed("server", "shop", "server"))?;
+    for node in [n1, n2] {
+        let n = cluster.node(node).clone();
+        say(&format!(
+            "node {} (network namespace {}, address {} / {})",
+            n.name, n.netns, n.ipv4, n.ipv6
+        ));
+    }
+    for pod in [client, legacy, server] {
         let p = cluster.pod(pod);
         say(&format!(
-            "pod {}/{} at {} / {}: {}",
+            "pod {}/{} on {} at {} / {}: {}",
             p.namespace,
             p.name,
+            cluster.node(p.node).name,
             p.ipv4,
             p.ipv6,
             if p.meshed {
@@ -85,15 +97,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         ));
     }
-    let agent = cluster.start_agent(node)?;
-    say(&format!(
-        "ferry-agent is ready; it pins its maps under {}",
-        agent.pin_dir.display()
-    ));
+    let ca = cluster.start_ca()?;
+    say(&format!("ferry-ca serves Certify at {}", ca.addr));
+    let agents = vec![
+        cluster.start_agent_with_ca(n1, &ca)?,
+        cluster.start_agent_with_ca(n2, &ca)?,
+    ];
+    say("both agents are ready: their pods are captured and certified");
 
     let mut demo = Demo {
         cluster,
-        node,
+        n1,
+        n2,
         client,
         server,
         legacy,
@@ -106,9 +121,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         wait_for_stop();
         heading("Stopping");
     }
-    drop(agent);
+    drop(agents);
+    drop(ca);
     drop(demo);
-    say("removed the node, its pods, cgroups and pins");
+    say("removed the nodes, pods, cgroups, pins and processes");
     Ok(())
 }
 
@@ -123,15 +139,49 @@ impl Demo {
         ensure!(programs_on(&legacy_cgroup)?.is_empty());
         say("(the unmeshed pod's cgroup has none)");
 
+        heading("2. Workload certificates from the CA (admin /certs)");
+        for node in [self.n1, self.n2] {
+            for cert in admin_json(&self.cluster, node, "/certs")?
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                say(&format!(
+                    "{}: {} serial {} valid until {} (unix), key held in memory only",
+                    self.cluster.node(node).name,
+                    cert["identity"].as_str().unwrap_or("?"),
+                    cert["serial"].as_str().unwrap_or("?"),
+                    cert["notAfterUnix"],
+                ));
+            }
+        }
+
+        heading("3. The client on node 1 talks to the server on node 2");
+        let pcap = self.cluster.tempdir().join("link.pcap");
+        let mut tcpdump = self.cluster.spawn_in_fabric(
+            Path::new("/usr/bin/tcpdump"),
+            &[
+                "-i",
+                "fabric",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                &pcap.to_string_lossy(),
+                "tcp",
+            ],
+        )?;
+        let deadline = std::time::Instant::now() + WAIT;
+        while !pcap.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
         let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
         let mut serve = self.spawn(
             self.server,
             &["serve", "--listen", &to.to_string(), "--bytes", "1048576"],
         )?;
         serve.wait_for_line(event("listening"), WAIT)?;
-
-        heading("2. The client connects to the server; the agent carries it");
-        let before = captured_total(&self.cluster, self.node)?;
         let done = self.connect(self.client, to)?;
         let served = serve.wait_for_line(event("served"), WAIT)?;
         say(&format!(
@@ -139,37 +189,69 @@ impl Demo {
             done["peer"].as_str().unwrap_or("?")
         ));
         let server_peer: SocketAddr = served["peer"].as_str().unwrap_or("").parse()?;
-        ensure!(is_node_addr(&self.cluster, self.node, server_peer.ip()));
+        ensure!(is_node_addr(&self.cluster, self.n2, server_peer.ip()));
         say(&format!(
-            "server saw the connection from {server_peer}: the agent, not the client pod"
+            "server saw the connection from {server_peer}: node 2's agent, at the end of the tunnel"
         ));
         say(&format!(
             "1 MiB each way arrived intact: client {}, server {}",
             done["intact"], served["intact"]
         ));
+        std::thread::sleep(Duration::from_millis(300));
+        tcpdump.kill();
+        let captured = std::fs::read(&pcap)?;
+        let mut marker = vec![0; 64];
+        ferry_tests::stream::Stream::new(ferry_tests::stream::SEED_A).fill(&mut marker);
+        let plaintext = captured
+            .windows(marker.len())
+            .any(|w| w == marker.as_slice());
+        let sni = b"server.shop.sa.cluster.local";
+        let hello = captured.windows(sni.len()).any(|w| w == sni);
+        ensure!(!plaintext && hello, "the node link is not TLS-only");
         say(&format!(
-            "agent's captured-connection counter: {before} -> {}",
-            captured_total(&self.cluster, self.node)?
+            "tcpdump on the node-to-node link: {} bytes captured, a TLS 1.3 ClientHello for {}, and none of the client's plaintext",
+            captured.len(),
+            String::from_utf8_lossy(sni)
         ));
 
-        heading("3. A live connection, as the agent and the kernel see it");
+        heading("4. A live connection, as both agents see it");
         let held_to = self.cluster.pod(self.server).addr_v4(SERVER_PORT + 1);
         let mut hold_server =
             self.spawn(self.server, &["serve", "--listen", &held_to.to_string()])?;
         hold_server.wait_for_line(event("listening"), WAIT)?;
         let mut held = self.spawn(self.client, &["hold", "--to", &held_to.to_string()])?;
         held.wait_for_line(event("connected"), WAIT)?;
-        let live = admin_json(&self.cluster, self.node, "/connections")?;
-        for connection in live.as_array().into_iter().flatten() {
+        for node in [self.n1, self.n2] {
+            for connection in admin_json(&self.cluster, node, "/connections")?
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                say(&format!(
+                    "{} /connections: {} -> {} route {}, source identity {}",
+                    self.cluster.node(node).name,
+                    connection["sourcePod"]
+                        .as_str()
+                        .or(connection["source"].as_str())
+                        .unwrap_or("?"),
+                    connection["originalDst"].as_str().unwrap_or("?"),
+                    connection["route"].as_str().unwrap_or("?"),
+                    connection["sourceIdentity"].as_str().unwrap_or("-"),
+                ));
+            }
+        }
+        let pool = admin_json(&self.cluster, self.n1, "/pool")?;
+        for key in pool["keys"].as_array().into_iter().flatten() {
             say(&format!(
-                "admin /connections: {} from {} to {} (dialled), route {}",
-                connection["sourcePod"].as_str().unwrap_or("?"),
-                connection["source"].as_str().unwrap_or("?"),
-                connection["originalDst"].as_str().unwrap_or("?"),
-                connection["route"].as_str().unwrap_or("?"),
+                "{} /pool: {} -> {} at {}: {} TLS connection(s)",
+                self.cluster.node(self.n1).name,
+                key["source"].as_str().unwrap_or("?"),
+                key["destination"].as_str().unwrap_or("?"),
+                key["address"].as_str().unwrap_or("?"),
+                key["connections"].as_array().map_or(0, Vec::len),
             ));
         }
-        let pin_dir = self.cluster.node(self.node).pin_dir();
+        let pin_dir = self.cluster.node(self.n1).pin_dir();
         for dst in pinned_original_dsts(&pin_dir)? {
             say(&format!(
                 "bpftool map dump pinned {}/orig_dst_tuple: original destination {dst}",
@@ -179,13 +261,14 @@ impl Demo {
         held.close_stdin();
         held.wait_exit(WAIT)?;
 
-        heading("4. The unmeshed pod is left alone");
+        heading("5. The unmeshed pod is left alone");
+        let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
         let done = self.connect(self.legacy, to)?;
         let served = serve.wait_for_line(event("served"), WAIT)?;
         say(&format!(
-            "legacy pod dialled {to}; the server saw it as {} (its own address), captured counter unchanged at {}",
+            "legacy pod dialled {to}; the server saw it as {} (its own address, plain TCP); node 1's captured counter stays at {}",
             served["peer"].as_str().unwrap_or("?"),
-            captured_total(&self.cluster, self.node)?
+            captured_total(&self.cluster, self.n1)?
         ));
         ensure!(done["intact"] == true);
         Ok(())
@@ -212,12 +295,14 @@ impl Demo {
     }
 
     fn explain_how_to_look_around(&self) {
-        let node = self.cluster.node(self.node);
+        let node = self.cluster.node(self.n1);
         heading("Ferry is running. Look around from another terminal:");
-        say(&format!(
-            "ip netns exec {} curl -s 127.0.0.1:15000/config_dump",
-            node.netns
-        ));
+        for endpoint in ["config_dump", "certs", "pool", "connections"] {
+            say(&format!(
+                "ip netns exec {} curl -s 127.0.0.1:15000/{endpoint}",
+                node.netns
+            ));
+        }
         say("bpftool prog show name ferry_connect4");
         say(&format!(
             "bpftool cgroup show {}",

@@ -136,6 +136,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         original_dsts: Arc::new(original_dsts),
         connections: Arc::clone(&connections),
         mesh,
+        balancer: Default::default(),
     });
     for listener in outbound_listeners {
         tracing::info!(addr = %listener.local_addr()?, "outbound listener ready");

@@ -45,10 +45,37 @@ pub struct WorkloadFile {
     pub namespaces: Vec<NamespaceSpec>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// Services: virtual IPs the agent resolves to one of their endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
     /// Who may connect to whom; a destination no policy names accepts any
     /// identity of the trust domain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicySpec>,
+}
+
+/// A Service: ClusterIPs whose ports lead to the same port (or a target
+/// port) on one of the endpoint pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    /// At most one per family.
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Names of the endpoint pods, in the Service's namespace.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    /// The pods' port; the same as `port` if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
 }
 
 /// Which source identities may connect to the pods of one namespace (or of
@@ -185,6 +212,51 @@ impl WorkloadFile {
                     "namespaces[{i}].name: namespace {:?} is listed twice",
                     ns.name
                 ));
+            }
+        }
+        let mut service_ips: HashMap<IpAddr, String> = HashMap::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let id = format!("{}/{}", service.namespace, service.name);
+            let at = format!("services[{i}] ({id})");
+            if !is_dns_label(&service.name) || !is_dns_label(&service.namespace) {
+                problems.push(format!("{at}: name and namespace must be DNS labels"));
+            }
+            if service.cluster_ips.is_empty() {
+                problems.push(format!(
+                    "{at}.clusterIPs: a Service needs at least one ClusterIP"
+                ));
+            }
+            check_one_per_family(
+                &service.cluster_ips,
+                &format!("{at}.clusterIPs"),
+                &mut problems,
+            );
+            for ip in &service.cluster_ips {
+                if let Some(other) = service_ips.insert(*ip, id.clone()) {
+                    problems.push(format!(
+                        "{at}.clusterIPs: {ip} is also the ClusterIP of {other}"
+                    ));
+                }
+            }
+            if service.ports.is_empty() {
+                problems.push(format!("{at}.ports: a Service needs at least one port"));
+            }
+            for (j, port) in service.ports.iter().enumerate() {
+                if port.port == 0 || port.target_port == Some(0) {
+                    problems.push(format!("{at}.ports[{j}]: 0 is not a port"));
+                }
+            }
+            for (j, endpoint) in service.endpoints.iter().enumerate() {
+                if !self
+                    .pods
+                    .iter()
+                    .any(|p| p.namespace == service.namespace && &p.name == endpoint)
+                {
+                    problems.push(format!(
+                        "{at}.endpoints[{j}]: no pod {}/{endpoint} in pods",
+                        service.namespace
+                    ));
+                }
             }
         }
         for (i, policy) in self.policies.iter().enumerate() {

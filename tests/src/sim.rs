@@ -29,7 +29,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use ferry_agent::workload::file::{
-    MESH_ENABLED, MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, PolicySpec, WorkloadFile,
+    MESH_ENABLED, MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, PolicySpec, ServiceSpec,
+    WorkloadFile,
 };
 
 use crate::{
@@ -178,6 +179,8 @@ pub struct Cluster {
     procs: Vec<Arc<Shared>>,
     /// Authorization policies written into the workload file.
     policies: Vec<PolicySpec>,
+    /// Services written into the workload file.
+    services: Vec<ServiceSpec>,
 }
 
 impl Cluster {
@@ -199,6 +202,7 @@ impl Cluster {
             cgroups_made: Vec::new(),
             procs: Vec::new(),
             policies: Vec::new(),
+            services: Vec::new(),
         };
         eprintln!(
             "ferry-tests: cluster {} ({name}) in {}",
@@ -285,6 +289,12 @@ impl Cluster {
     /// next [`write_workloads`](Self::write_workloads)).
     pub fn set_policies(&mut self, policies: Vec<PolicySpec>) {
         self.policies = policies;
+    }
+
+    /// Sets the Services of the workload file (written by the next
+    /// [`write_workloads`](Self::write_workloads)).
+    pub fn set_services(&mut self, services: Vec<ServiceSpec>) {
+        self.services = services;
     }
 
     /// The namespace joining the nodes, where cluster-wide services run.
@@ -515,6 +525,7 @@ impl Cluster {
         }
         let file = WorkloadFile {
             policies: self.policies.clone(),
+            services: self.services.clone(),
             nodes: self
                 .nodes
                 .iter()

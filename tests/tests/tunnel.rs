@@ -346,3 +346,77 @@ fn garbage_on_the_tunnel_port_is_dropped_and_service_goes_on() -> anyhow::Result
     );
     Ok(())
 }
+
+#[test]
+fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("tunnel-service")?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
+    let db0 = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let db1 = cluster.add_pod(n2, PodOptions::meshed("db-1", "shop", "db"))?;
+    let cluster_ip: std::net::IpAddr = "198.18.255.10".parse()?;
+    cluster.set_services(vec![ferry_agent::workload::file::ServiceSpec {
+        name: "db".to_owned(),
+        namespace: "shop".to_owned(),
+        cluster_ips: vec![cluster_ip],
+        ports: vec![ferry_agent::workload::file::ServicePort {
+            port: 80,
+            target_port: Some(PORT),
+        }],
+        endpoints: vec!["db-0".to_owned(), "db-1".to_owned()],
+    }]);
+    let ca = cluster.start_ca()?;
+    let a1 = cluster.start_agent_with_ca(n1, &ca)?;
+    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let testapp = bin_path("ferry-testapp")?;
+    let mut servers = Vec::new();
+    for pod in [db0, db1] {
+        let listen = pod_addr(&cluster, pod, Family::V4, PORT).to_string();
+        let mut serve = cluster.spawn_in_pod(
+            pod,
+            &testapp,
+            &["serve", "--listen", &listen, "--bytes", "16"],
+        )?;
+        serve.wait_for_line(event("listening"), WAIT)?;
+        servers.push(serve);
+    }
+    let to = std::net::SocketAddr::new(cluster_ip, 80).to_string();
+    let mut connect = cluster.spawn_in_pod(
+        client,
+        &testapp,
+        &["connect", "--to", &to, "--bytes", "16", "--repeat", "40"],
+    )?;
+    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(
+        status.success(),
+        "{stderr}\nnode 1 agent:\n{}\nnode 2 agent:\n{}",
+        a1.proc.stderr_tail(),
+        a2.proc.stderr_tail()
+    );
+    let lines = json_lines(&stdout)?;
+    ensure!(
+        lines
+            .iter()
+            .filter(|l| event("connected")(l))
+            .all(|l| l["peer"] == to),
+        "getpeername should give the ClusterIP: {stdout}"
+    );
+    let mut counts = Vec::new();
+    for serve in &mut servers {
+        let mut served = 0;
+        while serve
+            .wait_for_line(event("served"), Duration::from_millis(500))
+            .is_ok()
+        {
+            served += 1;
+        }
+        counts.push(served);
+    }
+    ensure!(counts.iter().sum::<u32>() == 40, "served {counts:?}");
+    ensure!(
+        counts.iter().all(|c| *c >= 5),
+        "40 connections spread as {counts:?}"
+    );
+    Ok(())
+}

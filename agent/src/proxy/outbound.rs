@@ -4,7 +4,12 @@
 //! carries it: through an mTLS tunnel to another node's agent, straight to a
 //! meshed pod on this node, or as plain TCP to anything outside the mesh.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -42,6 +47,63 @@ pub struct Outbound {
     pub connections: Arc<Connections>,
     /// `None` when the agent runs without a CA: everything passes through.
     pub mesh: Option<Mesh>,
+    pub balancer: Balancer,
+}
+
+/// Picks a Service endpoint: the less busy of two chosen at random (power of
+/// two choices), counting the connections this agent has open to each.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    active: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+impl Balancer {
+    pub fn choose(&self, candidates: &[SocketAddr]) -> usize {
+        if candidates.len() < 2 {
+            return 0;
+        }
+        let n = candidates.len();
+        let a = random_below(n);
+        let b = (a + 1 + random_below(n - 1)) % n;
+        let active = self.active.lock().expect("balancer lock");
+        let load = |i: usize| active.get(&candidates[i]).copied().unwrap_or(0);
+        if load(b) < load(a) { b } else { a }
+    }
+
+    /// Counts a connection to `target` until the guard drops.
+    fn start(&self, target: SocketAddr) -> ActiveGuard<'_> {
+        *self
+            .active
+            .lock()
+            .expect("balancer lock")
+            .entry(target)
+            .or_default() += 1;
+        ActiveGuard {
+            balancer: self,
+            target,
+        }
+    }
+}
+
+struct ActiveGuard<'a> {
+    balancer: &'a Balancer,
+    target: SocketAddr,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut active = self.balancer.active.lock().expect("balancer lock");
+        if let Some(count) = active.get_mut(&self.target) {
+            *count -= 1;
+            if *count == 0 {
+                active.remove(&self.target);
+            }
+        }
+    }
+}
+
+fn random_below(n: usize) -> usize {
+    ((crate::backoff::jitter_sample() * n as f64) as usize).min(n - 1)
 }
 
 impl Outbound {
@@ -75,11 +137,17 @@ impl Outbound {
         let table = self.workloads.borrow().clone();
         let source_pod = table.by_ip(peer.ip()).map(|w| w.key());
         let trust_domain = self.mesh.as_ref().map(|m| m.identities.trust_domain());
-        let decision = route::decide(&table, peer.ip(), original_dst, trust_domain);
+        let decision = route::decide(
+            &table,
+            peer.ip(),
+            original_dst,
+            trust_domain,
+            &mut |candidates| self.balancer.choose(candidates),
+        );
         let (route, destination_pod, source_identity, destination_identity) = match &decision {
-            Decision::Passthrough => (
+            Decision::Passthrough { target } => (
                 Route::Passthrough,
-                table.by_ip(original_dst.ip()).map(|w| w.key()),
+                table.by_ip(target.ip()).map(|w| w.key()),
                 None,
                 None,
             ),
@@ -87,13 +155,14 @@ impl Outbound {
                 source,
                 destination,
                 pod,
+                ..
             } => (
                 Route::Direct,
                 Some(pod.clone()),
                 Some(source.to_string()),
                 Some(destination.to_string()),
             ),
-            Decision::Tunnel { key, pod } => (
+            Decision::Tunnel { key, pod, .. } => (
                 Route::Tunnel,
                 Some(pod.clone()),
                 Some(key.source.to_string()),
@@ -117,6 +186,13 @@ impl Outbound {
             dst.pod = destination_pod.as_deref().unwrap_or("none"),
             route = ?route,
         );
+        let target = match &decision {
+            Decision::Passthrough { target }
+            | Decision::Direct { target, .. }
+            | Decision::Tunnel { target, .. } => *target,
+            Decision::Deny(_) => unreachable!("denied connections return above"),
+        };
+        let _active = self.balancer.start(target);
         let tracked = self.connections.open(ConnectionInfo {
             id: 0,
             source_pod,
@@ -137,7 +213,7 @@ impl Outbound {
                         .mesh
                         .as_ref()
                         .expect("a tunnel decision needs the mesh");
-                    match client::open(&mesh.pool, &key, original_dst).await {
+                    match client::open(&mesh.pool, &key, target).await {
                         Ok((stream, checkout)) => {
                             tracing::debug!(
                                 connection = checkout.connection_id(),
@@ -152,17 +228,17 @@ impl Outbound {
                         }
                     }
                 }
-                Decision::Passthrough | Decision::Direct { .. } => {
-                    let upstream = match tokio::time::timeout(
-                        CONNECT_TIMEOUT,
-                        TcpStream::connect(original_dst),
-                    )
-                    .await
-                    {
-                        Ok(Ok(upstream)) => upstream,
-                        Ok(Err(error)) => return self.upstream_failed(&client, &error.to_string()),
-                        Err(_) => return self.upstream_failed(&client, "timed out"),
-                    };
+                Decision::Passthrough { .. } | Decision::Direct { .. } => {
+                    let upstream =
+                        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+                            .await
+                        {
+                            Ok(Ok(upstream)) => upstream,
+                            Ok(Err(error)) => {
+                                return self.upstream_failed(&client, &error.to_string());
+                            }
+                            Err(_) => return self.upstream_failed(&client, "timed out"),
+                        };
                     let _ = upstream.set_nodelay(true);
                     relay::relay(client, upstream).await
                 }

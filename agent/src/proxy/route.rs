@@ -9,33 +9,62 @@ use crate::{tunnel::pool::PoolKey, workload::WorkloadTable};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Plain TCP to the destination: it is not meshed (or the agent has no identities).
-    Passthrough,
+    /// Plain TCP to `target`: not meshed (or the agent has no identities).
+    Passthrough { target: SocketAddr },
     /// A meshed pod on this node: straight to it, after authorization.
     Direct {
         source: SpiffeId,
         destination: SpiffeId,
         pod: String,
+        target: SocketAddr,
     },
     /// A meshed pod on another node: through that node's agent.
-    Tunnel { key: PoolKey, pod: String },
+    Tunnel {
+        key: PoolKey,
+        pod: String,
+        target: SocketAddr,
+    },
     /// Refused, and why.
     Deny(String),
 }
 
 /// Decides for a connection from `source` to `dialled`. `trust_domain` is
-/// `None` when the agent runs without identities.
+/// `None` when the agent runs without identities. A Service's ClusterIP is
+/// resolved to one of its endpoints: `choose` picks among the candidate
+/// endpoint addresses (it returns an index).
 pub fn decide(
     table: &WorkloadTable,
     source: IpAddr,
     dialled: SocketAddr,
     trust_domain: Option<&str>,
+    choose: &mut dyn FnMut(&[SocketAddr]) -> usize,
 ) -> Decision {
-    let Some(trust_domain) = trust_domain else {
-        return Decision::Passthrough;
+    let target = match table.service_by_ip(dialled.ip()) {
+        None => dialled,
+        Some(service) => {
+            let Some(port) = service.target_port(dialled.port()) else {
+                return Decision::Deny(format!(
+                    "Service {} has no port {}",
+                    service.key(),
+                    dialled.port()
+                ));
+            };
+            let candidates: Vec<SocketAddr> = table
+                .endpoints(service, dialled.ip())
+                .iter()
+                .map(|(_, ip)| SocketAddr::new(*ip, port))
+                .collect();
+            if candidates.is_empty() {
+                return Decision::Deny(format!("Service {} has no endpoints", service.key()));
+            }
+            candidates[choose(&candidates).min(candidates.len() - 1)]
+        }
     };
-    let Some(destination) = table.by_ip(dialled.ip()).filter(|pod| pod.meshed) else {
-        return Decision::Passthrough;
+    let Some(trust_domain) = trust_domain else {
+        return Decision::Passthrough { target };
+    };
+    let Some(destination) = table.by_ip(target.ip()).filter(|pod| pod.meshed) else {
+        return Decision::Passthrough { target };
     };
     let Some(client) = table.by_ip(source) else {
         // Captured, so it came from a meshed pod; if the table does not know
@@ -61,9 +90,10 @@ pub fn decide(
             source: source_id,
             destination: destination_id,
             pod,
+            target,
         };
     }
-    let Some(agent) = table.node_address(&destination.node, dialled.ip()) else {
+    let Some(agent) = table.node_address(&destination.node, target.ip()) else {
         return Decision::Deny(format!(
             "pod {pod} runs on node {}, whose address is unknown",
             destination.node
@@ -76,6 +106,7 @@ pub fn decide(
             address: SocketAddr::new(agent, TUNNEL_PORT),
         },
         pod,
+        target,
     }
 }
 
@@ -93,6 +124,9 @@ pods:
   - { name: api, namespace: shop, serviceAccount: api, node: n1, ips: [198.18.1.3], cgroup: /x/api }
   - { name: db, namespace: shop, serviceAccount: db, node: n2, ips: [198.18.2.2, \"2001:2:0:2::2\"] }
   - { name: old, namespace: legacy, serviceAccount: old, node: n2, ips: [198.18.2.3] }
+  - { name: db-2, namespace: shop, serviceAccount: db, node: n2, ips: [198.18.2.4] }
+services:
+  - { name: db, namespace: shop, clusterIPs: [10.96.0.10], ports: [{ port: 80, targetPort: 8080 }], endpoints: [db, db-2] }
 policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
 ";
         WorkloadTable::from_file(&WorkloadFile::parse(text, None).unwrap(), "n1")
@@ -102,13 +136,61 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
         s.parse().unwrap()
     }
 
+    fn first(_: &[SocketAddr]) -> usize {
+        0
+    }
+
+    #[test]
+    fn a_service_ip_resolves_to_an_endpoint_and_its_target_port() {
+        let table = table();
+        let mut seen = Vec::new();
+        let mut choose = |candidates: &[SocketAddr]| {
+            seen = candidates.to_vec();
+            1
+        };
+        let decision = decide(
+            &table,
+            ip("198.18.1.2"),
+            "10.96.0.10:80".parse().unwrap(),
+            Some("cluster.local"),
+            &mut choose,
+        );
+        assert_eq!(
+            seen,
+            [
+                "198.18.2.2:8080".parse().unwrap(),
+                "198.18.2.4:8080".parse().unwrap()
+            ]
+        );
+        let Decision::Tunnel { target, pod, .. } = decision else {
+            panic!("{decision:?}")
+        };
+        assert_eq!(target, "198.18.2.4:8080".parse().unwrap());
+        assert_eq!(pod, "shop/db-2");
+        let unknown_port = decide(
+            &table,
+            ip("198.18.1.2"),
+            "10.96.0.10:81".parse().unwrap(),
+            Some("cluster.local"),
+            &mut first,
+        );
+        assert!(
+            matches!(unknown_port, Decision::Deny(ref r) if r.contains("no port 81")),
+            "{unknown_port:?}"
+        );
+    }
+
     #[test]
     fn a_remote_meshed_pod_goes_through_its_nodes_agent_in_the_same_family() {
         let table = table();
         let to = "198.18.2.2:5432".parse().unwrap();
-        let Decision::Tunnel { key, pod } =
-            decide(&table, ip("198.18.1.2"), to, Some("cluster.local"))
-        else {
+        let Decision::Tunnel { key, pod, .. } = decide(
+            &table,
+            ip("198.18.1.2"),
+            to,
+            Some("cluster.local"),
+            &mut first,
+        ) else {
             panic!("not tunnelled");
         };
         assert_eq!(pod, "shop/db");
@@ -122,9 +204,13 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
         );
         assert_eq!(key.address, "198.19.0.2:15008".parse().unwrap());
         let to6 = "[2001:2:0:2::2]:5432".parse().unwrap();
-        let Decision::Tunnel { key, .. } =
-            decide(&table, ip("2001:2:0:1::2"), to6, Some("cluster.local"))
-        else {
+        let Decision::Tunnel { key, .. } = decide(
+            &table,
+            ip("2001:2:0:1::2"),
+            to6,
+            Some("cluster.local"),
+            &mut first,
+        ) else {
             panic!("not tunnelled");
         };
         assert_eq!(key.address, "[2001:2:0:ff::2]:15008".parse().unwrap());
@@ -138,6 +224,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             ip("198.18.1.2"),
             "198.18.1.3:80".parse().unwrap(),
             Some("cluster.local"),
+            &mut first,
         );
         // shop/api's policy allows nobody.
         assert!(
@@ -149,6 +236,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             ip("198.18.1.3"),
             "198.18.1.2:80".parse().unwrap(),
             Some("cluster.local"),
+            &mut first,
         );
         assert!(
             matches!(decision, Decision::Direct { ref pod, .. } if pod == "shop/web"),
@@ -160,26 +248,20 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
     fn unmeshed_and_unknown_destinations_pass_through() {
         let table = table();
         for to in ["198.18.2.3:80", "203.0.113.9:443"] {
-            assert_eq!(
-                decide(
-                    &table,
-                    ip("198.18.1.2"),
-                    to.parse().unwrap(),
-                    Some("cluster.local")
-                ),
-                Decision::Passthrough
-            );
-        }
-        // Without identities everything passes through.
-        assert_eq!(
-            decide(
+            let to: SocketAddr = to.parse().unwrap();
+            let decision = decide(
                 &table,
                 ip("198.18.1.2"),
-                "198.18.2.2:5432".parse().unwrap(),
-                None
-            ),
-            Decision::Passthrough
-        );
+                to,
+                Some("cluster.local"),
+                &mut first,
+            );
+            assert_eq!(decision, Decision::Passthrough { target: to });
+        }
+        // Without identities everything passes through.
+        let to: SocketAddr = "198.18.2.2:5432".parse().unwrap();
+        let decision = decide(&table, ip("198.18.1.2"), to, None, &mut first);
+        assert_eq!(decision, Decision::Passthrough { target: to });
     }
 
     #[test]
@@ -190,6 +272,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             ip("198.18.1.99"),
             "198.18.2.2:5432".parse().unwrap(),
             Some("cluster.local"),
+            &mut first,
         );
         assert!(matches!(decision, Decision::Deny(_)));
     }

@@ -62,8 +62,39 @@ pub struct WorkloadTable {
     /// Every node's addresses: where its agent's tunnel listens.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
     pub policies: Vec<file::PolicySpec>,
+    #[serde(serialize_with = "serialize_arcs")]
+    pub services: Vec<Arc<Service>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    #[serde(skip)]
+    services_by_ip: HashMap<IpAddr, Arc<Service>>,
+}
+
+/// A Service, with its endpoints resolved to pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<file::ServicePort>,
+    /// `namespace/name` of each endpoint pod.
+    pub endpoints: Vec<String>,
+}
+
+impl Service {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The pods' port for the Service port `port`, if the Service has it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port.unwrap_or(p.port))
+    }
 }
 
 impl WorkloadTable {
@@ -79,8 +110,29 @@ impl WorkloadTable {
             workloads,
             nodes,
             policies: Vec::new(),
+            services: Vec::new(),
             by_ip,
+            services_by_ip: HashMap::new(),
         }
+    }
+
+    /// The Service whose ClusterIP is `ip`.
+    pub fn service_by_ip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_ip.get(&ip.to_canonical())
+    }
+
+    /// The endpoint pods of `service`, in the address family of `like`.
+    pub fn endpoints(&self, service: &Service, like: IpAddr) -> Vec<(Arc<Workload>, IpAddr)> {
+        let v4 = like.to_canonical().is_ipv4();
+        service
+            .endpoints
+            .iter()
+            .filter_map(|key| self.workloads.iter().find(|w| &w.key() == key))
+            .filter_map(|pod| {
+                let ip = pod.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
+                Some((Arc::clone(pod), *ip))
+            })
+            .collect()
     }
 
     /// The address of `node`'s agent in the family of `like` (or any other).
@@ -150,6 +202,28 @@ impl WorkloadTable {
             .map(|n| (n.name.clone(), n.addresses.clone()))
             .collect();
         table.policies = file.policies.clone();
+        table.services = file
+            .services
+            .iter()
+            .map(|s| {
+                Arc::new(Service {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    cluster_ips: s.cluster_ips.clone(),
+                    ports: s.ports.clone(),
+                    endpoints: s
+                        .endpoints
+                        .iter()
+                        .map(|pod| format!("{}/{pod}", s.namespace))
+                        .collect(),
+                })
+            })
+            .collect();
+        table.services_by_ip = table
+            .services
+            .iter()
+            .flat_map(|s| s.cluster_ips.iter().map(move |ip| (*ip, Arc::clone(s))))
+            .collect();
         table
     }
 
@@ -166,8 +240,8 @@ impl WorkloadTable {
     }
 }
 
-fn serialize_arcs<S: Serializer>(workloads: &[Arc<Workload>], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(workloads.iter().map(AsRef::as_ref))
+fn serialize_arcs<T: Serialize, S: Serializer>(items: &[Arc<T>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(items.iter().map(AsRef::as_ref))
 }
 
 #[cfg(test)]

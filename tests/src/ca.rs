@@ -49,6 +49,8 @@ pub struct CaFixture {
 pub struct CaOptions {
     /// `--leaf-lifetime`, e.g. `"1h"`; the CA's default (24h) if `None`.
     pub leaf_lifetime: Option<String>,
+    /// `--clock-skew`, e.g. `"0s"`; the CA's default (5m) if `None`.
+    pub clock_skew: Option<String>,
     /// Run as in a cluster: tokens checked by TokenReview and pods watched,
     /// both through a stand-in API server, instead of a JWKS and the workload file.
     pub kubernetes: bool,
@@ -127,6 +129,9 @@ impl Cluster {
         if let Some(lifetime) = &options.leaf_lifetime {
             args.extend(["--leaf-lifetime".to_owned(), lifetime.clone()]);
         }
+        if let Some(skew) = &options.clock_skew {
+            args.extend(["--clock-skew".to_owned(), skew.clone()]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = self.spawn_in_fabric(&ca_bin, &args)?;
         let fabric = self.fabric_netns().to_owned();
@@ -166,6 +171,16 @@ impl Cluster {
 
     /// Writes a token for `node`'s agent and starts the agent with the CA.
     pub fn start_agent_with_ca(&mut self, node: NodeId, ca: &CaFixture) -> anyhow::Result<Agent> {
+        self.start_agent_with_ca_and(node, ca, &[])
+    }
+
+    /// [`start_agent_with_ca`](Self::start_agent_with_ca) with more `ferry-agent run` arguments.
+    pub fn start_agent_with_ca_and(
+        &mut self,
+        node: NodeId,
+        ca: &CaFixture,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let name = self.node(node).name.clone();
         let token = ca.agent_token(&name)?;
         let token_file = self.tempdir().join(format!("{name}.token"));
@@ -173,19 +188,18 @@ impl Cluster {
         let token_file = token_file.to_string_lossy().into_owned();
         let addr = ca.addr.to_string();
         let bundle = ca.trust_bundle.to_string_lossy().into_owned();
-        self.start_agent_with(
-            node,
-            &[
-                "--ca-addr",
-                &addr,
-                "--ca-server-name",
-                CA_SERVER_NAME,
-                "--trust-bundle",
-                &bundle,
-                "--token-file",
-                &token_file,
-            ],
-        )
+        let mut args = vec![
+            "--ca-addr",
+            &addr,
+            "--ca-server-name",
+            CA_SERVER_NAME,
+            "--trust-bundle",
+            &bundle,
+            "--token-file",
+            &token_file,
+        ];
+        args.extend_from_slice(extra);
+        self.start_agent_with(node, &args)
     }
 }
 

@@ -26,14 +26,22 @@ struct TwoNodes {
 }
 
 fn two_nodes(name: &str) -> anyhow::Result<TwoNodes> {
+    two_nodes_with(name, &ferry_tests::ca::CaOptions::default(), &[])
+}
+
+fn two_nodes_with(
+    name: &str,
+    ca_options: &ferry_tests::ca::CaOptions,
+    agent_args: &[&str],
+) -> anyhow::Result<TwoNodes> {
     let mut cluster = Cluster::new(name)?;
     let n1 = cluster.add_node()?;
     let n2 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
-    let ca = cluster.start_ca()?;
-    let a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let ca = cluster.start_ca_with(ca_options)?;
+    let a1 = cluster.start_agent_with_ca_and(n1, &ca, agent_args)?;
+    let a2 = cluster.start_agent_with_ca_and(n2, &ca, agent_args)?;
     Ok(TwoNodes {
         cluster,
         n1,
@@ -135,7 +143,11 @@ fn live_to(cluster: &Cluster, node: NodeId, to: &str) -> anyhow::Result<Value> {
 
 #[test]
 fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> {
-    let mut t = two_nodes("tunnel-pool")?;
+    let mut t = two_nodes_with(
+        "tunnel-pool",
+        &ferry_tests::ca::CaOptions::default(),
+        &["--pool-idle-timeout", "2"],
+    )?;
     let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
     let mut serve = t.cluster.spawn_in_pod(
@@ -170,7 +182,78 @@ fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> 
         handshakes <= 3,
         "200 connections took {handshakes} TLS handshakes: {pool}"
     );
+    // Idle past --pool-idle-timeout (2 s): the pool closes them.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let pool = admin_json(&t.cluster, t.n1, "/pool")?;
+        if pool["keys"].as_array().is_some_and(Vec::is_empty) {
+            ensure!(
+                pool["totals"]["closedIdle"].as_u64() == Some(handshakes),
+                "{pool}"
+            );
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "idle connections stay open: {pool}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let _ = &t.n2;
+    Ok(())
+}
+
+#[test]
+fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow::Result<()> {
+    // 20 s leaves without skew allowance: renewal 8-10 s after issuance.
+    let options = ferry_tests::ca::CaOptions {
+        leaf_lifetime: Some("20s".to_owned()),
+        clock_skew: Some("0s".to_owned()),
+        ..Default::default()
+    };
+    let mut t = two_nodes_with("tunnel-rotation", &options, &[])?;
+    let serial = |cluster: &Cluster, node: NodeId| -> anyhow::Result<String> {
+        let certs = admin_json(cluster, node, "/certs")?;
+        certs[0]["serial"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no serial")
+    };
+    let first = serial(&t.cluster, t.n2)?;
+    let testapp = bin_path("ferry-testapp")?;
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
+    let mut serve = t.cluster.spawn_in_pod(
+        t.server,
+        &testapp,
+        &["serve", "--listen", &to.to_string(), "--bytes", "1"],
+    )?;
+    serve.wait_for_line(event("listening"), WAIT)?;
+    let mut hold =
+        t.cluster
+            .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
+    hold.wait_for_line(event("connected"), WAIT)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while serial(&t.cluster, t.n2)? == first {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "node 2 never renewed its certificate"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The live connection is still there on both sides...
+    live_to(&t.cluster, t.n1, &to.to_string())?;
+    live_to(&t.cluster, t.n2, &to.to_string())?;
+    // ...and new connections work with the renewed certificates.
+    let mut connect = t.cluster.spawn_in_pod(
+        t.client,
+        &testapp,
+        &["connect", "--to", &to.to_string(), "--bytes", "1"],
+    )?;
+    let (status, _, stderr) = connect.wait_exit(WAIT)?;
+    ensure!(status.success(), "after renewal: {stderr}");
+    hold.close_stdin();
+    let (status, _, stderr) = hold.wait_exit(WAIT)?;
+    ensure!(status.success(), "the held connection broke: {stderr}");
     Ok(())
 }
 

@@ -1,11 +1,11 @@
 //! The mTLS data path end to end: a real CA, two simulated nodes with an
 //! agent each, and pods that talk across them without knowing it.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, bin_path,
+    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
     inspect::{admin_json, is_node_addr},
     testapp::{Family, event, json_lines, pod_addr, socket_addr},
 };
@@ -60,19 +60,9 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
     for family in Family::BOTH {
         let to = pod_addr(&t.cluster, t.server, family, PORT);
         let bytes = (64 * MIB).to_string();
-        let mut serve = t.cluster.spawn_in_pod(
-            t.server,
-            &testapp,
-            &["serve", "--listen", &to.to_string(), "--bytes", &bytes],
-        )?;
-        serve.wait_for_line(event("listening"), WAIT)?;
-        let mut connect = t.cluster.spawn_in_pod(
-            t.client,
-            &testapp,
-            &["connect", "--to", &to.to_string(), "--bytes", &bytes],
-        )?;
-        let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
-        ensure!(status.success(), "{family:?}: {stderr}\n{stdout}");
+        let mut serve = start_server(&mut t.cluster, t.server, to, &bytes)?;
+        let (ok, stdout, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", &bytes])?;
+        ensure!(ok, "{family:?}: {stderr}\n{stdout}");
         let lines = json_lines(&stdout)?;
         let done = lines.iter().find(|l| event("done")(l)).context("no done")?;
         ensure!(
@@ -131,6 +121,40 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts `ferry-testapp serve` in `pod`, answering each connection with `bytes`.
+fn start_server(
+    cluster: &mut Cluster,
+    pod: PodId,
+    to: SocketAddr,
+    bytes: &str,
+) -> anyhow::Result<Proc> {
+    let testapp = bin_path("ferry-testapp")?;
+    let listen = to.to_string();
+    let mut server = cluster.spawn_in_pod(
+        pod,
+        &testapp,
+        &["serve", "--listen", &listen, "--bytes", bytes],
+    )?;
+    server.wait_for_line(event("listening"), WAIT)?;
+    Ok(server)
+}
+
+/// Runs `ferry-testapp connect` in `pod` to completion: its exit status and stdout.
+fn run_client(
+    cluster: &mut Cluster,
+    pod: PodId,
+    to: SocketAddr,
+    args: &[&str],
+) -> anyhow::Result<(bool, String, String)> {
+    let testapp = bin_path("ferry-testapp")?;
+    let to = to.to_string();
+    let mut all = vec!["connect", "--to", &to];
+    all.extend_from_slice(args);
+    let mut connect = cluster.spawn_in_pod(pod, &testapp, &all)?;
+    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+    Ok((status.success(), stdout, stderr))
+}
+
 fn live_to(cluster: &Cluster, node: NodeId, to: &str) -> anyhow::Result<Value> {
     let live = admin_json(cluster, node, "/connections")?;
     live.as_array()
@@ -148,30 +172,15 @@ fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> 
         &ferry_tests::ca::CaOptions::default(),
         &["--pool-idle-timeout", "2"],
     )?;
-    let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let mut serve = t.cluster.spawn_in_pod(
-        t.server,
-        &testapp,
-        &["serve", "--listen", &to.to_string(), "--bytes", "1024"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let mut connect = t.cluster.spawn_in_pod(
+    let _serve = start_server(&mut t.cluster, t.server, to, "1024")?;
+    let (ok, stdout, stderr) = run_client(
+        &mut t.cluster,
         t.client,
-        &testapp,
-        &[
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--bytes",
-            "1024",
-            "--repeat",
-            "200",
-            "--quiet",
-        ],
+        to,
+        &["--bytes", "1024", "--repeat", "200", "--quiet"],
     )?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
-    ensure!(status.success(), "{stderr}\n{stdout}");
+    ensure!(ok, "{stderr}\n{stdout}");
     let pool = admin_json(&t.cluster, t.n1, "/pool")?;
     let handshakes = pool["totals"]["handshakes"]
         .as_u64()
@@ -222,12 +231,7 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
     let first = serial(&t.cluster, t.n2)?;
     let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let mut serve = t.cluster.spawn_in_pod(
-        t.server,
-        &testapp,
-        &["serve", "--listen", &to.to_string(), "--bytes", "1"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
+    let _serve = start_server(&mut t.cluster, t.server, to, "1")?;
     let mut hold =
         t.cluster
             .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
@@ -244,16 +248,11 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
     live_to(&t.cluster, t.n1, &to.to_string())?;
     live_to(&t.cluster, t.n2, &to.to_string())?;
     // ...and new connections work with the renewed certificates.
-    let mut connect = t.cluster.spawn_in_pod(
-        t.client,
-        &testapp,
-        &["connect", "--to", &to.to_string(), "--bytes", "1"],
-    )?;
-    let (status, _, stderr) = connect.wait_exit(WAIT)?;
-    ensure!(status.success(), "after renewal: {stderr}");
+    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1"])?;
+    ensure!(ok, "after renewal: {stderr}");
     hold.close_stdin();
-    let (status, _, stderr) = hold.wait_exit(WAIT)?;
-    ensure!(status.success(), "the held connection broke: {stderr}");
+    let (_status, _, stderr) = hold.wait_exit(WAIT)?;
+    ensure!(ok, "the held connection broke: {stderr}");
     Ok(())
 }
 
@@ -273,7 +272,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Result<()> {
     let mut t = two_nodes("tunnel-wire")?;
-    let testapp = bin_path("ferry-testapp")?;
     let pcap = t.cluster.tempdir().join("link.pcap");
     let pcap_text = pcap.to_string_lossy().into_owned();
     let mut tcpdump = t.cluster.spawn_in_fabric(
@@ -293,19 +291,9 @@ fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Re
     std::thread::sleep(Duration::from_millis(300));
 
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let mut serve = t.cluster.spawn_in_pod(
-        t.server,
-        &testapp,
-        &["serve", "--listen", &to.to_string(), "--bytes", "1048576"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let mut connect = t.cluster.spawn_in_pod(
-        t.client,
-        &testapp,
-        &["connect", "--to", &to.to_string(), "--bytes", "1048576"],
-    )?;
-    let (status, _, stderr) = connect.wait_exit(WAIT)?;
-    ensure!(status.success(), "{stderr}");
+    let _serve = start_server(&mut t.cluster, t.server, to, "1048576")?;
+    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1048576"])?;
+    ensure!(ok, "{stderr}");
     std::thread::sleep(Duration::from_millis(300));
     tcpdump.kill();
 
@@ -339,21 +327,11 @@ fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Re
         }]);
     t.cluster.write_workloads()?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
-    let mut small = t.cluster.spawn_in_pod(
-        t.server,
-        &testapp,
-        &["serve", "--listen", &to.to_string(), "--bytes", "1"],
-    )?;
-    small.wait_for_line(event("listening"), WAIT)?;
+    let _small = start_server(&mut t.cluster, t.server, to, "1")?;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let mut connect = t.cluster.spawn_in_pod(
-            t.client,
-            &testapp,
-            &["connect", "--to", &to.to_string(), "--bytes", "1"],
-        )?;
-        let (status, _, _) = connect.wait_exit(WAIT)?;
-        if !status.success() {
+        let (ok, _, _) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1"])?;
+        if !ok {
             break;
         }
         ensure!(
@@ -403,24 +381,10 @@ fn garbage_on_the_tunnel_port_is_dropped_and_service_goes_on() -> anyhow::Result
         }
         Ok(())
     })?;
-    let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let mut serve = t.cluster.spawn_in_pod(
-        t.server,
-        &testapp,
-        &["serve", "--listen", &to.to_string(), "--bytes", "1024"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let mut connect = t.cluster.spawn_in_pod(
-        t.client,
-        &testapp,
-        &["connect", "--to", &to.to_string(), "--bytes", "1024"],
-    )?;
-    let (status, _, stderr) = connect.wait_exit(WAIT)?;
-    ensure!(
-        status.success(),
-        "after garbage, the tunnel no longer works: {stderr}"
-    );
+    let _serve = start_server(&mut t.cluster, t.server, to, "1024")?;
+    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1024"])?;
+    ensure!(ok, "after garbage, the tunnel no longer works: {stderr}");
     let dump = admin_json(&t.cluster, t.n2, "/config_dump")?;
     ensure!(
         dump["totals"]["inboundRefused"].as_u64() >= Some(3),
@@ -464,15 +428,16 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
         serve.wait_for_line(event("listening"), WAIT)?;
         servers.push(serve);
     }
-    let to = std::net::SocketAddr::new(cluster_ip, 80).to_string();
-    let mut connect = cluster.spawn_in_pod(
+    let service = SocketAddr::new(cluster_ip, 80);
+    let to = service.to_string();
+    let (ok, stdout, stderr) = run_client(
+        &mut cluster,
         client,
-        &testapp,
-        &["connect", "--to", &to, "--bytes", "16", "--repeat", "40"],
+        service,
+        &["--bytes", "16", "--repeat", "40"],
     )?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
     ensure!(
-        status.success(),
+        ok,
         "{stderr}\nnode 1 agent:\n{}\nnode 2 agent:\n{}",
         a1.proc.stderr_tail(),
         a2.proc.stderr_tail()

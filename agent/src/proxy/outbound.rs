@@ -108,19 +108,11 @@ fn random_below(n: usize) -> usize {
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        super::accept_forever(listener, "outbound", move |stream, peer| {
             let this = Arc::clone(&self);
-            tokio::spawn(async move { this.handle(stream, peer).await });
-        }
+            async move { this.handle(stream, peer).await }
+        })
+        .await;
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {

@@ -103,30 +103,21 @@ impl<I: Identities> Inbound<I> {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        crate::proxy::accept_forever(listener, "inbound tunnel", move |stream, peer| {
             let this = Arc::clone(&self);
             let span = tracing::info_span!("inbound", peer = %peer);
-            tokio::spawn(
-                async move {
-                    if let Err(error) = this.serve_connection(stream, peer).await {
-                        this.connections
-                            .totals
-                            .inbound_refused
-                            .fetch_add(1, relaxed());
-                        tracing::warn!(%error, "inbound tunnel connection refused");
-                    }
+            async move {
+                if let Err(error) = this.serve_connection(stream, peer).await {
+                    this.connections
+                        .totals
+                        .inbound_refused
+                        .fetch_add(1, relaxed());
+                    tracing::warn!(%error, "inbound tunnel connection refused");
                 }
-                .instrument(span),
-            );
-        }
+            }
+            .instrument(span)
+        })
+        .await;
     }
 
     async fn serve_connection(&self, stream: TcpStream, peer: SocketAddr) -> Result<(), String> {

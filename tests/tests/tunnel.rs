@@ -468,3 +468,26 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
+    let mut t = two_nodes("tunnel-reset")?;
+    let testapp = bin_path("ferry-testapp")?;
+    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
+    let listen = to.to_string();
+    let mut server = t.cluster.spawn_in_pod(
+        t.server,
+        &testapp,
+        &["serve", "--listen", &listen, "--bytes", "1024", "--reset"],
+    )?;
+    server.wait_for_line(event("listening"), WAIT)?;
+    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1024"])?;
+    let reset = server.wait_for_line(event("reset"), WAIT)?;
+    ensure!(reset["ok"] == true, "{reset}");
+    // The server aborted: the client must see a reset, not a clean end of stream.
+    ensure!(
+        !ok && stderr.contains("Connection reset by peer"),
+        "the client did not see the server's reset: {stderr}"
+    );
+    Ok(())
+}

@@ -49,6 +49,9 @@ enum Command {
         /// Also echo UDP datagrams on the same address.
         #[arg(long)]
         udp: bool,
+        /// After reading stream A, abort the connection (RST) instead of answering.
+        #[arg(long)]
+        reset: bool,
     },
     /// Connect, send stream A, half-close, check that stream B comes back.
     Connect {
@@ -78,7 +81,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Serve { listen, bytes, udp } => serve(listen, bytes, udp),
+        Command::Serve {
+            listen,
+            bytes,
+            udp,
+            reset,
+        } => serve(listen, bytes, udp, reset),
         Command::Connect {
             to,
             bytes,
@@ -106,7 +114,7 @@ fn emit(event: &Value) {
     let _ = out.flush();
 }
 
-fn serve(listen: SocketAddr, bytes: u64, udp: bool) -> anyhow::Result<()> {
+fn serve(listen: SocketAddr, bytes: u64, udp: bool, reset: bool) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(listen).with_context(|| format!("cannot listen on TCP {listen}"))?;
     let bound = listener.local_addr()?;
@@ -118,7 +126,7 @@ fn serve(listen: SocketAddr, bytes: u64, udp: bool) -> anyhow::Result<()> {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                thread::spawn(move || serve_connection(stream, bytes));
+                thread::spawn(move || serve_connection(stream, bytes, reset));
             }
             Err(err) => eprintln!("ferry-testapp: accept on {bound}: {err}"),
         }
@@ -140,8 +148,9 @@ fn echo_datagrams(socket: &UdpSocket) {
     }
 }
 
-/// One server connection: read stream A to EOF, answer with `bytes` of stream B.
-fn serve_connection(mut stream: TcpStream, bytes: u64) {
+/// One server connection: read stream A to EOF, answer with `bytes` of
+/// stream B (or, with `reset`, abort the connection with an RST).
+fn serve_connection(mut stream: TcpStream, bytes: u64, reset: bool) {
     let peer = display_addr(stream.peer_addr());
     let local = display_addr(stream.local_addr());
     let result = stream
@@ -153,6 +162,17 @@ fn serve_connection(mut stream: TcpStream, bytes: u64) {
         Err(err) => (None, Some(format!("receive: {err}"))),
     };
     let mut sent = 0;
+    if reset && error.is_none() {
+        let linger = nix::sys::socket::sockopt::Linger;
+        let zero = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let result = nix::sys::socket::setsockopt(&stream, linger, &zero);
+        emit(&json!({"event": "reset", "peer": peer, "ok": result.is_ok()}));
+        drop(stream);
+        return;
+    }
     if error.is_none() {
         match send(&mut stream, SEED_B, bytes) {
             Ok(()) => sent = bytes,

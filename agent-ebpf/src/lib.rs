@@ -21,6 +21,11 @@ pub mod map_names {
     pub const ORIG_DST_BY_COOKIE: &str = "orig_dst_cookie";
     /// `SockKey -> OriginalDst`: written by sock_ops once the local port exists, read by the agent.
     pub const ORIG_DST_BY_TUPLE: &str = "orig_dst_tuple";
+    /// `[u32; 4] -> u8`: addresses (IPv4 mapped) whose new connections into a
+    /// strict pod are let in: the node's own (its agent, kubelet probes).
+    pub const INBOUND_SOURCES: &str = "inbound_sources";
+    /// `cgroup id -> InboundCounts`: plaintext connection attempts into each pod.
+    pub const INBOUND_PLAINTEXT: &str = "inbound_plaintext";
 }
 
 /// Names of the programs, as `bpftool prog show` lists them (at most 15 bytes).
@@ -30,6 +35,7 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "ferry_sock_ops";
     pub const GETPEERNAME4: &str = "ferry_getpeer4";
     pub const GETPEERNAME6: &str = "ferry_getpeer6";
+    pub const INBOUND: &str = "ferry_inbound";
 }
 
 /// Capacity of the original-destination maps (LRU: the oldest entry makes
@@ -61,13 +67,27 @@ pub struct CaptureConfig {
     pub flags: u16,
 }
 
+/// `PodCapture::flags`: refuse new plaintext connections into the pod that
+/// do not come from the node (strict mode); without it they are only counted.
+pub const POD_STRICT: u32 = 1 << 0;
+
 /// What the programs know about one pod cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCapture {
-    /// Reserved for per-pod modes (strict inbound); zero today.
+    /// `POD_STRICT` or zero.
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// New TCP connections into a pod that did not come from the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundCounts {
+    /// Let in (permissive mode).
+    pub passed: u64,
+    /// Dropped (strict mode).
+    pub refused: u64,
 }
 
 /// A destination port one pod sends around the agent.
@@ -137,6 +157,7 @@ mod user {
     unsafe impl aya::Pod for super::ExcludedPort {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::InboundCounts {}
 }
 
 #[cfg(test)]

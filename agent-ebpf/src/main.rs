@@ -6,7 +6,10 @@
 //!   as the local port exists (the agent only sees the accepted socket), and
 //!   forgets both records when the socket closes;
 //! - `ferry_getpeer4` / `ferry_getpeer6` hand the application back the address
-//!   it dialled.
+//!   it dialled;
+//! - `ferry_inbound` (`cgroup_skb/ingress`) sees new TCP connections into the
+//!   pod that do not come from the node: it drops them in strict mode and
+//!   counts them in permissive mode.
 //!
 //! Every decision that can live in the agent lives there; these programs only
 //! look things up in maps the agent fills.
@@ -22,18 +25,19 @@ mod programs {
         },
         helpers::generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+            bpf_skb_cgroup_id,
         },
-        macros::{cgroup_sock_addr, map, sock_ops},
+        macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
         maps::{Array, HashMap, LruHashMap},
-        programs::{SockAddrContext, SockOpsContext},
+        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     };
     use core::ptr::{read_volatile, write_volatile};
 
     use aya_log_ebpf::{debug, error};
     use ferry_agent_ebpf::{
-        CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, MAX_CGROUP_DEPTH,
+        CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, InboundCounts, MAX_CGROUP_DEPTH,
         MAX_EXCLUDED_PORTS, MAX_PODS, MAX_TRACKED_CONNECTIONS, ORIG_IPV4, ORIG_IPV6, OriginalDst,
-        PodCapture, SockKey, is_v4_mapped, v4_mapped,
+        POD_STRICT, PodCapture, SockKey, is_v4_mapped, v4_mapped,
     };
 
     /// What a cgroup/sock_addr program returns to let the syscall go on.
@@ -62,6 +66,71 @@ mod programs {
     #[map(name = "orig_dst_tuple")]
     static ORIG_DST_BY_TUPLE: LruHashMap<SockKey, OriginalDst> =
         LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+
+    #[map(name = "inbound_sources")]
+    static INBOUND_SOURCES: HashMap<[u32; 4], u8> = HashMap::pinned(256, 0);
+
+    #[map(name = "inbound_plaintext")]
+    static INBOUND_PLAINTEXT: HashMap<u64, InboundCounts> = HashMap::pinned(MAX_PODS, 0);
+
+    /// What a cgroup_skb program returns to let a packet in, or to drop it.
+    const PASS: i32 = 1;
+    const DROP: i32 = 0;
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+
+    #[cgroup_skb(ingress)]
+    pub fn ferry_inbound(ctx: SkBuffContext) -> i32 {
+        inbound(&ctx).unwrap_or(PASS)
+    }
+
+    /// Only a connection's first packet (SYN without ACK) is judged: replies to
+    /// the pod's own connections and established traffic always pass.
+    #[inline(always)]
+    fn inbound(ctx: &SkBuffContext) -> Result<i32, i64> {
+        let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+        let Some(pod) = (unsafe { POD_CGROUPS.get(&cgroup) }).copied() else {
+            return Ok(PASS);
+        };
+        let first: u8 = ctx.load(0)?;
+        let (source, tcp) = match first >> 4 {
+            4 => {
+                let protocol: u8 = ctx.load(9)?;
+                if u32::from(protocol) != IPPROTO_TCP {
+                    return Ok(PASS);
+                }
+                let source: u32 = ctx.load(12)?;
+                (v4_mapped(source), usize::from(first & 0x0f) * 4)
+            }
+            6 => {
+                let next: u8 = ctx.load(6)?;
+                if u32::from(next) != IPPROTO_TCP {
+                    return Ok(PASS);
+                }
+                let source: [u32; 4] = [ctx.load(8)?, ctx.load(12)?, ctx.load(16)?, ctx.load(20)?];
+                (source, 40)
+            }
+            _ => return Ok(PASS),
+        };
+        let flags: u8 = ctx.load(tcp + 13)?;
+        if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+            return Ok(PASS);
+        }
+        if INBOUND_SOURCES.get_ptr(&source).is_some() {
+            return Ok(PASS);
+        }
+        let strict = pod.flags & POD_STRICT != 0;
+        let mut counts = unsafe { INBOUND_PLAINTEXT.get(&cgroup) }
+            .copied()
+            .unwrap_or_default();
+        if strict {
+            counts.refused += 1;
+        } else {
+            counts.passed += 1;
+        }
+        let _ = INBOUND_PLAINTEXT.insert(&cgroup, &counts, 0);
+        Ok(if strict { DROP } else { PASS })
+    }
 
     #[cgroup_sock_addr(connect4)]
     pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {

@@ -80,7 +80,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("readiness probe on {probe_addr}"))?;
 
-    let (capture, original_dsts) = Capture::load(&args.bpffs_root, &args.node, redirect)?;
+    let (mut capture, original_dsts) = Capture::load(&args.bpffs_root, &args.node, redirect)?;
+    let node_local = local_addresses();
+    tracing::info!(addresses = ?node_local, "new connections into strict pods are let in only from these");
+    capture.allow_inbound_from(&node_local)?;
     let (table_tx, table_rx) = watch::channel(Arc::new(table));
     let readiness = Arc::new(Readiness::not_ready("pods not captured yet"));
     let capture_view = Arc::new(Mutex::new(CaptureView {
@@ -211,6 +214,35 @@ fn local_identities(table: &WorkloadTable, trust_domain: &str) -> BTreeSet<Spiff
             },
         )
         .collect()
+}
+
+/// Every address of this node's network namespace, and loopback: where a
+/// strict pod accepts plaintext connections from (its agent, kubelet probes).
+fn local_addresses() -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = vec![
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    match nix::ifaddrs::getifaddrs() {
+        Ok(interfaces) => {
+            for interface in interfaces {
+                let Some(address) = interface.address else {
+                    continue;
+                };
+                if let Some(v4) = address.as_sockaddr_in() {
+                    addresses.push(IpAddr::V4(v4.ip()));
+                } else if let Some(v6) = address.as_sockaddr_in6() {
+                    addresses.push(IpAddr::V6(v6.ip()));
+                }
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot list this node's addresses; strict pods accept plaintext only from loopback")
+        }
+    }
+    addresses.sort();
+    addresses.dedup();
+    addresses
 }
 
 /// Where the capture programs send connections: this node's addresses.

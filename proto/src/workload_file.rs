@@ -35,6 +35,10 @@ use crate::{is_dns_label, is_dns_subdomain};
 pub const MESH_LABEL: &str = "ferry.dev/mesh";
 /// The value of [`MESH_LABEL`] that means "meshed".
 pub const MESH_ENABLED: &str = "enabled";
+/// The namespace annotation that sets the inbound mode of its meshed pods:
+/// `strict` (plaintext from off the node refused) or `permissive` (default).
+pub const INBOUND_MODE_ANNOTATION: &str = "ferry.dev/inbound";
+pub const INBOUND_STRICT: &str = "strict";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -127,6 +131,8 @@ pub struct NamespaceSpec {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +177,17 @@ impl WorkloadFile {
         }
     }
 
+    /// Whether meshed pods of `namespace` refuse plaintext from off the node.
+    pub fn is_strict(&self, namespace: &str) -> bool {
+        self.namespaces.iter().any(|ns| {
+            ns.name == namespace
+                && ns
+                    .annotations
+                    .get(INBOUND_MODE_ANNOTATION)
+                    .is_some_and(|v| v == INBOUND_STRICT)
+        })
+    }
+
     /// Whether pods of `namespace` are meshed.
     pub fn is_meshed(&self, namespace: &str) -> bool {
         self.namespaces.iter().any(|ns| {
@@ -211,6 +228,16 @@ impl WorkloadFile {
                 problems.push(format!(
                     "namespaces[{i}].name: namespace {:?} is listed twice",
                     ns.name
+                ));
+            }
+        }
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if let Some(mode) = ns.annotations.get(INBOUND_MODE_ANNOTATION)
+                && mode != INBOUND_STRICT
+                && mode != "permissive"
+            {
+                problems.push(format!(
+                    "namespaces[{i}].annotations.{INBOUND_MODE_ANNOTATION}: {mode:?} is neither \"strict\" nor \"permissive\""
                 ));
             }
         }

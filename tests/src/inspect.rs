@@ -13,21 +13,24 @@ use serde_json::Value;
 use crate::{Cluster, NodeId};
 
 /// Every program Ferry attaches to a meshed pod's cgroup, sorted.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 6] = [
     "ferry_connect4",
     "ferry_connect6",
     "ferry_getpeer4",
     "ferry_getpeer6",
+    "ferry_inbound",
     "ferry_sock_ops",
 ];
 
 /// Every map Ferry pins under `<bpffs root>/<node>/`.
-pub const MAPS: [&str; 5] = [
+pub const MAPS: [&str; 7] = [
     "capture_config",
     "pod_cgroups",
     "excluded_ports",
     "orig_dst_cookie",
     "orig_dst_tuple",
+    "inbound_sources",
+    "inbound_plaintext",
 ];
 
 /// Runs `bpftool -j ARGS` and parses its JSON.

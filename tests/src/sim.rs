@@ -29,8 +29,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use ferry_agent::workload::file::{
-    MESH_ENABLED, MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, PolicySpec, ServiceSpec,
-    WorkloadFile,
+    INBOUND_MODE_ANNOTATION, INBOUND_STRICT, MESH_ENABLED, MESH_LABEL, NamespaceSpec, NodeSpec,
+    PodSpec, PolicySpec, ServiceSpec, WorkloadFile,
 };
 
 use crate::{
@@ -181,6 +181,8 @@ pub struct Cluster {
     policies: Vec<PolicySpec>,
     /// Services written into the workload file.
     services: Vec<ServiceSpec>,
+    /// Namespaces annotated `ferry.dev/inbound: strict`.
+    strict_namespaces: Vec<String>,
 }
 
 impl Cluster {
@@ -203,6 +205,7 @@ impl Cluster {
             procs: Vec::new(),
             policies: Vec::new(),
             services: Vec::new(),
+            strict_namespaces: Vec::new(),
         };
         eprintln!(
             "ferry-tests: cluster {} ({name}) in {}",
@@ -289,6 +292,12 @@ impl Cluster {
     /// next [`write_workloads`](Self::write_workloads)).
     pub fn set_policies(&mut self, policies: Vec<PolicySpec>) {
         self.policies = policies;
+    }
+
+    /// Puts `namespace` in strict mode (written by the next
+    /// [`write_workloads`](Self::write_workloads)).
+    pub fn set_strict(&mut self, namespace: &str) {
+        self.strict_namespaces.push(namespace.to_owned());
     }
 
     /// Sets the Services of the workload file (written by the next
@@ -537,6 +546,14 @@ impl Cluster {
             namespaces: namespaces
                 .into_iter()
                 .map(|(name, meshed)| NamespaceSpec {
+                    annotations: if self.strict_namespaces.iter().any(|s| s == name) {
+                        BTreeMap::from([(
+                            INBOUND_MODE_ANNOTATION.to_owned(),
+                            INBOUND_STRICT.to_owned(),
+                        )])
+                    } else {
+                        BTreeMap::new()
+                    },
                     name: name.to_owned(),
                     labels: if meshed {
                         BTreeMap::from([(MESH_LABEL.to_owned(), MESH_ENABLED.to_owned())])

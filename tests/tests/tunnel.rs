@@ -491,3 +491,92 @@ fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The `(passed, refused)` plaintext counters of a pod, from the pinned map.
+fn plaintext_counts(
+    pin_dir: &std::path::Path,
+    cgroup: &std::path::Path,
+) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(cgroup)?.ino();
+    let map = pin_dir.join("inbound_plaintext");
+    let entries =
+        ferry_tests::inspect::bpftool(&["map", "dump", "pinned", &map.to_string_lossy()])?;
+    for entry in entries.as_array().into_iter().flatten() {
+        let bytes = |v: &Value| -> Vec<u8> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+                .collect()
+        };
+        let key = bytes(&entry["key"]);
+        let value = bytes(&entry["value"]);
+        if key.len() == 8
+            && u64::from_ne_bytes(key.try_into().expect("8 bytes")) == id
+            && value.len() == 16
+        {
+            let passed = u64::from_ne_bytes(value[..8].try_into()?);
+            let refused = u64::from_ne_bytes(value[8..].try_into()?);
+            return Ok((passed, refused));
+        }
+    }
+    Ok((0, 0))
+}
+
+#[test]
+fn strict_pods_refuse_plaintext_from_off_the_node_and_permissive_ones_count_it()
+-> anyhow::Result<()> {
+    let mut cluster = Cluster::new("tunnel-strict")?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
+    let legacy = cluster.add_pod(n1, PodOptions::unmeshed("old-0", "legacy", "old"))?;
+    let strict = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let permissive = cluster.add_pod(n2, PodOptions::meshed("cache-0", "open", "cache"))?;
+    cluster.set_strict("shop");
+    let ca = cluster.start_ca()?;
+    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
+    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let strict_to = pod_addr(&cluster, strict, Family::V4, PORT);
+    let permissive_to = pod_addr(&cluster, permissive, Family::V4, PORT);
+    let _s1 = start_server(&mut cluster, strict, strict_to, "1")?;
+    let _s2 = start_server(&mut cluster, permissive, permissive_to, "1")?;
+    let quick = ["--bytes", "1", "--connect-timeout", "2"];
+
+    // Through the mesh: fine.
+    let (ok, _, stderr) = run_client(&mut cluster, client, strict_to, &quick)?;
+    ensure!(ok, "meshed client to the strict pod: {stderr}");
+    // Plaintext from another node's unmeshed pod: refused in the kernel.
+    let (ok, _, stderr) = run_client(&mut cluster, legacy, strict_to, &quick)?;
+    ensure!(!ok, "plaintext reached the strict pod");
+    ensure!(
+        stderr.contains("timed out") || stderr.contains("refused"),
+        "{stderr}"
+    );
+    // From the node itself (a kubelet probe): let in.
+    let testapp = bin_path("ferry-testapp")?;
+    let to = strict_to.to_string();
+    let mut probe =
+        cluster.spawn_on_node(n2, &testapp, &["connect", "--to", &to, "--bytes", "1"])?;
+    let (status, _, stderr) = probe.wait_exit(WAIT)?;
+    ensure!(
+        status.success(),
+        "a probe from the node was refused: {stderr}"
+    );
+    // Permissive: plaintext gets in, and is counted.
+    let (ok, _, stderr) = run_client(&mut cluster, legacy, permissive_to, &quick)?;
+    ensure!(ok, "plaintext to the permissive pod: {stderr}");
+
+    let strict_counts = plaintext_counts(&a2.pin_dir, &cluster.pod(strict).cgroup)?;
+    ensure!(
+        strict_counts.1 >= 1 && strict_counts.0 == 0,
+        "strict pod counters {strict_counts:?}"
+    );
+    let permissive_counts = plaintext_counts(&a2.pin_dir, &cluster.pod(permissive).cgroup)?;
+    ensure!(
+        permissive_counts == (1, 0),
+        "permissive pod counters {permissive_counts:?}"
+    );
+    Ok(())
+}

@@ -42,12 +42,13 @@ static CAPTURE_OBJECT: &[u8] =
 /// first, so that by the time `connect` starts rewriting, every redirected
 /// connection gets its 4-tuple record and its application-facing address.
 /// Detaching goes in reverse.
-const ATTACH_ORDER: [&str; 5] = [
+const ATTACH_ORDER: [&str; 6] = [
     program_names::SOCK_OPS,
     program_names::GETPEERNAME4,
     program_names::GETPEERNAME6,
     program_names::CONNECT4,
     program_names::CONNECT6,
+    program_names::INBOUND,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,8 @@ pub struct Attachment {
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     pub excluded_ports: Vec<u16>,
+    /// Strict mode: plaintext connections into the pod from off the node are dropped.
+    pub strict: bool,
 }
 
 /// The loaded programs and their maps, for one node.
@@ -110,6 +113,7 @@ pub struct Capture {
     pin_dir: PathBuf,
     pods: HashMap<MapData, u64, PodCapture>,
     excluded: HashMap<MapData, ExcludedPort, u8>,
+    inbound_sources: HashMap<MapData, [u32; 4], u8>,
     attached: BTreeMap<u64, Attachment>,
 }
 
@@ -145,6 +149,7 @@ impl Capture {
             let result = match program {
                 aya::programs::Program::SockOps(p) => p.load(),
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
                 _ => return Err(CaptureError::Missing(name)),
             };
             result.map_err(|source| CaptureError::Program { name, source })?;
@@ -161,11 +166,13 @@ impl Capture {
         let pods = take_map(&mut ebpf, map_names::POD_CGROUPS)?;
         let excluded = take_map(&mut ebpf, map_names::EXCLUDED_PORTS)?;
         let map = take_map(&mut ebpf, map_names::ORIG_DST_BY_TUPLE)?;
+        let inbound_sources = take_map(&mut ebpf, map_names::INBOUND_SOURCES)?;
         let capture = Self {
             ebpf,
             pin_dir,
             pods,
             excluded,
+            inbound_sources,
             attached: BTreeMap::new(),
         };
         Ok((capture, OriginalDsts { map }))
@@ -226,6 +233,7 @@ impl Capture {
             cgroup: cgroup.clone(),
             cgroup_id,
             excluded_ports: pod.excluded_ports.clone(),
+            strict: pod.strict,
         };
         if self.attached.get(&cgroup_id) == Some(&wanted) {
             return Ok(cgroup_id);
@@ -271,6 +279,14 @@ impl Capture {
                 let id = p.attach(cgroup, CgroupAttachMode::Single)?;
                 FdLink::try_from(p.take_link(id)?)?
             }
+            aya::programs::Program::CgroupSkb(p) => {
+                let id = p.attach(
+                    cgroup,
+                    aya::programs::CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )?;
+                FdLink::try_from(p.take_link(id)?)?
+            }
             _ => return Err(Box::new(CaptureError::Missing(name))),
         };
         fd_link.pin(pin)?;
@@ -299,7 +315,36 @@ impl Capture {
                 0,
             )?;
         }
-        self.pods.insert(id, PodCapture::default(), 0)
+        let flags = if pod.strict {
+            ferry_agent_ebpf::POD_STRICT
+        } else {
+            0
+        };
+        self.pods.insert(id, PodCapture { flags, _pad: 0 }, 0)
+    }
+
+    /// The addresses new connections into strict pods may come from: the
+    /// node's own (its agent, kubelet probes) and loopback.
+    pub fn allow_inbound_from(&mut self, addresses: &[IpAddr]) -> Result<(), CaptureError> {
+        let err = |source| CaptureError::Map {
+            name: map_names::INBOUND_SOURCES,
+            source,
+        };
+        let stale: Vec<[u32; 4]> = self.inbound_sources.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            self.inbound_sources.remove(&key).map_err(err)?;
+        }
+        for ip in addresses {
+            let words = match ip.to_canonical() {
+                IpAddr::V4(v4) => ferry_agent_ebpf::v4_mapped(u32::from_ne_bytes(v4.octets())),
+                IpAddr::V6(v6) => {
+                    let b = v6.octets();
+                    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
+                }
+            };
+            self.inbound_sources.insert(words, 1, 0).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Detaches every program from cgroup `id` and forgets the pod.

@@ -37,6 +37,8 @@ pub struct Workload {
     pub cgroup: Option<PathBuf>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded_ports: Vec<u16>,
+    /// The namespace is in strict mode: plaintext from off the node is refused.
+    pub strict: bool,
 }
 
 impl Workload {
@@ -185,6 +187,7 @@ impl WorkloadTable {
                 node: pod.node.clone(),
                 ips: pod.ips.clone(),
                 meshed: file.is_meshed(&pod.namespace),
+                strict: file.is_strict(&pod.namespace),
                 cgroup: pod.cgroup.clone(),
                 excluded_ports: pod.excluded_ports.clone(),
             })

@@ -66,6 +66,9 @@ enum Command {
         /// Print only a final summary line.
         #[arg(long)]
         quiet: bool,
+        /// Seconds a connect may take before it counts as failed.
+        #[arg(long, default_value_t = CONNECT_TIMEOUT.as_secs())]
+        connect_timeout: u64,
     },
     /// Send one datagram on a connected UDP socket and wait for its echo.
     Udp {
@@ -92,7 +95,14 @@ fn main() -> ExitCode {
             bytes,
             repeat,
             quiet,
-        } => connect_repeatedly(to, bytes, repeat, quiet),
+            connect_timeout,
+        } => connect_repeatedly(
+            to,
+            bytes,
+            repeat,
+            quiet,
+            Duration::from_secs(connect_timeout),
+        ),
         Command::Udp { to } => udp_probe(to),
         Command::Hold { to } => hold(to),
     };
@@ -225,11 +235,17 @@ fn display_addr(addr: io::Result<SocketAddr>) -> String {
     addr.map_or_else(|err| format!("unknown ({err})"), |addr| addr.to_string())
 }
 
-fn connect_repeatedly(to: SocketAddr, bytes: u64, repeat: u64, quiet: bool) -> anyhow::Result<()> {
+fn connect_repeatedly(
+    to: SocketAddr,
+    bytes: u64,
+    repeat: u64,
+    quiet: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let mut failed = 0u64;
     let mut first_error = None;
     for _ in 0..repeat {
-        if let Err(err) = connect_once(to, bytes, quiet) {
+        if let Err(err) = connect_once(to, bytes, quiet, timeout) {
             failed += 1;
             if !quiet {
                 emit(
@@ -251,8 +267,8 @@ fn connect_repeatedly(to: SocketAddr, bytes: u64, repeat: u64, quiet: bool) -> a
 }
 
 /// One client connection; an error if it failed or the answer was not intact.
-fn connect_once(to: SocketAddr, bytes: u64, quiet: bool) -> anyhow::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+fn connect_once(to: SocketAddr, bytes: u64, quiet: bool, timeout: Duration) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, timeout)
         .with_context(|| format!("cannot connect to {to}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;

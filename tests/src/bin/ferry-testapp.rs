@@ -46,7 +46,7 @@ enum Command {
         /// Bytes of stream B to send back on each connection.
         #[arg(long, default_value_t = 0)]
         bytes: u64,
-        /// Also echo UDP datagrams on the same address.
+        /// Also echo UDP datagrams on the same address (event `datagram` with the sender).
         #[arg(long)]
         udp: bool,
         /// After reading stream A, abort the connection (RST) instead of answering.
@@ -75,7 +75,8 @@ enum Command {
         #[arg(long)]
         to: SocketAddr,
     },
-    /// Connect and keep the connection open until stdin has a line or ends.
+    /// Connect and keep the connection open until stdin has a line or ends;
+    /// fails (event `ended`) if the other end closes it first.
     Hold {
         #[arg(long)]
         to: SocketAddr,
@@ -149,6 +150,7 @@ fn echo_datagrams(socket: &UdpSocket) {
     loop {
         match socket.recv_from(&mut buf) {
             Ok((len, from)) => {
+                emit(&json!({"event": "datagram", "from": from.to_string(), "bytes": len}));
                 if let Err(err) = socket.send_to(&buf[..len], from) {
                     eprintln!("ferry-testapp: UDP echo to {from}: {err}");
                 }
@@ -328,6 +330,14 @@ fn udp_probe(to: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What ends a `hold`.
+enum HoldEnd {
+    /// stdin had a line or ended: close the connection as asked.
+    Released,
+    /// The other end closed (`Ok`) or broke (`Err`) the connection first.
+    PeerEnded(io::Result<()>),
+}
+
 fn hold(to: SocketAddr) -> anyhow::Result<()> {
     let stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
         .with_context(|| format!("cannot connect to {to}"))?;
@@ -336,12 +346,42 @@ fn hold(to: SocketAddr) -> anyhow::Result<()> {
         "peer": display_addr(stream.peer_addr()),
         "local": display_addr(stream.local_addr()),
     }));
-    let mut line = String::new();
-    io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("reading stdin")?;
-    drop(stream);
-    emit(&json!({"event": "closed"}));
-    Ok(())
+    let (tx, rx) = std::sync::mpsc::channel();
+    let released = tx.clone();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::stdin().lock().read_line(&mut line);
+        let _ = released.send(HoldEnd::Released);
+    });
+    // Watching the socket too makes a connection that ends under us visible
+    // (an event and a failure) instead of going unnoticed until release.
+    let mut watched = stream.try_clone().context("cannot clone the socket")?;
+    thread::spawn(move || {
+        let mut buf = vec![0; CHUNK];
+        let end = loop {
+            match watched.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => break Err(err),
+            }
+        };
+        let _ = tx.send(HoldEnd::PeerEnded(end));
+    });
+    match rx.recv().context("both watchers of hold stopped")? {
+        HoldEnd::Released => {
+            // The watcher's clone keeps the socket open: shut it down for both.
+            let _ = stream.shutdown(Shutdown::Both);
+            emit(&json!({"event": "closed"}));
+            Ok(())
+        }
+        HoldEnd::PeerEnded(end) => {
+            let how = match &end {
+                Ok(()) => "closed by the peer".to_owned(),
+                Err(err) => format!("failed: {err}"),
+            };
+            emit(&json!({"event": "ended", "peer": to.to_string(), "how": how}));
+            bail!("the held connection to {to} ended before it was released: {how}")
+        }
+    }
 }

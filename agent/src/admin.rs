@@ -15,6 +15,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
+use tracing_subscriber::EnvFilter;
 
 use crate::{
     capture::Attachment,
@@ -161,7 +162,99 @@ async fn serve(
     }
 }
 
+/// Changes the agent's log filter at runtime (`/logging`).
+struct LogControl {
+    current: Mutex<String>,
+    reload: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
+}
+
+static LOG_CONTROL: std::sync::OnceLock<LogControl> = std::sync::OnceLock::new();
+
+/// Called once by the logger's set-up with its filter and a way to replace it.
+pub fn set_log_control(
+    initial: &str,
+    reload: impl Fn(EnvFilter) -> Result<(), String> + Send + Sync + 'static,
+) {
+    let _ = LOG_CONTROL.set(LogControl {
+        current: Mutex::new(initial.to_owned()),
+        reload: Box::new(reload),
+    });
+}
+
+/// `GET /logging` shows the filter; `POST /logging?level=<filter>` replaces it
+/// (EnvFilter syntax, e.g. `info,ferry_agent::tunnel=debug`).
+fn logging(req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let Some(control) = LOG_CONTROL.get() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no logger installed\n".into(),
+        );
+    };
+    if req.method() == Method::GET {
+        let current = control.current.lock().expect("log filter lock").clone();
+        return text(StatusCode::OK, format!("{current}\n"));
+    }
+    let level = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("level="))
+        .map(percent_decode);
+    let Some(level) = level.filter(|l| !l.is_empty()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "say which filter: POST /logging?level=info,ferry_agent=debug\n".into(),
+        );
+    };
+    let filter = match EnvFilter::try_new(&level) {
+        Ok(filter) => filter,
+        Err(error) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("{level:?} is not a log filter: {error}\n"),
+            );
+        }
+    };
+    match (control.reload)(filter) {
+        Ok(()) => {
+            *control.current.lock().expect("log filter lock") = level.clone();
+            tracing::info!(filter = %level, "log filter changed");
+            text(StatusCode::OK, format!("log filter is now {level}\n"))
+        }
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot change the log filter: {error}\n"),
+        ),
+    }
+}
+
+/// `%XX` escapes, as a client puts `,` `=` `:` into a query.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(byte) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/logging"
+        && (req.method() == Method::POST || req.method() == Method::GET)
+    {
+        return logging(req);
+    }
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -202,7 +295,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         path => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /healthz/ready\n"
+                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /logging, /healthz/ready\n"
             ),
         ),
     }

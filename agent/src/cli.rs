@@ -122,19 +122,34 @@ impl LogArgs {
         let filter = tracing_subscriber::EnvFilter::try_new(&self.filter)
             .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", self.filter))?;
         use std::io::IsTerminal as _;
+        // The filter goes last: a reload handle is only offered for the finished layer stack.
         let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal());
-        match self.format {
-            LogFormat::Text => builder.try_init(),
-            LogFormat::Json => builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .try_init(),
-        }
-        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+        let result = match self.format {
+            LogFormat::Text => {
+                let builder = builder.with_env_filter(filter).with_filter_reloading();
+                let handle = builder.reload_handle();
+                crate::admin::set_log_control(&self.filter, move |filter| {
+                    handle.reload(filter).map_err(|e| e.to_string())
+                });
+                builder.try_init()
+            }
+            LogFormat::Json => {
+                let builder = builder
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_env_filter(filter)
+                    .with_filter_reloading();
+                let handle = builder.reload_handle();
+                crate::admin::set_log_control(&self.filter, move |filter| {
+                    handle.reload(filter).map_err(|e| e.to_string())
+                });
+                builder.try_init()
+            }
+        };
+        result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
     }
 }
 

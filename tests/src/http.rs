@@ -14,14 +14,21 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// GETs `path` from `addr`; returns the status code and the body.
 pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    request(addr, "GET", path)
+}
+
+/// Sends `method path` (no body) to `addr`; returns the status code and the body.
+pub fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream
         .write_all(request.as_bytes())
-        .with_context(|| format!("cannot send GET {path} to {addr}"))?;
+        .with_context(|| format!("cannot send {method} {path} to {addr}"))?;
     let mut response = Vec::new();
     stream
         .read_to_end(&mut response)

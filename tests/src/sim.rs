@@ -717,6 +717,14 @@ impl Cluster {
         }
     }
 
+    /// POSTs to `path` (no body) on the agent's admin endpoint; returns the status code and body.
+    pub fn admin_post(&self, node: NodeId, path: &str) -> anyhow::Result<(u16, String)> {
+        let addr: SocketAddr = ferry_agent::cli::DEFAULT_ADMIN_ADDR.parse()?;
+        let node = &self.nodes[node.0];
+        netns::in_netns(&node.netns, || http::request(addr, "POST", path))
+            .with_context(|| format!("admin endpoint of node {}", node.name))
+    }
+
     /// GETs `path` from the agent's admin endpoint (127.0.0.1:15000 in the
     /// node's namespace); returns the status code and body.
     pub fn admin_get(&self, node: NodeId, path: &str) -> anyhow::Result<(u16, String)> {

@@ -551,3 +551,60 @@ fn a_bad_workload_file_is_refused_with_what_and_where() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_log_filter_changes_at_runtime_through_the_admin_endpoint() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-logging")?;
+    let n1 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
+    let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
+    let agent = cluster.start_agent(n1)?;
+    let (status, body) = cluster.admin_get(n1, "/logging")?;
+    ensure!(status == 200 && body.trim() == "info", "{status} {body}");
+
+    let to = pod_addr(&cluster, server, Family::V4, PORT);
+    let announced = |agent: &ferry_tests::Agent| {
+        agent
+            .proc
+            .stderr_tail()
+            .matches("captured connection")
+            .count()
+    };
+    exchange(&mut cluster, client, server, to, 1024)?;
+    let before = announced(&agent);
+    ensure!(
+        before >= 1,
+        "at info the agent logs each captured connection"
+    );
+
+    let (status, body) = cluster.admin_post(n1, "/logging?level=warn")?;
+    ensure!(status == 200, "{status} {body}");
+    exchange(&mut cluster, client, server, to, 1024)?;
+    ensure!(
+        announced(&agent) == before,
+        "at warn, info lines keep coming"
+    );
+
+    let (status, body) = cluster.admin_post(n1, "/logging?level=info%2Cferry_agent%3Ddebug")?;
+    ensure!(
+        status == 200 && body.contains("info,ferry_agent=debug"),
+        "{status} {body}"
+    );
+    exchange(&mut cluster, client, server, to, 1024)?;
+    ensure!(
+        announced(&agent) > before,
+        "back at info, the lines do not come back"
+    );
+
+    let (status, body) = cluster.admin_post(n1, "/logging?level=%3D%3D%3D")?;
+    ensure!(
+        status == 400 && body.contains("is not a log filter"),
+        "{status} {body}"
+    );
+    let (status, body) = cluster.admin_get(n1, "/logging")?;
+    ensure!(
+        body.trim() == "info,ferry_agent=debug",
+        "a bad filter replaced the good one: {status} {body}"
+    );
+    Ok(())
+}

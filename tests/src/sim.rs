@@ -315,8 +315,20 @@ impl Cluster {
     /// stdout piped; killed with the cluster.
     pub fn spawn_in_fabric(&mut self, program: &Path, args: &[&str]) -> anyhow::Result<Proc> {
         let label = format!("fabric: {}", command_line(program, args));
+        let netns = self.fabric.clone();
+        self.spawn_placed(label, &netns, program, args)
+    }
+
+    /// Starts `program` in `netns` (in no pod cgroup) and kills it with the cluster.
+    fn spawn_placed(
+        &mut self,
+        label: String,
+        netns: &str,
+        program: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Proc> {
         let placement = Placement {
-            netns: &self.fabric,
+            netns,
             cgroup: None,
         };
         let (proc, shared) = Proc::spawn(label, &placement, program, args)?;
@@ -637,13 +649,8 @@ impl Cluster {
     ) -> anyhow::Result<Proc> {
         let node = &self.nodes[node.0];
         let label = format!("{}: {}", node.name, command_line(program, args));
-        let placement = Placement {
-            netns: &node.netns,
-            cgroup: None,
-        };
-        let (proc, shared) = Proc::spawn(label, &placement, program, args)?;
-        self.procs.push(shared);
-        Ok(proc)
+        let netns = node.netns.clone();
+        self.spawn_placed(label, &netns, program, args)
     }
 
     /// Runs `program` in the node's network namespace to completion (via

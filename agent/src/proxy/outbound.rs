@@ -129,12 +129,17 @@ impl Outbound {
         let table = self.workloads.borrow().clone();
         let source_pod = table.by_ip(peer.ip()).map(|w| w.key());
         let trust_domain = self.mesh.as_ref().map(|m| m.identities.trust_domain());
+        // Only connections to a Service's endpoints feed the balancer.
+        let mut balanced = false;
         let decision = route::decide(
             &table,
             peer.ip(),
             original_dst,
             trust_domain,
-            &mut |candidates| self.balancer.choose(candidates),
+            &mut |candidates| {
+                balanced = true;
+                self.balancer.choose(candidates)
+            },
         );
         let (route, destination_pod, source_identity, destination_identity) = match &decision {
             Decision::Passthrough { target } => (
@@ -184,7 +189,7 @@ impl Outbound {
             | Decision::Tunnel { target, .. } => *target,
             Decision::Deny(_) => unreachable!("denied connections return above"),
         };
-        let _active = self.balancer.start(target);
+        let _active = balanced.then(|| self.balancer.start(target));
         let tracked = self.connections.open(ConnectionInfo {
             id: 0,
             source_pod,

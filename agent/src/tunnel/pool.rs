@@ -27,7 +27,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, jitter_sample};
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -347,7 +347,7 @@ impl<D: Dial> Pool<D> {
                 }
                 Err(error) => {
                     state.failures = state.failures.saturating_add(1);
-                    let delay = self.config.backoff.delay(state.failures, rand_unit());
+                    let delay = self.config.backoff.delay(state.failures, jitter_sample());
                     state.retry_at = Some(Instant::now() + delay);
                     state.last_error = Some(error.clone());
                     self.totals.dial_failures.fetch_add(1, relaxed());
@@ -408,7 +408,7 @@ impl<D: Dial> Pool<D> {
         if removed.served == 0 {
             // Closed before it carried anything: as good as a failed dial.
             state.failures = state.failures.saturating_add(1);
-            let delay = self.config.backoff.delay(state.failures, rand_unit());
+            let delay = self.config.backoff.delay(state.failures, jitter_sample());
             state.retry_at = Some(Instant::now() + delay);
             state.last_error = Some(format!("the peer closed a new connection: {why}"));
         }
@@ -503,11 +503,6 @@ fn millis(d: Duration) -> u64 {
 
 fn relaxed() -> std::sync::atomic::Ordering {
     std::sync::atomic::Ordering::Relaxed
-}
-
-/// A uniform number in [0, 1) for jitter; quality does not matter here.
-fn rand_unit() -> f64 {
-    crate::backoff::jitter_sample()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, ensure};
@@ -123,6 +124,40 @@ pub fn admin_json(cluster: &Cluster, node: NodeId, path: &str) -> anyhow::Result
     let (status, body) = cluster.admin_get(node, path)?;
     ensure!(status == 200, "GET {path}: {status} {body}");
     serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+}
+
+/// How long [`eventually`] waits for the agent to catch up with the kernel.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Polls until `check` passes or [`SETTLE`] runs out; the last error explains.
+///
+/// A client's `connect` returns once the kernel completed the handshake with
+/// the agent's listener, before the agent accepted it, let alone opened its
+/// side on the other node: what the admin endpoint shows trails what a test
+/// process sees, so assertions on it wait.
+pub fn eventually<T>(mut check: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(err) if Instant::now() >= deadline => return Err(err),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The node's agent's live connection whose original destination is `to`,
+/// waiting for it to show up.
+pub fn live_connection(cluster: &Cluster, node: NodeId, to: SocketAddr) -> anyhow::Result<Value> {
+    eventually(|| {
+        let live = admin_json(cluster, node, "/connections")?;
+        live.as_array()
+            .context("/connections is not a list")?
+            .iter()
+            .find(|c| c["originalDst"] == to.to_string())
+            .cloned()
+            .with_context(|| format!("no live connection to {to} in /connections: {live}"))
+    })
 }
 
 /// Connections the node's agent has captured since it started.

@@ -6,15 +6,15 @@
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail, ensure};
 use ferry_tests::{
     Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
     inspect::{
-        MAPS, PROGRAMS, admin_json, captured_total, is_node_addr, loaded_programs,
-        pinned_original_dsts, programs_on,
+        MAPS, PROGRAMS, admin_json, captured_total, eventually, is_node_addr, live_connection,
+        loaded_programs, pinned_original_dsts, programs_on,
     },
     testapp::{Family, event, json_lines, pod_addr, pod_ip, socket_addr},
 };
@@ -128,18 +128,6 @@ fn expected_programs() -> Vec<String> {
     PROGRAMS.iter().map(|p| (*p).to_owned()).collect()
 }
 
-/// Polls until `check` passes or `WAIT` runs out; the last error explains.
-fn eventually(mut check: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match check() {
-            Ok(()) => return Ok(()),
-            Err(err) if Instant::now() >= deadline => return Err(err),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 #[test]
 fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow::Result<()> {
     let mut cluster = Cluster::new("capture-meshed")?;
@@ -175,7 +163,7 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
         let to = pod_addr(&cluster, server, family, PORT + 1);
         let mut serve = serve_forever(&mut cluster, server, to)?;
         let held = Held::open(&mut cluster, client, to)?;
-        let entry = live_to(&cluster, n1, to)?;
+        let entry = live_connection(&cluster, n1, to)?;
         ensure!(entry["sourcePod"] == "shop/client", "{family:?}: {entry}");
         ensure!(
             entry["destinationPod"] == "shop/server",
@@ -212,17 +200,6 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
         serve.kill();
     }
     Ok(())
-}
-
-/// The agent's live connection whose original destination is `to`.
-fn live_to(cluster: &Cluster, node: NodeId, to: SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let live = admin_json(cluster, node, "/connections")?;
-    live.as_array()
-        .context("/connections is not a list")?
-        .iter()
-        .find(|c| c["originalDst"] == to.to_string())
-        .cloned()
-        .with_context(|| format!("no live connection to {to} in /connections: {live}"))
 }
 
 #[test]
@@ -344,7 +321,7 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
     let to = pod_addr(&cluster, server, Family::V4, PORT);
     let mut serve = serve_forever(&mut cluster, server, to)?;
     let mut held = Held::open(&mut cluster, client, to)?;
-    live_to(&cluster, n1, to)?;
+    live_connection(&cluster, n1, to)?;
     agent.kill9();
 
     // A connection live across the crash was relayed by the dead process:

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
     Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
-    inspect::{admin_json, is_node_addr},
+    inspect::{admin_json, is_node_addr, live_connection},
     testapp::{Family, event, json_lines, pod_addr, socket_addr},
 };
 use serde_json::Value;
@@ -94,7 +94,7 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
         t.cluster
             .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
     hold.wait_for_line(event("connected"), WAIT)?;
-    let outbound = live_to(&t.cluster, t.n1, &to.to_string())?;
+    let outbound = live_connection(&t.cluster, t.n1, to)?;
     ensure!(outbound["route"] == "tunnel", "{outbound}");
     ensure!(
         outbound["sourceIdentity"] == "spiffe://cluster.local/ns/shop/sa/web",
@@ -104,7 +104,7 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
         outbound["destinationIdentity"] == "spiffe://cluster.local/ns/shop/sa/db",
         "{outbound}"
     );
-    let inbound = live_to(&t.cluster, t.n2, &to.to_string())?;
+    let inbound = live_connection(&t.cluster, t.n2, to)?;
     ensure!(inbound["route"] == "inboundTunnel", "{inbound}");
     ensure!(
         inbound["sourceIdentity"] == "spiffe://cluster.local/ns/shop/sa/web",
@@ -153,16 +153,6 @@ fn run_client(
     let mut connect = cluster.spawn_in_pod(pod, &testapp, &all)?;
     let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
     Ok((status.success(), stdout, stderr))
-}
-
-fn live_to(cluster: &Cluster, node: NodeId, to: &str) -> anyhow::Result<Value> {
-    let live = admin_json(cluster, node, "/connections")?;
-    live.as_array()
-        .context("/connections is not a list")?
-        .iter()
-        .find(|c| c["originalDst"] == to)
-        .cloned()
-        .with_context(|| format!("no live connection to {to}: {live}"))
 }
 
 #[test]
@@ -245,8 +235,8 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
         std::thread::sleep(Duration::from_millis(250));
     }
     // The live connection is still there on both sides...
-    live_to(&t.cluster, t.n1, &to.to_string())?;
-    live_to(&t.cluster, t.n2, &to.to_string())?;
+    live_connection(&t.cluster, t.n1, to)?;
+    live_connection(&t.cluster, t.n2, to)?;
     // ...and new connections work with the renewed certificates.
     let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1"])?;
     ensure!(ok, "after renewal: {stderr}");

@@ -9,6 +9,7 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ferry";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_PROBE_PORT: u16 = 15021;
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,9 +33,8 @@ pub struct RunArgs {
     /// This node's name, as in the workload source.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
-    /// The workload file (YAML) describing nodes, namespaces and pods; watched for changes.
-    #[arg(long, env = "FERRY_WORKLOADS")]
-    pub workloads: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// bpffs directory under which the agent pins its maps and links, in `<root>/<node>/`.
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
@@ -53,6 +53,36 @@ pub struct RunArgs {
     pub tunnel: TunnelArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Where the agent learns the cluster's workloads: a file, or the Kubernetes API.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group = clap::ArgGroup::new("workload_source").required(true))]
+pub struct SourceArgs {
+    /// The workload file (YAML) describing nodes, namespaces and pods; watched for changes.
+    #[arg(long, env = "FERRY_WORKLOADS", group = "workload_source")]
+    pub workloads: Option<PathBuf>,
+    /// Watch namespaces, pods, Services and EndpointSlices in the Kubernetes
+    /// API (in-cluster credentials, or `--kubeconfig`).
+    #[arg(long, group = "workload_source", requires = "node_addresses")]
+    pub kubernetes: bool,
+    /// A kubeconfig to reach the API server with, instead of the in-cluster credentials.
+    #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's addresses, where the agent listens (with `--kubernetes`; the
+    /// workload file names them itself). The DaemonSet passes `status.podIPs`,
+    /// which on the host network are the node's.
+    #[arg(
+        long = "node-address",
+        env = "NODE_ADDRESSES",
+        value_delimiter = ',',
+        requires = "kubernetes"
+    )]
+    pub node_addresses: Vec<std::net::IpAddr>,
+    /// Where the node's cgroup v2 hierarchy is mounted: kubelet's pod cgroups
+    /// are found under it by pod UID (systemd or cgroupfs driver, any QoS class).
+    #[arg(long, default_value = DEFAULT_CGROUP_ROOT, requires = "kubernetes")]
+    pub cgroup_root: PathBuf,
 }
 
 /// The pool of mTLS connections to other agents.
@@ -181,5 +211,41 @@ mod tests {
                 .command;
         assert_eq!(args.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!((args.outbound_port, args.probe_port), (15001, 15021));
+    }
+
+    #[test]
+    fn one_workload_source_is_required() {
+        let error = Cli::try_parse_from(["ferry-agent", "run", "--node", "n1"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--workloads"), "{error}");
+        let error = Cli::try_parse_from([
+            "ferry-agent",
+            "run",
+            "--node",
+            "n1",
+            "--workloads",
+            "w",
+            "--kubernetes",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("cannot be used with"), "{error}");
+    }
+
+    #[test]
+    fn kubernetes_needs_the_node_addresses() {
+        let base = ["ferry-agent", "run", "--node", "n1", "--kubernetes"];
+        let error = Cli::try_parse_from(base).unwrap_err().to_string();
+        assert!(error.contains("--node-address"), "{error}");
+        let Command::Run(args) = Cli::try_parse_from(
+            base.iter()
+                .copied()
+                .chain(["--node-address", "198.19.0.1,2001:2::1"]),
+        )
+        .unwrap()
+        .command;
+        assert_eq!(args.source.node_addresses.len(), 2);
+        assert_eq!(args.source.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
     }
 }

@@ -47,7 +47,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let (source, table) = FileSource::load(args.workloads.clone(), args.node.clone())?;
+    let Some(workloads) = args.source.workloads.clone() else {
+        anyhow::bail!("--kubernetes: the Kubernetes workload source is not built yet");
+    };
+    let (source, table) = FileSource::load(workloads, args.node.clone())?;
     let redirect = redirect_for(&table, args.outbound_port)?;
     tracing::info!(node = %args.node, addresses = ?table.node.addresses, pods = table.workloads.len(), "starting");
 

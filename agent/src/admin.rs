@@ -110,6 +110,7 @@ pub struct CaptureView {
 struct ConfigDump<'a> {
     node: &'a LocalNode,
     workloads: Vec<&'a Workload>,
+    services: Vec<&'a crate::workload::Service>,
     capture: CaptureView,
     connections: Vec<ConnectionInfo>,
     totals: &'a Totals,
@@ -269,6 +270,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
             json(&ConfigDump {
                 node: &table.node,
                 workloads: table.workloads.iter().map(AsRef::as_ref).collect(),
+                services: table.services.iter().map(AsRef::as_ref).collect(),
                 capture: state.attachments.lock().expect("capture view lock").clone(),
                 connections: state.connections.live(),
                 totals: &state.connections.totals,

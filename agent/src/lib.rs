@@ -31,7 +31,7 @@ use crate::{
         outbound::{Mesh, Outbound},
     },
     tunnel::{client::TlsDialer, inbound::Inbound, pool::Pool},
-    workload::{FileSource, WorkloadTable},
+    workload::{FileSource, KubeSource, LocalNode, Source, WorkloadTable},
 };
 
 /// How soon a pod whose capture failed is tried again.
@@ -47,10 +47,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let Some(workloads) = args.source.workloads.clone() else {
-        anyhow::bail!("--kubernetes: the Kubernetes workload source is not built yet");
-    };
-    let (source, table) = FileSource::load(workloads, args.node.clone())?;
+    let (source, table) = load_workloads(&args).await?;
     let redirect = redirect_for(&table, args.outbound_port)?;
     tracing::info!(node = %args.node, addresses = ?table.node.addresses, pods = table.workloads.len(), "starting");
 
@@ -163,6 +160,26 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("stopping; pinned capture stays in place for the next agent");
     Ok(())
+}
+
+/// The first table from the source the command line names, and the source
+/// to keep it current.
+async fn load_workloads(args: &RunArgs) -> anyhow::Result<(Source, WorkloadTable)> {
+    let source = &args.source;
+    if let Some(path) = &source.workloads {
+        let (file, table) = FileSource::load(path.clone(), args.node.clone())?;
+        return Ok((Source::File(file), table));
+    }
+    let client = workload::kube_source::client(source.kubeconfig.as_deref())
+        .await
+        .context("cannot reach the Kubernetes API")?;
+    let node = LocalNode {
+        name: args.node.clone(),
+        addresses: source.node_addresses.clone(),
+    };
+    tracing::info!(node = %node.name, "listing namespaces, pods, services and endpointslices");
+    let (kube, table) = KubeSource::start(client, node, source.cgroup_root.clone()).await?;
+    Ok((Source::Kubernetes(kube), table))
 }
 
 /// Starts the certificate manager when the agent has a CA, and keeps its

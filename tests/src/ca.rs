@@ -56,9 +56,6 @@ pub struct CaOptions {
     pub kubernetes: bool,
 }
 
-/// Where the stand-in API server listens (in the fabric namespace).
-pub const FAKE_API_PORT: u16 = 6443;
-
 impl Cluster {
     /// Bootstraps and starts a CA with default options.
     pub fn start_ca(&mut self) -> anyhow::Result<CaFixture> {
@@ -84,14 +81,8 @@ impl Cluster {
         std::fs::write(&jwks, serde_json::to_string(&minter.jwks())?)?;
         let workloads = self.write_workloads()?;
         let api = if options.kubernetes {
-            let api = FakeApiServer::start(
-                self.fabric_netns(),
-                SocketAddr::from((FABRIC_SERVICE_V4, FAKE_API_PORT)),
-            )?;
-            for pod in self.pods() {
-                let node = &self.node(pod.node).name;
-                api.add_pod(&pod.namespace, &pod.name, &pod.service_account, node);
-            }
+            let api = FakeApiServer::start_for(self, &dir.join("kubeconfig"))?;
+            api.load(self);
             Some(api)
         } else {
             None
@@ -111,14 +102,11 @@ impl Cluster {
             CA_SERVER_NAME.to_owned(),
         ];
         match &api {
-            Some(api) => {
-                let kubeconfig = api.write_kubeconfig(&dir.join("kubeconfig"))?;
-                args.extend([
-                    "--token-review".to_owned(),
-                    "--kubeconfig".to_owned(),
-                    kubeconfig.to_string_lossy().into_owned(),
-                ]);
-            }
+            Some(_) => args.extend([
+                "--token-review".to_owned(),
+                "--kubeconfig".to_owned(),
+                dir.join("kubeconfig").to_string_lossy().into_owned(),
+            ]),
             None => args.extend([
                 "--jwks".to_owned(),
                 jwks.to_string_lossy().into_owned(),
@@ -199,11 +187,20 @@ impl Cluster {
             &token_file,
         ];
         args.extend_from_slice(extra);
-        self.start_agent_with(node, &args)
+        match &ca.api {
+            // As in a cluster: the agent, too, learns its workloads from the API server.
+            Some(_) => self.start_agent_kubernetes(node, &ca.kubeconfig(), &args),
+            None => self.start_agent_with(node, &args),
+        }
     }
 }
 
 impl CaFixture {
+    /// The kubeconfig naming the stand-in API server (with `kubernetes: true`).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
     /// A valid token for the agent of node `node`: a JWT the CA's JWKS
     /// verifies, or, with the stand-in API server, an opaque token it knows.
     pub fn agent_token(&self, node: &str) -> anyhow::Result<String> {

@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 
 pub use leftovers::{clean_leftovers, leftovers};
 pub use process::Proc;
-pub use sim::{Agent, Cluster, Node, NodeId, Pod, PodId, PodOptions};
+pub use sim::{Agent, CgroupDriver, Cluster, Node, NodeId, Pod, PodId, PodOptions};
 
 /// The bpffs directory under which agents pin, in `<root>/<node name>/`:
 /// the agent's default, so pins of tests and of a manual run look alike.

@@ -61,7 +61,7 @@ pub struct NodeId(usize);
 
 /// A pod of a [`Cluster`], in the order pods were added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PodId(usize);
+pub struct PodId(pub(crate) usize);
 
 /// What a test asks of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +136,17 @@ pub struct Pod {
     pub ipv6: Ipv6Addr,
     pub meshed: bool,
     pub excluded_ports: Vec<u16>,
+    /// The pod's UID, as the Kubernetes API would give it.
+    pub uid: String,
+}
+
+/// How kubelet names pod cgroups: with [`Cluster::use_kubelet_cgroups`], pod
+/// cgroups are made where kubelet would make them under each node's cgroup
+/// root, so the agent's Kubernetes source must find them by pod UID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
 }
 
 impl Pod {
@@ -183,6 +194,8 @@ pub struct Cluster {
     services: Vec<ServiceSpec>,
     /// Namespaces annotated `ferry.dev/inbound: strict`.
     strict_namespaces: Vec<String>,
+    /// Whether pod cgroups follow kubelet's layout (and which driver's).
+    kubelet_cgroups: Option<CgroupDriver>,
 }
 
 impl Cluster {
@@ -206,6 +219,7 @@ impl Cluster {
             policies: Vec::new(),
             services: Vec::new(),
             strict_namespaces: Vec::new(),
+            kubelet_cgroups: None,
         };
         eprintln!(
             "ferry-tests: cluster {} ({name}) in {}",
@@ -254,6 +268,55 @@ impl Cluster {
 
     pub fn pods(&self) -> &[Pod] {
         &self.pods
+    }
+
+    /// Pods added from now on get their cgroup where kubelet with `driver`
+    /// would make it, under [`node_cgroup_root`](Self::node_cgroup_root);
+    /// their QoS classes cycle (Guaranteed, Burstable, BestEffort) so every
+    /// kubelet path is used.
+    pub fn use_kubelet_cgroups(&mut self, driver: CgroupDriver) {
+        self.kubelet_cgroups = Some(driver);
+    }
+
+    /// What the node's agent sees as the cgroup v2 root, for `--cgroup-root`.
+    pub fn node_cgroup_root(&self, node: NodeId) -> PathBuf {
+        self.cgroup_dir
+            .join(format!("n{}", self.nodes[node.0].index))
+    }
+
+    /// Where a pod's cgroup goes: flat under the cluster's directory, or
+    /// kubelet's path for its UID.
+    fn pod_cgroup(&self, node: NodeId, name: &str, uid: &str, j: u8) -> PathBuf {
+        let index = self.nodes[node.0].index;
+        let Some(driver) = self.kubelet_cgroups else {
+            return self.cgroup_dir.join(format!("n{index}-{name}"));
+        };
+        let escaped = uid.replace('-', "_");
+        let qos = ["", "burstable", "besteffort"][usize::from(j) % 3];
+        let relative = match (driver, qos) {
+            (CgroupDriver::Systemd, "") => format!("kubepods.slice/kubepods-pod{escaped}.slice"),
+            (CgroupDriver::Systemd, qos) => {
+                format!("kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{escaped}.slice")
+            }
+            (CgroupDriver::Cgroupfs, "") => format!("kubepods/pod{uid}"),
+            (CgroupDriver::Cgroupfs, qos) => format!("kubepods/{qos}/pod{uid}"),
+        };
+        self.node_cgroup_root(node).join(relative)
+    }
+
+    /// Creates `dir` and whichever of its parents under the cluster's
+    /// directory are missing, remembering each for removal.
+    fn make_cgroup(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let mut missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| *d != self.cgroup_dir && !d.exists())
+            .collect();
+        missing.reverse();
+        for d in missing {
+            fs::create_dir(d).with_context(|| format!("cannot create cgroup {}", d.display()))?;
+            self.cgroups_made.push(d.to_owned());
+        }
+        Ok(())
     }
 
     fn make_fabric(&mut self) -> anyhow::Result<()> {
@@ -433,11 +496,11 @@ impl Cluster {
         }
         let j = u8::try_from(on_node + 1)?;
         let (ipv4, ipv6) = pod_address(host.index, j + 1);
+        let uid = format!("{}-{}-{j}", self.id, host.index);
         let pod = Pod {
             netns: format!("{}-{}", host.netns, spec.name),
-            cgroup: self
-                .cgroup_dir
-                .join(format!("n{}-{}", host.index, spec.name)),
+            cgroup: self.pod_cgroup(node, &spec.name, &uid, j),
+            uid,
             name: spec.name,
             namespace: spec.namespace,
             service_account: spec.service_account,
@@ -479,9 +542,7 @@ impl Cluster {
     }
 
     fn wire_pod(&mut self, host: &Node, j: u8, pod: &Pod) -> anyhow::Result<()> {
-        fs::create_dir(&pod.cgroup)
-            .with_context(|| format!("cannot create cgroup {}", pod.cgroup.display()))?;
-        self.cgroups_made.push(pod.cgroup.clone());
+        self.make_cgroup(&pod.cgroup)?;
         let ns = pod.netns.as_str();
         let node_port = format!("vp{j}");
         self.add_netns(ns)?;
@@ -676,19 +737,46 @@ impl Cluster {
     /// [`start_agent`](Self::start_agent) with more arguments for `ferry-agent run`.
     pub fn start_agent_with(&mut self, node: NodeId, extra: &[&str]) -> anyhow::Result<Agent> {
         let workloads = self.write_workloads()?;
+        let workloads = workloads.to_string_lossy().into_owned();
+        let source = ["--workloads", &workloads];
+        self.launch_agent(node, &source, extra)
+    }
+
+    /// Starts the node's agent with the Kubernetes workload source: the API
+    /// server named in `kubeconfig`, the node's addresses on the command line
+    /// and its pods' cgroups found under [`node_cgroup_root`](Self::node_cgroup_root).
+    pub fn start_agent_kubernetes(
+        &mut self,
+        node: NodeId,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let host = &self.nodes[node.0];
+        let addresses = format!("{},{}", host.ipv4, host.ipv6);
+        let root = self.node_cgroup_root(node).to_string_lossy().into_owned();
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let source = [
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-address",
+            &addresses,
+            "--cgroup-root",
+            &root,
+        ];
+        self.launch_agent(node, &source, extra)
+    }
+
+    fn launch_agent(
+        &mut self,
+        node: NodeId,
+        source: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let agent_bin = bin_path("ferry-agent")?;
         let name = self.nodes[node.0].name.clone();
-        let workloads = workloads.to_string_lossy().into_owned();
-        let args = [
-            "run",
-            "--node",
-            &name,
-            "--workloads",
-            &workloads,
-            "--bpffs-root",
-            BPFFS_ROOT,
-        ];
-        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+        let args = ["run", "--node", &name, "--bpffs-root", BPFFS_ROOT];
+        let args: Vec<&str> = args.iter().chain(source).chain(extra).copied().collect();
         let proc = self.spawn_on_node(node, &agent_bin, &args)?;
         let mut agent = Agent {
             proc,

@@ -7,6 +7,7 @@
 /// The workload file format, shared with the CA (which authorizes nodes from it).
 pub use ferry_proto::workload_file as file;
 mod file_source;
+pub mod kube_source;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,6 +21,23 @@ use ferry_proto::SpiffeId;
 use serde::{Serialize, Serializer};
 
 pub use file_source::FileSource;
+pub use kube_source::KubeSource;
+
+/// Where the table comes from; each source publishes every change itself.
+pub enum Source {
+    File(FileSource),
+    Kubernetes(KubeSource),
+}
+
+impl Source {
+    /// Publishes new tables until the receivers are gone.
+    pub async fn watch(self, tx: tokio::sync::watch::Sender<Arc<WorkloadTable>>) {
+        match self {
+            Self::File(source) => source.watch(tx).await,
+            Self::Kubernetes(source) => source.watch(tx).await,
+        }
+    }
+}
 
 /// One pod, as the mesh sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -100,21 +118,46 @@ impl Service {
 }
 
 impl WorkloadTable {
-    pub fn new(node: LocalNode, workloads: Vec<Workload>) -> Self {
+    /// Indexes a snapshot: the one constructor every source goes through.
+    /// Where two workloads claim one IP (a pod that is going away and the new
+    /// pod that got its address), the later one in `workloads` wins.
+    pub fn new(
+        node: LocalNode,
+        nodes: BTreeMap<String, Vec<IpAddr>>,
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<file::PolicySpec>,
+    ) -> Self {
         let workloads: Vec<_> = workloads.into_iter().map(Arc::new).collect();
         let by_ip = workloads
             .iter()
-            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, Arc::clone(w))))
+            .flat_map(|w| {
+                w.ips
+                    .iter()
+                    .map(move |ip| (ip.to_canonical(), Arc::clone(w)))
+            })
             .collect();
-        let nodes = BTreeMap::from([(node.name.clone(), node.addresses.clone())]);
+        let services: Vec<_> = services.into_iter().map(Arc::new).collect();
+        let services_by_ip = services
+            .iter()
+            .flat_map(|s| {
+                s.cluster_ips
+                    .iter()
+                    .map(move |ip| (ip.to_canonical(), Arc::clone(s)))
+            })
+            .collect();
+        let mut nodes = nodes;
+        nodes
+            .entry(node.name.clone())
+            .or_insert_with(|| node.addresses.clone());
         Self {
             node,
             workloads,
             nodes,
-            policies: Vec::new(),
-            services: Vec::new(),
+            policies,
+            services,
             by_ip,
-            services_by_ip: HashMap::new(),
+            services_by_ip,
         }
     }
 
@@ -192,42 +235,34 @@ impl WorkloadTable {
                 excluded_ports: pod.excluded_ports.clone(),
             })
             .collect();
-        let mut table = Self::new(
+        let services = file
+            .services
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                cluster_ips: s.cluster_ips.clone(),
+                ports: s.ports.clone(),
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|pod| format!("{}/{pod}", s.namespace))
+                    .collect(),
+            })
+            .collect();
+        Self::new(
             LocalNode {
                 name: node.to_owned(),
                 addresses,
             },
+            file.nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.addresses.clone()))
+                .collect(),
             workloads,
-        );
-        table.nodes = file
-            .nodes
-            .iter()
-            .map(|n| (n.name.clone(), n.addresses.clone()))
-            .collect();
-        table.policies = file.policies.clone();
-        table.services = file
-            .services
-            .iter()
-            .map(|s| {
-                Arc::new(Service {
-                    name: s.name.clone(),
-                    namespace: s.namespace.clone(),
-                    cluster_ips: s.cluster_ips.clone(),
-                    ports: s.ports.clone(),
-                    endpoints: s
-                        .endpoints
-                        .iter()
-                        .map(|pod| format!("{}/{pod}", s.namespace))
-                        .collect(),
-                })
-            })
-            .collect();
-        table.services_by_ip = table
-            .services
-            .iter()
-            .flat_map(|s| s.cluster_ips.iter().map(move |ip| (*ip, Arc::clone(s))))
-            .collect();
-        table
+            services,
+            file.policies.clone(),
+        )
     }
 
     /// The workload that owns `ip` (an IPv4-mapped IPv6 address counts as its IPv4 address).

@@ -1,0 +1,300 @@
+//! The agent with its Kubernetes workload source, against a stand-in API
+//! server that lists and watches the way the real one does: real agents and
+//! CA, pod cgroups where kubelet makes them, and the API server changing,
+//! dropping watches, going away and forgetting history under them.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use ferry_tests::{
+    CgroupDriver, Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    ca::CaOptions,
+    inspect::{PROGRAMS, admin_json, eventually, live_connection, programs_on},
+    kube_api::{FakeApiServer, namespace, pod},
+    testapp::{Family, event, pod_addr},
+};
+use k8s_openapi::{
+    api::{
+        core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the agent's capture programs are on the pod's cgroup (all of
+/// them) or not (none), failing on anything in between.
+fn captured(cluster: &Cluster, pod: PodId) -> anyhow::Result<bool> {
+    let cgroup = &cluster.pod(pod).cgroup;
+    let attached = programs_on(cgroup)?;
+    ensure!(
+        attached.is_empty() || attached == PROGRAMS,
+        "{}: partly attached: {attached:?}",
+        cgroup.display()
+    );
+    Ok(!attached.is_empty())
+}
+
+fn wait_captured(cluster: &Cluster, pod: PodId, want: bool) -> anyhow::Result<()> {
+    let name = &cluster.pod(pod).name;
+    eventually(|| {
+        ensure!(
+            captured(cluster, pod)? == want,
+            "{name}: expected captured = {want}"
+        );
+        Ok(())
+    })
+    .with_context(|| format!("pod {name}"))
+}
+
+/// The node's agent's view of the workload with `ip`.
+fn workload_at(cluster: &Cluster, node: NodeId, ip: std::net::IpAddr) -> anyhow::Result<Value> {
+    let workloads = admin_json(cluster, node, "/workloads")?;
+    workloads
+        .as_array()
+        .context("/workloads is not a list")?
+        .iter()
+        .find(|w| {
+            w["ips"]
+                .as_array()
+                .is_some_and(|ips| ips.iter().any(|i| i == &ip.to_string()))
+        })
+        .cloned()
+        .with_context(|| format!("no workload with {ip}: {workloads}"))
+}
+
+#[test]
+fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("kube-follow")?;
+    cluster.use_kubelet_cgroups(CgroupDriver::Cgroupfs);
+    let n1 = cluster.add_node()?;
+    let web = cluster.add_pod(n1, PodOptions::unmeshed("web", "shop", "web"))?;
+    let old = cluster.add_pod(n1, PodOptions::unmeshed("old", "shop", "old"))?;
+    let late = cluster.add_pod(n1, PodOptions::unmeshed("late", "shop", "late"))?;
+    let kubeconfig = cluster.tempdir().join("kubeconfig");
+    let api = FakeApiServer::start_for(&cluster, &kubeconfig)?;
+    api.apply(namespace("shop", false));
+    api.apply(pod(&cluster, web));
+    api.apply(pod(&cluster, old));
+    let _agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+
+    // Pods exist before their namespace is labelled: none is captured, then all are.
+    ensure!(!captured(&cluster, web)? && !captured(&cluster, old)?);
+    api.apply(namespace("shop", true));
+    wait_captured(&cluster, web, true)?;
+    wait_captured(&cluster, old, true)?;
+
+    // A pod created later is captured.
+    api.apply(pod(&cluster, late));
+    wait_captured(&cluster, late, true)?;
+
+    // A new pod gets a deleted pod's address: the address is the new pod's.
+    let reused = cluster.pod(old).ipv4.into();
+    api.delete(pod(&cluster, old));
+    let mut successor = pod(&cluster, old);
+    successor.metadata.name = Some("old-2".to_owned());
+    successor.metadata.uid = Some("a-uid-kubelet-has-no-cgroup-for-yet".to_owned());
+    successor
+        .spec
+        .as_mut()
+        .context("spec")?
+        .service_account_name = Some("batch".to_owned());
+    api.apply(successor);
+    wait_captured(&cluster, old, false)?;
+    eventually(|| {
+        let now = workload_at(&cluster, n1, reused)?;
+        ensure!(
+            now["name"] == "old-2" && now["serviceAccount"] == "batch",
+            "{reused} still belongs to {now}"
+        );
+        Ok(())
+    })?;
+
+    // The watch drops (an API server restart): the agent watches again from
+    // where it was, without listing everything again, and sees what changed.
+    let lists = api.lists();
+    api.drop_watches();
+    api.delete(pod(&cluster, late));
+    wait_captured(&cluster, late, false)?;
+    ensure!(
+        api.lists() == lists,
+        "the agent listed again ({} lists, {lists} before) where resuming its watch was enough",
+        api.lists()
+    );
+
+    // The API server is away while the namespace loses its label and it
+    // forgets its history: the agent gets 410 Gone, lists again, and
+    // converges on what the API server now says.
+    api.set_available(false);
+    api.apply(namespace("shop", false));
+    api.compact();
+    std::thread::sleep(Duration::from_secs(1));
+    api.set_available(true);
+    wait_captured(&cluster, web, false)?;
+    ensure!(
+        api.lists() > lists,
+        "the agent never listed again after 410 Gone"
+    );
+    Ok(())
+}
+
+#[test]
+fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_endpoints()
+-> anyhow::Result<()> {
+    let mut cluster = Cluster::new("kube-mesh")?;
+    cluster.use_kubelet_cgroups(CgroupDriver::Systemd);
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
+    let db0 = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let db1 = cluster.add_pod(n2, PodOptions::meshed("db-1", "shop", "db"))?;
+    let ca = cluster.start_ca_with(&CaOptions {
+        kubernetes: true,
+        ..CaOptions::default()
+    })?;
+    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
+    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let api = ca.api.as_ref().context("no stand-in API server")?;
+    for pod in [client, db0, db1] {
+        ensure!(captured(&cluster, pod)?, "{}", cluster.pod(pod).name);
+    }
+
+    let mut servers = Vec::new();
+    for pod in [db0, db1] {
+        servers.push(serve(&mut cluster, pod)?);
+    }
+    // Pod to pod: through the tunnel, with the identities from the API server.
+    let testapp = bin_path("ferry-testapp")?;
+    let to = pod_addr(&cluster, db0, Family::V4, PORT);
+    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &to.to_string()])?;
+    hold.wait_for_line(event("connected"), WAIT)?;
+    let live = live_connection(&cluster, n1, to)?;
+    ensure!(live["route"] == "tunnel", "{live}");
+    ensure!(
+        live["sourceIdentity"] == "spiffe://cluster.local/ns/shop/sa/web"
+            && live["destinationIdentity"] == "spiffe://cluster.local/ns/shop/sa/db",
+        "{live}"
+    );
+    hold.close_stdin();
+    hold.wait_exit(WAIT)?;
+    servers[0].wait_for_line(event("served"), WAIT)?;
+
+    // A Service whose named target port and endpoints come from its EndpointSlice.
+    let cluster_ip = "198.18.255.20";
+    api.apply(Service {
+        metadata: meta("db"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.to_owned()),
+            cluster_ips: Some(vec![cluster_ip.to_owned()]),
+            ports: Some(vec![ServicePort {
+                name: Some("sql".to_owned()),
+                port: 80,
+                target_port: Some(IntOrString::String("sql".to_owned())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    });
+    let service = SocketAddr::new(cluster_ip.parse()?, 80);
+    for (now, idle) in [(db0, db1), (db1, db0)] {
+        let name = cluster.pod(now).name.clone();
+        api.apply(endpoint_slice(&name));
+        eventually(|| {
+            let dump = admin_json(&cluster, n1, "/config_dump")?;
+            let db = dump["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "db"))
+                .with_context(|| format!("no Service db in {}", dump["services"]))?;
+            ensure!(
+                db["endpoints"] == serde_json::json!([format!("shop/{name}")]),
+                "{db}"
+            );
+            Ok(())
+        })?;
+        let (status, _, stderr) = cluster
+            .spawn_in_pod(
+                client,
+                &testapp,
+                &[
+                    "connect",
+                    "--to",
+                    &service.to_string(),
+                    "--bytes",
+                    "16",
+                    "--repeat",
+                    "5",
+                ],
+            )?
+            .wait_exit(WAIT)?;
+        ensure!(status.success(), "through the Service to {name}: {stderr}");
+        let (now_index, idle_index) = (server_index(now, db0), server_index(idle, db0));
+        for _ in 0..5 {
+            servers[now_index].wait_for_line(event("served"), WAIT)?;
+        }
+        ensure!(
+            servers[idle_index]
+                .wait_for_line(event("served"), Duration::from_millis(300))
+                .is_err(),
+            "a pod that is not an endpoint of the Service got a connection"
+        );
+    }
+    Ok(())
+}
+
+fn server_index(pod: PodId, first: PodId) -> usize {
+    usize::from(pod != first)
+}
+
+fn serve(cluster: &mut Cluster, pod: PodId) -> anyhow::Result<Proc> {
+    let testapp = bin_path("ferry-testapp")?;
+    let listen = pod_addr(cluster, pod, Family::V4, PORT).to_string();
+    let mut server = cluster.spawn_in_pod(
+        pod,
+        &testapp,
+        &["serve", "--listen", &listen, "--bytes", "16"],
+    )?;
+    server.wait_for_line(event("listening"), WAIT)?;
+    Ok(server)
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some("shop".to_owned()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Service db's one EndpointSlice, naming `pod` as its only endpoint and
+/// the pods' port for the Service's `sql` port.
+fn endpoint_slice(pod: &str) -> EndpointSlice {
+    let mut metadata = meta("db-slice");
+    metadata.labels = Some(
+        [("kubernetes.io/service-name".to_owned(), "db".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    EndpointSlice {
+        metadata,
+        address_type: "IPv4".to_owned(),
+        endpoints: vec![Endpoint {
+            addresses: vec![],
+            target_ref: Some(ObjectReference {
+                kind: Some("Pod".to_owned()),
+                name: Some(pod.to_owned()),
+                namespace: Some("shop".to_owned()),
+                ..ObjectReference::default()
+            }),
+            ..Endpoint::default()
+        }],
+        ports: Some(vec![EndpointPort {
+            name: Some("sql".to_owned()),
+            port: Some(i32::from(PORT)),
+            ..EndpointPort::default()
+        }]),
+    }
+}

@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use crate::{BPFFS_ROOT, cgroup, netns, sim::remove_tree};
 
 /// `/proc/<pid>/comm` of the processes the harness starts.
-const PROCESS_NAMES: &[&str] = &["ferry-agent", "ferry-testapp"];
+const PROCESS_NAMES: &[&str] = &["ferry-agent", "ferry-testapp", "ferry-load"];
 /// How long killed processes get to disappear.
 const SETTLE: Duration = Duration::from_secs(3);
 

@@ -3,6 +3,7 @@
 //! directories; root needed), real `ferry-agent` processes on them, and
 //! `ferry-testapp` workloads in their pods. See [`Cluster`].
 
+pub mod bench;
 pub mod ca;
 pub mod cgroup;
 pub mod http;

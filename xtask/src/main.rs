@@ -5,8 +5,10 @@
 //! - `setup`: installs and mounts everything the build and the tests need;
 //! - `test`: setup, format check, build, leak check, `cargo test --workspace`,
 //!   leak check again;
-//! - `demo`: setup, build, then runs `target/debug/ferry-demo`.
+//! - `demo`: setup, build, then runs `target/debug/ferry-demo`;
+//! - `bench`: setup, release build, then runs `target/release/ferry-bench`.
 
+mod bench;
 mod cmd;
 mod demo;
 mod leaks;
@@ -51,6 +53,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Run setup, build in release, and benchmark Ferry against no mesh and
+    /// stunnel (`target/release/ferry-bench`; `-- --quick` for a smoke run).
+    Bench {
+        /// Passed to ferry-bench as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        bench_args: Vec<String>,
+    },
     /// Run setup, build, and start the demo (`target/debug/ferry-demo`).
     Demo {
         /// Passed to ferry-demo as they are.
@@ -78,6 +87,7 @@ fn run(task: Task) -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Test { cargo_test_args } => test_suite::test(&cargo_test_args),
         Task::Demo { demo_args } => demo::demo(&demo_args),
+        Task::Bench { bench_args } => bench::bench(&bench_args),
     }
 }
 

@@ -17,7 +17,8 @@ use crate::{cmd, mounts};
 /// Debian packages: LLVM 22 (+ Polly, zstd) to build bpf-linker, bpftool to
 /// inspect what the agent loaded, iproute2 for the simulated nodes' network
 /// namespaces and veths, tcpdump to look at their traffic, openssl (the
-/// tests' independent certificate verifier), curl for the admin endpoint.
+/// tests' independent certificate verifier), curl for the admin endpoint,
+/// stunnel4 (the benchmark's baseline: what one would use without a mesh).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -27,6 +28,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "openssl",
     "curl",
+    "stunnel4",
 ];
 
 /// bpf-linker links the eBPF object; its LLVM (22) must be at least the LLVM

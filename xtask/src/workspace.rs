@@ -19,11 +19,14 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where `cargo build` puts the debug binaries (honours `CARGO_TARGET_DIR`).
+/// Where cargo builds (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// Where `cargo build` puts the debug binaries.
 pub fn debug_dir() -> PathBuf {
-    let target =
-        env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    target.join("debug")
+    target_dir().join("debug")
 }
 
 /// Builds every binary of the workspace, so the end-to-end tests and the demo

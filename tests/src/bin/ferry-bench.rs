@@ -1,0 +1,531 @@
+//! `ferry-bench`: Ferry side by side with no mesh and with stunnel, on two
+//! simulated nodes (`cargo xtask bench` builds it in release and runs it).
+//!
+//! One cluster holds all three setups, so they share nodes, veths and
+//! kernel: `no-mesh` is a client pod and a server pod in an unmeshed
+//! namespace talking plain TCP; `ferry` is the same pair in a meshed
+//! namespace (captured, tunnelled over pooled mTLS between the agents);
+//! `stunnel` is the unmeshed pair again with a `stunnel4` process in each
+//! pod doing mutual TLS 1.3 with P-256 certificates, one TLS connection per
+//! application connection. Every scenario runs each setup in turn, the
+//! order rotating per round, and the medians are compared.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command as Process, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
+use ferry_tests::{
+    Cluster, PodId, PodOptions, Proc,
+    bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
+    bin_path,
+    inspect::bpftool,
+};
+use serde_json::{Value, json};
+
+const SERVER_PORT: u16 = 7000;
+const STUNNEL_PORT: u16 = 7443;
+const STUNNEL_LOCAL_PORT: u16 = 7001;
+const STUNNEL: &str = "/usr/bin/stunnel4";
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-bench",
+    about = "Ferry vs no mesh vs stunnel, side by side"
+)]
+struct Args {
+    /// A smoke run: every scenario once, briefly, 50 idle connections; no
+    /// numbers worth reading.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds per scenario (each runs every setup once).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Idle connections held open for the memory scenario.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+    /// A Markdown file whose `<!-- bench:start/end -->` section gets the table.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+struct Bench {
+    cluster: Cluster,
+    plain_client: PodId,
+    mesh_client: PodId,
+    agents: Vec<ferry_tests::Agent>,
+    /// Kept running for the whole bench.
+    _servers: Vec<Proc>,
+    stunnels: [Proc; 2],
+    _ca: ferry_tests::ca::CaFixture,
+    targets: [(String, PodId, String); 3],
+    seconds: f64,
+}
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    if args.quick {
+        args.rounds = 1;
+        args.seconds = 0.3;
+        args.idle = 50;
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferry-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let stats_before = fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".to_owned());
+    fs::write(BPF_STATS, "1").context("cannot enable BPF run-time statistics")?;
+    let result = measure(args);
+    let _ = fs::write(BPF_STATS, stats_before.trim());
+    let (samples, checks, extra) = result?;
+
+    let table = markdown(&samples, &checks);
+    println!("\n{table}");
+    let machine = machine();
+    let report = json!({
+        "date": today(),
+        "machine": machine,
+        "rounds": args.rounds,
+        "secondsPerRun": args.seconds,
+        "idleConnections": args.idle,
+        "quick": args.quick,
+        "summary": samples.summary(),
+        "samples": samples,
+        "checks": checks,
+        "extra": extra,
+    });
+    if let Some(dir) = args.out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", args.out.display());
+    if let Some(path) = &args.markdown {
+        let document =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let section = format!(
+            "Measured {} on {machine}: {} rounds of {} s per setup, {} idle connections \
+             (`cargo xtask bench`).\n\n{table}",
+            today(),
+            args.rounds,
+            args.seconds,
+            args.idle
+        );
+        let updated = replace_results(&document, &section).with_context(|| {
+            format!("{} has no <!-- bench:start/end --> markers", path.display())
+        })?;
+        fs::write(path, updated)?;
+        println!("table written into {}", path.display());
+    }
+    Ok(())
+}
+
+fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Check>, Value)> {
+    let mut bench = Bench::start(args.seconds)?;
+    let connect4_before = connect4_stats()?;
+    let mut samples = Samples::default();
+    for round in 0..args.rounds {
+        for scenario in ["bulk", "rr", "crr"] {
+            for k in 0..SETUPS.len() {
+                let (setup, pod, to) = bench.targets[(round + k) % SETUPS.len()].clone();
+                let result = bench
+                    .client(pod, &[scenario, "--to", &to])
+                    .with_context(|| format!("{scenario} over {setup}"))?;
+                println!("round {} {scenario:>4} {setup:>8}: {result}", round + 1);
+                record(&mut samples, scenario, &setup, &result);
+            }
+        }
+    }
+    let connect4_after = connect4_stats()?;
+    let calls = connect4_after.1.saturating_sub(connect4_before.1);
+    ensure!(calls > 0, "ferry_connect4 never ran: is capture working?");
+    let connect4_ns = (connect4_after.0 - connect4_before.0) as f64 / calls as f64;
+
+    let memory = bench.memory(args.idle)?;
+    for (metric, setup, value) in &memory {
+        samples.add(metric, setup, *value);
+    }
+    let mut checks: Vec<_> = [
+        ratio_check(&samples, "bulk.MiBPerSecond", "no-mesh", 0.5, true),
+        ratio_check(&samples, "bulk.MiBPerSecond", "stunnel", 1.0, true),
+        ratio_check(&samples, "rr.perSecond", "no-mesh", 0.5, true),
+        ratio_check(&samples, "rr.perSecond", "stunnel", 1.0, true),
+        ratio_check(&samples, "rr.p99Micros", "stunnel", 1.0, false),
+        ratio_check(&samples, "crr.perSecond", "stunnel", 3.0, true),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let rss = |metric: &str| samples.median(metric, "ferry").unwrap_or(f64::NAN);
+    checks.push(bound_check(
+        "agent RSS idle",
+        rss("idle.agentRssMiB"),
+        20.0,
+        "MiB",
+    ));
+    checks.push(bound_check(
+        "agent KiB per connection (client node)",
+        rss("idle.clientSideKiBPerConn"),
+        32.0,
+        "KiB",
+    ));
+    checks.push(bound_check(
+        "agent KiB per connection (server node)",
+        rss("idle.serverSideKiBPerConn"),
+        32.0,
+        "KiB",
+    ));
+    checks.push(bound_check(
+        "connect4 ns per call",
+        connect4_ns,
+        1000.0,
+        "ns",
+    ));
+    let extra = json!({ "connect4": { "calls": calls, "nsPerCall": connect4_ns } });
+    Ok((samples, checks, extra))
+}
+
+fn record(samples: &mut Samples, scenario: &str, setup: &str, result: &Value) {
+    let mut add = |metric: &str, value: Option<f64>| {
+        if let Some(value) = value {
+            samples.add(&format!("{scenario}.{metric}"), setup, value);
+        }
+    };
+    match scenario {
+        "bulk" => add(
+            "MiBPerSecond",
+            result["bytesPerSecond"].as_f64().map(|b| b / MIB),
+        ),
+        "rr" => {
+            add("perSecond", result["perSecond"].as_f64());
+            add("p50Micros", result["p50Micros"].as_f64());
+            add("p99Micros", result["p99Micros"].as_f64());
+        }
+        _ => {
+            add("perSecond", result["perSecond"].as_f64());
+            add("p99Micros", result["p99Micros"].as_f64());
+        }
+    }
+}
+
+impl Bench {
+    fn start(seconds: f64) -> anyhow::Result<Self> {
+        let mut cluster = Cluster::new("bench")?;
+        let n1 = cluster.add_node()?;
+        let n2 = cluster.add_node()?;
+        let plain_client = cluster.add_pod(n1, PodOptions::unmeshed("plain-c", "plain", "c"))?;
+        let plain_server = cluster.add_pod(n2, PodOptions::unmeshed("plain-s", "plain", "s"))?;
+        let mesh_client = cluster.add_pod(n1, PodOptions::meshed("mesh-c", "mesh", "client"))?;
+        let mesh_server = cluster.add_pod(n2, PodOptions::meshed("mesh-s", "mesh", "server"))?;
+        let ca = cluster.start_ca()?;
+        let agents = vec![
+            cluster.start_agent_with_ca(n1, &ca)?,
+            cluster.start_agent_with_ca(n2, &ca)?,
+        ];
+        let load = bin_path("ferry-load")?;
+        let listen = format!("0.0.0.0:{SERVER_PORT}");
+        let mut servers = Vec::new();
+        for pod in [plain_server, mesh_server] {
+            let mut server = cluster.spawn_in_pod(pod, &load, &["serve", "--listen", &listen])?;
+            server.wait_for_line(|l| l["event"] == "listening", Duration::from_secs(10))?;
+            servers.push(server);
+        }
+        let stunnels = start_stunnels(&mut cluster, plain_client, plain_server)?;
+        let server_addr = |pod: PodId, port: u16| format!("{}:{port}", cluster.pod(pod).ipv4);
+        let targets = [
+            (
+                "no-mesh".to_owned(),
+                plain_client,
+                server_addr(plain_server, SERVER_PORT),
+            ),
+            (
+                "ferry".to_owned(),
+                mesh_client,
+                server_addr(mesh_server, SERVER_PORT),
+            ),
+            (
+                "stunnel".to_owned(),
+                plain_client,
+                format!("127.0.0.1:{STUNNEL_LOCAL_PORT}"),
+            ),
+        ];
+        Ok(Self {
+            cluster,
+            plain_client,
+            mesh_client,
+            agents,
+            _servers: servers,
+            stunnels,
+            _ca: ca,
+            targets,
+            seconds,
+        })
+    }
+
+    /// Runs `ferry-load ARGS --seconds …` in `pod` and parses its one line.
+    fn client(&mut self, pod: PodId, args: &[&str]) -> anyhow::Result<Value> {
+        let load = bin_path("ferry-load")?;
+        let seconds = self.seconds.to_string();
+        let mut all = args.to_vec();
+        all.extend(["--seconds", &seconds]);
+        let mut proc = self.cluster.spawn_in_pod(pod, &load, &all)?;
+        let (status, stdout, stderr) =
+            proc.wait_exit(Duration::from_secs_f64(self.seconds + 60.0))?;
+        ensure!(status.success(), "ferry-load {}: {stderr}", all.join(" "));
+        serde_json::from_str(stdout.trim()).with_context(|| format!("not JSON: {stdout}"))
+    }
+
+    /// Agent RSS idle, then what `count` idle connections add to each side:
+    /// the two agents for Ferry, the two stunnel processes for stunnel.
+    fn memory(&mut self, count: usize) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
+        let agent_pids = [self.agents[0].proc.pid(), self.agents[1].proc.pid()];
+        let stunnel_pids = [self.stunnels[0].pid(), self.stunnels[1].pid()];
+        let idle_rss = rss_kib(agent_pids[0])?;
+        let mut out = vec![("idle.agentRssMiB", "ferry", idle_rss / 1024.0)];
+        for (setup, pids, pod) in [
+            ("ferry", agent_pids, self.mesh_client),
+            ("stunnel", stunnel_pids, self.plain_client),
+        ] {
+            let to = self
+                .targets
+                .iter()
+                .find(|(name, _, _)| name == setup)
+                .map(|(_, _, to)| to.clone())
+                .context("no target")?;
+            let before = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+            let load = bin_path("ferry-load")?;
+            let count_text = count.to_string();
+            let mut idle = self.cluster.spawn_in_pod(
+                pod,
+                &load,
+                &["idle", "--to", &to, "--count", &count_text],
+            )?;
+            idle.wait_for_line(|l| l["open"].as_u64().is_some(), Duration::from_secs(120))
+                .with_context(|| format!("{count} idle connections over {setup}"))?;
+            std::thread::sleep(Duration::from_secs(1));
+            let after = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+            idle.close_stdin();
+            idle.wait_exit(Duration::from_secs(30))?;
+            let per = |i: usize| (after[i] - before[i]) / count as f64;
+            println!("{setup}: RSS {before:?} KiB → {after:?} KiB with {count} idle connections");
+            out.push(("idle.clientSideKiBPerConn", setup, per(0)));
+            out.push(("idle.serverSideKiBPerConn", setup, per(1)));
+        }
+        Ok(out)
+    }
+}
+
+/// Certificates like Ferry's (P-256 leaves under one CA) and a stunnel in
+/// each pod: the client's listens on loopback, the server's terminates TLS
+/// in front of the load server.
+fn start_stunnels(
+    cluster: &mut Cluster,
+    client: PodId,
+    server: PodId,
+) -> anyhow::Result<[Proc; 2]> {
+    ensure!(
+        Path::new(STUNNEL).is_file(),
+        "{STUNNEL} is missing: run `cargo xtask setup` (it installs Debian's stunnel4)"
+    );
+    let dir = cluster.tempdir().join("stunnel");
+    fs::create_dir_all(&dir)?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let output = Process::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    };
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &p256,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-subj",
+                "/CN=bench-ca",
+                "-days",
+                "1",
+            ],
+        ]
+        .concat(),
+    )?;
+    for side in ["client", "server"] {
+        let key = format!("{side}.key");
+        let csr = format!("{side}.csr");
+        let crt = format!("{side}.crt");
+        openssl(
+            &[
+                &["req"][..],
+                &p256,
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={side}"),
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "1",
+        ])?;
+    }
+    let server_ip = cluster.pod(server).ipv4;
+    let config = |side: &str, accept: String, connect: String| {
+        let d = dir.display();
+        format!(
+            "foreground = yes\npid =\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
+             [bench]\nclient = {}\naccept = {accept}\nconnect = {connect}\n\
+             cert = {d}/{side}.crt\nkey = {d}/{side}.key\nCAfile = {d}/ca.crt\n\
+             verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
+            if side == "client" { "yes" } else { "no" }
+        )
+    };
+    let client_conf = dir.join("client.conf");
+    let server_conf = dir.join("server.conf");
+    fs::write(
+        &client_conf,
+        config(
+            "client",
+            format!("127.0.0.1:{STUNNEL_LOCAL_PORT}"),
+            format!("{server_ip}:{STUNNEL_PORT}"),
+        ),
+    )?;
+    fs::write(
+        &server_conf,
+        config(
+            "server",
+            format!("0.0.0.0:{STUNNEL_PORT}"),
+            format!("127.0.0.1:{SERVER_PORT}"),
+        ),
+    )?;
+    let stunnel = PathBuf::from(STUNNEL);
+    let server_proc = cluster.spawn_in_pod(server, &stunnel, &[&server_conf.to_string_lossy()])?;
+    let client_proc = cluster.spawn_in_pod(client, &stunnel, &[&client_conf.to_string_lossy()])?;
+    // stunnel says nothing on stdout; wait until both ends accept.
+    for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORT)] {
+        wait_listening(cluster, pod, port)?;
+    }
+    Ok([client_proc, server_proc])
+}
+
+fn wait_listening(cluster: &Cluster, pod: PodId, port: u16) -> anyhow::Result<()> {
+    let netns = cluster.pod(pod).netns.clone();
+    for _ in 0..100 {
+        let out = Process::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "ss",
+                "-Htln",
+                &format!("sport = :{port}"),
+            ])
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listens on port {port} in {netns} after 10 s")
+}
+
+/// Resident memory of `pid`, KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .with_context(|| format!("no VmRSS for {pid}"))?;
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS without a number")?
+        .parse()?;
+    Ok(kib)
+}
+
+/// Total run time (ns) and runs of every loaded `ferry_connect4`.
+fn connect4_stats() -> anyhow::Result<(u64, u64)> {
+    let progs = bpftool(&["prog", "show", "name", "ferry_connect4"])?;
+    let list = match progs {
+        Value::Array(list) => list,
+        one => vec![one],
+    };
+    Ok(list.iter().fold((0, 0), |(ns, cnt), p| {
+        (
+            ns + p["run_time_ns"].as_u64().unwrap_or(0),
+            cnt + p["run_cnt"].as_u64().unwrap_or(0),
+        )
+    }))
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn today() -> String {
+    let out = Process::new("date").arg("+%Y-%m-%d").output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod capture;
 pub mod cli;
 pub mod identity;
+pub mod metrics;
 pub mod proxy;
 pub mod tunnel;
 pub mod workload;
@@ -93,8 +94,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: capture.pin_dir().display().to_string(),
         ..Default::default()
     }));
-    let connections = Arc::new(Connections::default());
-    let identities = start_identities(&args.identity, table_rx.clone())?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let connections = Arc::new(Connections::new(Arc::clone(&metrics)));
+    let identities = start_identities(&args.identity, table_rx.clone(), &metrics)?;
 
     tokio::spawn(source.watch(table_tx));
     tokio::spawn(keep_captured(
@@ -102,6 +104,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         table_rx.clone(),
         Arc::clone(&capture_view),
         Arc::clone(&readiness),
+        Arc::clone(&metrics),
     ));
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -112,6 +115,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 identities: Arc::clone(identities),
                 provider: Arc::clone(&provider),
             },
+            Arc::clone(&metrics),
         );
         Mesh {
             identities: Arc::clone(identities),
@@ -153,6 +157,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         attachments: capture_view,
         connections,
         readiness,
+        metrics,
         identities: identities.map(|manager| manager as Arc<dyn admin::IdentityState>),
         pool: pool_view,
     });
@@ -170,6 +175,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 fn start_identities(
     args: &cli::IdentityArgs,
     mut tables: watch::Receiver<Arc<WorkloadTable>>,
+    metrics: &Arc<metrics::Metrics>,
 ) -> anyhow::Result<Option<Arc<CertManager<CaClient>>>> {
     let (Some(ca_addr), Some(trust_bundle), Some(token_file)) =
         (&args.ca_addr, &args.trust_bundle, &args.token_file)
@@ -188,6 +194,7 @@ fn start_identities(
             backoff: identity::CA_BACKOFF,
         },
         client,
+        Arc::clone(metrics),
     );
     let follower = Arc::clone(&manager);
     tokio::spawn(async move {
@@ -274,6 +281,7 @@ async fn keep_captured(
     mut tables: watch::Receiver<Arc<WorkloadTable>>,
     view: Arc<Mutex<CaptureView>>,
     readiness: Arc<Readiness>,
+    metrics: Arc<metrics::Metrics>,
 ) {
     loop {
         let table = tables.borrow_and_update().clone();
@@ -286,6 +294,7 @@ async fn keep_captured(
             tracing::error!(error = %failure, "capture failed; retrying in {CAPTURE_RETRY:?}");
         }
         readiness.set(failures.iter().map(|f| format!("capture: {f}")).collect());
+        metrics.capture_reconciled(capture.attachments().count(), failures.len());
         {
             let mut view = view.lock().expect("capture view lock");
             view.attached = capture.attachments().cloned().collect();

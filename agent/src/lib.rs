@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod capture;
 pub mod cli;
 pub mod identity;
+pub mod inspect;
 pub mod metrics;
 pub mod proxy;
 pub mod tunnel;

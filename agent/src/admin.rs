@@ -2,7 +2,8 @@
 //!
 //! `GET /config_dump` shows the agent's whole state as JSON; debugging starts
 //! there. `/healthz/ready` answers 200 once the agent serves every local pod,
-//! and 503 with the reasons until then.
+//! and 503 with the reasons until then. `/metrics` is the Prometheus text,
+//! also served on the probe port, which Prometheus can reach.
 
 use std::{
     convert::Infallible,
@@ -20,7 +21,8 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     capture::Attachment,
     identity::CertView,
-    proxy::connections::{ConnectionInfo, Connections, Totals},
+    metrics::{self, Metrics, Totals},
+    proxy::connections::{ConnectionInfo, Connections},
     workload::{LocalNode, Workload, WorkloadTable},
 };
 
@@ -52,6 +54,7 @@ pub struct AdminState {
     pub attachments: Arc<Mutex<CaptureView>>,
     pub connections: Arc<Connections>,
     pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
     /// The certificate manager, when the agent runs with a CA.
     pub identities: Option<Arc<dyn IdentityState>>,
     /// The tunnel pool's state as JSON, when the agent runs with a CA.
@@ -113,7 +116,7 @@ struct ConfigDump<'a> {
     services: Vec<&'a crate::workload::Service>,
     capture: CaptureView,
     connections: Vec<ConnectionInfo>,
-    totals: &'a Totals,
+    totals: Totals,
     /// Without a CA the agent has no identities and carries plaintext only.
     mtls: bool,
     certificates: Vec<CertView>,
@@ -127,16 +130,26 @@ pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, route_admin).await
 }
 
-/// Serves only `/healthz/ready` (the kubelet's probe port).
+/// Serves only `/healthz/ready` (the kubelet's probe) and `/metrics`
+/// (Prometheus): the probe port listens on every address.
 pub async fn serve_probe(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, |state, req| match req.uri().path() {
         "/healthz/ready" => ready(state),
+        "/metrics" => metrics_text(state),
         _ => text(
             StatusCode::NOT_FOUND,
-            "only /healthz/ready is served here\n".into(),
+            "only /healthz/ready and /metrics are served here\n".into(),
         ),
     })
     .await
+}
+
+fn metrics_text(state: &AdminState) -> Response<Full<Bytes>> {
+    response(
+        StatusCode::OK,
+        metrics::CONTENT_TYPE,
+        state.metrics.render().into_bytes(),
+    )
 }
 
 async fn serve(
@@ -273,7 +286,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
                 services: table.services.iter().map(AsRef::as_ref).collect(),
                 capture: state.attachments.lock().expect("capture view lock").clone(),
                 connections: state.connections.live(),
-                totals: &state.connections.totals,
+                totals: state.metrics.totals(),
                 mtls: state.identities.is_some(),
                 certificates: state.certs(),
                 pool: state.pool_view(),
@@ -294,10 +307,11 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         "/connections" => json(&state.connections.live()),
         "/certs" => json(&state.certs()),
         "/pool" => json(&state.pool_view()),
+        "/metrics" => metrics_text(state),
         path => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /logging, /healthz/ready\n"
+                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /metrics, /logging, /healthz/ready\n"
             ),
         ),
     }

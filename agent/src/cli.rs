@@ -22,10 +22,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Capture this node's meshed pods and carry their connections.
     Run(RunArgs),
+    /// Show a running agent's state in tables, from its admin endpoint.
+    Inspect(crate::inspect::InspectArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -208,7 +212,10 @@ mod tests {
         let Command::Run(args) =
             Cli::try_parse_from(["ferry-agent", "run", "--node", "n1", "--workloads", "w"])
                 .unwrap()
-                .command;
+                .command
+        else {
+            panic!("not run")
+        };
         assert_eq!(args.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!((args.outbound_port, args.probe_port), (15001, 15021));
     }
@@ -244,7 +251,10 @@ mod tests {
                 .chain(["--node-address", "198.19.0.1,2001:2::1"]),
         )
         .unwrap()
-        .command;
+        .command
+        else {
+            panic!("not run")
+        };
         assert_eq!(args.source.node_addresses.len(), 2);
         assert_eq!(args.source.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
     }

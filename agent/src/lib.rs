@@ -6,6 +6,8 @@ pub mod backoff;
 pub mod capture;
 pub mod cli;
 pub mod identity;
+pub mod inspect;
+pub mod metrics;
 pub mod proxy;
 pub mod tunnel;
 pub mod workload;
@@ -90,8 +92,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: capture.pin_dir().display().to_string(),
         ..Default::default()
     }));
-    let connections = Arc::new(Connections::default());
-    let identities = start_identities(&args.identity, table_rx.clone())?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let connections = Arc::new(Connections::new(Arc::clone(&metrics)));
+    let identities = start_identities(&args.identity, table_rx.clone(), &metrics)?;
 
     tokio::spawn(source.watch(table_tx));
     tokio::spawn(keep_captured(
@@ -99,6 +102,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         table_rx.clone(),
         Arc::clone(&capture_view),
         Arc::clone(&readiness),
+        Arc::clone(&metrics),
     ));
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -109,6 +113,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 identities: Arc::clone(identities),
                 provider: Arc::clone(&provider),
             },
+            Arc::clone(&metrics),
         );
         Mesh {
             identities: Arc::clone(identities),
@@ -150,6 +155,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         attachments: capture_view,
         connections,
         readiness,
+        metrics,
         identities: identities.map(|manager| manager as Arc<dyn admin::IdentityState>),
         pool: pool_view,
     });
@@ -187,6 +193,7 @@ async fn load_workloads(args: &RunArgs) -> anyhow::Result<(Source, WorkloadTable
 fn start_identities(
     args: &cli::IdentityArgs,
     mut tables: watch::Receiver<Arc<WorkloadTable>>,
+    metrics: &Arc<metrics::Metrics>,
 ) -> anyhow::Result<Option<Arc<CertManager<CaClient>>>> {
     let (Some(ca_addr), Some(trust_bundle), Some(token_file)) =
         (&args.ca_addr, &args.trust_bundle, &args.token_file)
@@ -205,6 +212,7 @@ fn start_identities(
             backoff: identity::CA_BACKOFF,
         },
         client,
+        Arc::clone(metrics),
     );
     let follower = Arc::clone(&manager);
     tokio::spawn(async move {
@@ -291,6 +299,7 @@ async fn keep_captured(
     mut tables: watch::Receiver<Arc<WorkloadTable>>,
     view: Arc<Mutex<CaptureView>>,
     readiness: Arc<Readiness>,
+    metrics: Arc<metrics::Metrics>,
 ) {
     loop {
         let table = tables.borrow_and_update().clone();
@@ -303,6 +312,7 @@ async fn keep_captured(
             tracing::error!(error = %failure, "capture failed; retrying in {CAPTURE_RETRY:?}");
         }
         readiness.set(failures.iter().map(|f| format!("capture: {f}")).collect());
+        metrics.capture_reconciled(capture.attachments().count(), failures.len());
         {
             let mut view = view.lock().expect("capture view lock");
             view.attached = capture.attachments().cloned().collect();

@@ -20,7 +20,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::{Certifier, ca_client::read_roots, identity_of, renewal};
-use crate::backoff::{Backoff, jitter_sample};
+use crate::{
+    backoff::{Backoff, jitter_sample},
+    metrics::{CaResult, Metrics},
+};
 
 /// How long one attempt to get a certificate may take.
 pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -95,14 +98,16 @@ pub struct CertManager<C> {
     config: IdentityConfig,
     certifier: Arc<C>,
     slots: Mutex<BTreeMap<SpiffeId, Arc<Slot>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<C: Certifier> CertManager<C> {
-    pub fn new(config: IdentityConfig, certifier: C) -> Arc<Self> {
+    pub fn new(config: IdentityConfig, certifier: C, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             config,
             certifier: Arc::new(certifier),
             slots: Mutex::default(),
+            metrics,
         })
     }
 
@@ -118,6 +123,7 @@ impl<C: Certifier> CertManager<C> {
             let keep = wanted.contains(identity);
             if !keep {
                 slot.task.abort();
+                self.metrics.certificate_dropped(identity);
                 tracing::info!(%identity, "no pod on this node runs as this identity anymore; dropped its key");
             }
             keep
@@ -223,9 +229,14 @@ impl<C: Certifier> CertManager<C> {
             csr_der: csr.der().to_vec(),
             token: token.trim().to_owned(),
         };
-        let response = tokio::time::timeout(CERTIFY_TIMEOUT, self.certifier.certify(request))
-            .await
-            .map_err(|_| format!("the CA did not answer within {CERTIFY_TIMEOUT:?}"))??;
+        let answer = tokio::time::timeout(CERTIFY_TIMEOUT, self.certifier.certify(request)).await;
+        self.metrics.ca_request(match &answer {
+            Ok(Ok(_)) => CaResult::Ok,
+            Ok(Err(_)) => CaResult::Error,
+            Err(_) => CaResult::Timeout,
+        });
+        let response =
+            answer.map_err(|_| format!("the CA did not answer within {CERTIFY_TIMEOUT:?}"))??;
         let roots = read_roots(&self.config.trust_bundle).map_err(|e| e.to_string())?;
         validate(
             identity,
@@ -321,7 +332,9 @@ async fn keep_certified<C: Certifier>(
         let (Some(manager), Some(slot)) = (manager.upgrade(), slot.upgrade()) else {
             return;
         };
-        let wait = match manager.obtain(&identity, &key).await {
+        let obtained = manager.obtain(&identity, &key).await;
+        manager.metrics.certificate_attempt(obtained.is_ok());
+        let wait = match obtained {
             Ok(issued) => {
                 failures = 0;
                 let wait = renewal::renew_in(
@@ -343,6 +356,9 @@ async fn keep_certified<C: Certifier>(
                     status.failures = 0;
                     status.last_error = None;
                 }
+                manager
+                    .metrics
+                    .certificate_published(&identity, issued.not_after);
                 slot.current.send_replace(Some(Arc::new(issued)));
                 wait
             }
@@ -461,6 +477,7 @@ mod tests {
     struct Setup {
         ca: Arc<TestCa>,
         manager: Arc<CertManager<Arc<TestCa>>>,
+        metrics: Arc<Metrics>,
         _dir: TempDir,
     }
 
@@ -495,6 +512,7 @@ mod tests {
             down: AtomicBool::new(false),
             wrong_identity: AtomicBool::new(false),
         });
+        let metrics = Arc::new(Metrics::default());
         let manager = CertManager::new(
             IdentityConfig {
                 trust_domain: "cluster.local".to_owned(),
@@ -503,10 +521,12 @@ mod tests {
                 backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             },
             Arc::clone(&ca),
+            Arc::clone(&metrics),
         );
         Setup {
             ca,
             manager,
+            metrics,
             _dir: TempDir(dir),
         }
     }
@@ -535,7 +555,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn certifies_each_identity_and_renews_near_half_life() {
-        let Setup { ca, manager, _dir } = setup();
+        let Setup {
+            ca,
+            manager,
+            metrics,
+            _dir,
+        } = setup();
         assert_eq!(manager.not_ready().len(), 0);
         manager.set_identities(&[id("api"), id("web")].into());
         settle().await;
@@ -564,11 +589,29 @@ mod tests {
                 "renewed {after:?} after issuance"
             );
         }
+        let text = metrics.render();
+        assert!(
+            text.contains("ferry_certificate_renewals_total{result=\"ok\"} 4")
+                && text.contains("ferry_ca_requests_total{result=\"ok\"} 4"),
+            "{text}"
+        );
+        let not_after = unix(manager.current(&id("web")).unwrap().not_after);
+        assert!(
+            text.contains(&format!(
+                "ferry_certificate_expiry_timestamp_seconds{{identity=\"spiffe://cluster.local/ns/shop/sa/web\"}} {not_after}"
+            )),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn backs_off_while_the_ca_is_down_and_keeps_the_old_certificate() {
-        let Setup { ca, manager, _dir } = setup();
+        let Setup {
+            ca,
+            manager,
+            metrics,
+            _dir,
+        } = setup();
         manager.set_identities(&[id("api")].into());
         settle().await;
         let first = manager.current(&id("api")).unwrap();
@@ -607,6 +650,15 @@ mod tests {
                 .contains("connection refused")
         );
         assert!(view[0].consecutive_failures >= 3);
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!(
+                "ferry_ca_requests_total{{result=\"error\"}} {retries}"
+            )) && text.contains(&format!(
+                "ferry_certificate_renewals_total{{result=\"error\"}} {retries}"
+            )),
+            "{retries} retries: {text}"
+        );
 
         ca.down.store(false, Ordering::SeqCst);
         advance(Duration::from_secs(120)).await;
@@ -620,7 +672,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn refuses_a_certificate_for_another_identity() {
-        let Setup { ca, manager, _dir } = setup();
+        let Setup {
+            ca, manager, _dir, ..
+        } = setup();
         ca.wrong_identity.store(true, Ordering::SeqCst);
         manager.set_identities(&[id("api")].into());
         settle().await;
@@ -635,13 +689,23 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn drops_an_identity_whose_last_pod_left() {
-        let Setup { ca, manager, _dir } = setup();
+        let Setup {
+            ca,
+            manager,
+            metrics,
+            _dir,
+        } = setup();
         manager.set_identities(&[id("api"), id("web")].into());
         settle().await;
         manager.set_identities(&[id("web")].into());
         settle().await;
         assert!(manager.current(&id("api")).is_none());
         assert!(manager.current(&id("web")).is_some());
+        let text = metrics.render();
+        assert!(
+            !text.contains("sa/api") && text.contains("sa/web"),
+            "the expiry series must follow the identities: {text}"
+        );
         let calls = ca.calls.load(Ordering::SeqCst);
         advance(LIFETIME).await;
         // Only web renews (twice in a lifetime at most).

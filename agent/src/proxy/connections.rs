@@ -1,16 +1,24 @@
-//! The live connections the agent carries, for `/config_dump` and `/connections`.
+//! The live connections the agent carries, for `/config_dump` and
+//! `/connections`, and the connection metrics they update.
 
 use std::{
     collections::BTreeMap,
+    io,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::{ConnectionCounters, Metrics};
 
 /// One proxied connection, as an operator sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +42,10 @@ pub struct ConnectionInfo {
     /// How the agent carries it.
     pub route: Route,
     pub opened_at_unix_ms: u64,
+    /// Bytes the client (the application that dialled) sent so far.
+    pub bytes_sent: u64,
+    /// Bytes the client received so far.
+    pub bytes_received: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,44 +61,55 @@ pub enum Route {
     InboundTunnel,
 }
 
-/// Counters since the agent started.
-#[derive(Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Totals {
-    /// Connections the capture programs redirected and the agent accepted.
-    pub captured: AtomicU64,
-    /// Connections on the outbound port that the capture programs did not send.
-    pub uncaptured: AtomicU64,
-    /// Captured connections whose destination could not be reached.
-    pub upstream_failures: AtomicU64,
-    /// Tunnel connections from other agents that completed mutual TLS.
-    pub inbound_handshakes: AtomicU64,
-    /// Tunnel connections refused before or during the handshake.
-    pub inbound_refused: AtomicU64,
-    /// `CONNECT` requests refused (not a local meshed pod, wrong identity, policy).
-    pub inbound_denied: AtomicU64,
-    /// Outbound connections refused by policy or by the peer agent.
-    pub outbound_denied: AtomicU64,
-}
-
-#[derive(Debug, Default)]
+/// The live connections and the metrics their opening, bytes and closing update.
 pub struct Connections {
     next_id: AtomicU64,
-    live: Mutex<BTreeMap<u64, ConnectionInfo>>,
-    pub totals: Totals,
+    live: Mutex<BTreeMap<u64, Arc<Live>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One live connection: what it is and what it has moved so far.
+struct Live {
+    info: ConnectionInfo,
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 impl Connections {
-    /// Records a connection; it is forgotten when the returned guard drops.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            next_id: AtomicU64::new(0),
+            live: Mutex::default(),
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Records a connection and counts it opened; it is forgotten (and no
+    /// longer active) when the returned guard drops.
     pub fn open(self: &Arc<Self>, mut info: ConnectionInfo) -> Tracked {
         info.id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         info.opened_at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let id = info.id;
-        self.live.lock().expect("connections lock").insert(id, info);
+        let counters = self.metrics.connection_opened(info.route);
+        let live = Arc::new(Live {
+            info,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        self.live
+            .lock()
+            .expect("connections lock")
+            .insert(id, Arc::clone(&live));
         Tracked {
             id,
+            live,
+            counters,
             registry: Arc::clone(self),
         }
     }
@@ -96,14 +119,20 @@ impl Connections {
             .lock()
             .expect("connections lock")
             .values()
-            .cloned()
+            .map(|live| ConnectionInfo {
+                bytes_sent: live.sent.load(Ordering::Relaxed),
+                bytes_received: live.received.load(Ordering::Relaxed),
+                ..live.info.clone()
+            })
             .collect()
     }
 }
 
-/// Keeps a connection listed while it lives.
+/// Keeps a connection listed (and counted active) while it lives.
 pub struct Tracked {
     id: u64,
+    live: Arc<Live>,
+    counters: ConnectionCounters,
     registry: Arc<Connections>,
 }
 
@@ -111,14 +140,162 @@ impl Tracked {
     pub fn id(&self) -> u64 {
         self.id
     }
+
+    /// `stream` is the client's end of the relay (the socket of the pod that
+    /// dialled): what is read from it the client sent, what is written it received.
+    pub fn client_end<S>(&self, stream: S) -> Counted<S> {
+        self.counted(stream, true)
+    }
+
+    /// `stream` is the server's end of the relay (the socket to the pod that
+    /// was dialled): what is read from it the client received.
+    pub fn server_end<S>(&self, stream: S) -> Counted<S> {
+        self.counted(stream, false)
+    }
+
+    fn counted<S>(&self, inner: S, reads_are_sent: bool) -> Counted<S> {
+        Counted {
+            inner,
+            live: Arc::clone(&self.live),
+            sent: self.counters.sent.clone(),
+            received: self.counters.received.clone(),
+            reads_are_sent,
+        }
+    }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        self.counters.active.dec();
         self.registry
             .live
             .lock()
             .expect("connections lock")
             .remove(&self.id);
+    }
+}
+
+/// A relay end that counts the bytes moving through it, per chunk, into its
+/// connection's `/connections` entry and `ferry_connection_bytes_total`.
+pub struct Counted<S> {
+    inner: S,
+    live: Arc<Live>,
+    sent: Counter<u64, AtomicU64>,
+    received: Counter<u64, AtomicU64>,
+    reads_are_sent: bool,
+}
+
+impl<S> Counted<S> {
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    fn count(&self, read: bool, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let bytes = bytes as u64;
+        if read == self.reads_are_sent {
+            self.live.sent.fetch_add(bytes, Ordering::Relaxed);
+            self.sent.inc_by(bytes);
+        } else {
+            self.live.received.fetch_add(bytes, Ordering::Relaxed);
+            self.received.inc_by(bytes);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.count(true, buf.filled().len() - before);
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = result {
+            this.count(false, written);
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn info(route: Route) -> ConnectionInfo {
+        ConnectionInfo {
+            id: 0,
+            source_pod: Some("shop/web-0".to_owned()),
+            source: "198.18.1.2:40000".parse().unwrap(),
+            original_dst: "198.18.2.2:80".parse().unwrap(),
+            destination_pod: None,
+            source_identity: None,
+            destination_identity: None,
+            route,
+            opened_at_unix_ms: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_end_counts_each_way_into_the_connection_and_the_metrics() {
+        let metrics = Arc::new(Metrics::default());
+        let connections = Arc::new(Connections::new(Arc::clone(&metrics)));
+        let tracked = connections.open(info(Route::Passthrough));
+        let (client_app, agent_side) = tokio::io::duplex(1024);
+        let mut client_end = tracked.client_end(agent_side);
+        let mut client_app = client_app;
+        client_app.write_all(b"hello").await.unwrap();
+        let mut buf = [0; 5];
+        client_end.read_exact(&mut buf).await.unwrap();
+        client_end.write_all(b"a longer answer").await.unwrap();
+
+        let live = connections.live();
+        assert_eq!((live[0].bytes_sent, live[0].bytes_received), (5, 15));
+        let text = metrics.render();
+        assert!(
+            text.contains("ferry_connection_bytes_total{direction=\"outbound\",route=\"passthrough\",flow=\"received\"} 15"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ferry_connections_active{direction=\"outbound\",route=\"passthrough\"} 1"
+            ),
+            "{text}"
+        );
+        drop(tracked);
+        assert!(connections.live().is_empty());
+        assert!(
+            metrics.render().contains(
+                "ferry_connections_active{direction=\"outbound\",route=\"passthrough\"} 0"
+            )
+        );
     }
 }

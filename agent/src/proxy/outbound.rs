@@ -25,6 +25,7 @@ use super::{
 use crate::{
     capture::OriginalDsts,
     identity::{CertManager, ca_client::CaClient},
+    metrics::{Direction, Failure, Metrics},
     tunnel::{
         client::{self, TlsDialer},
         pool::Pool,
@@ -120,12 +121,13 @@ impl Outbound {
             return;
         };
         let Some(original_dst) = self.original_dsts.lookup(peer, local) else {
-            self.connections.totals.uncaptured.fetch_add(1, relaxed());
+            self.metrics()
+                .connection_failed(Direction::Outbound, Failure::Uncaptured);
             tracing::warn!(%peer, %local, "connection to the outbound port was not redirected by Ferry's capture; closing it");
             relay::reset(&client);
             return;
         };
-        self.connections.totals.captured.fetch_add(1, relaxed());
+        self.metrics().connection_captured();
         let table = self.workloads.borrow().clone();
         let source_pod = table.by_ip(peer.ip()).map(|w| w.key());
         let trust_domain = self.mesh.as_ref().map(|m| m.identities.trust_domain());
@@ -166,10 +168,8 @@ impl Outbound {
                 Some(key.destination.to_string()),
             ),
             Decision::Deny(reason) => {
-                self.connections
-                    .totals
-                    .outbound_denied
-                    .fetch_add(1, relaxed());
+                self.metrics()
+                    .connection_failed(Direction::Outbound, Failure::Denied);
                 tracing::warn!(src.addr = %peer, dst.addr = %original_dst, %reason, "connection refused");
                 relay::reset(&client);
                 return;
@@ -200,6 +200,8 @@ impl Outbound {
             source_identity,
             destination_identity,
             opened_at_unix_ms: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
         });
         async move {
             tracing::info!(connection = tracked.id(), "captured connection");
@@ -216,12 +218,23 @@ impl Outbound {
                                 connection = checkout.connection_id(),
                                 "tunnel stream open"
                             );
-                            let result = relay::relay(client, stream).await;
+                            let result = relay::relay(tracked.client_end(client), stream).await;
                             drop(checkout);
                             result
                         }
                         Err(error) => {
-                            return self.upstream_failed(&client, &error.to_string());
+                            let failure = match &error {
+                                client::OpenError::Refused { status, .. }
+                                    if status.is_server_error() =>
+                                {
+                                    Failure::PeerConnect
+                                }
+                                client::OpenError::Refused { .. } => Failure::PeerRefused,
+                                client::OpenError::Pool(_) | client::OpenError::Stream { .. } => {
+                                    Failure::Tunnel
+                                }
+                            };
+                            return self.upstream_failed(&client, failure, &error.to_string());
                         }
                     }
                 }
@@ -232,12 +245,22 @@ impl Outbound {
                         {
                             Ok(Ok(upstream)) => upstream,
                             Ok(Err(error)) => {
-                                return self.upstream_failed(&client, &error.to_string());
+                                return self.upstream_failed(
+                                    &client,
+                                    Failure::Connect,
+                                    &error.to_string(),
+                                );
                             }
-                            Err(_) => return self.upstream_failed(&client, "timed out"),
+                            Err(_) => {
+                                return self.upstream_failed(
+                                    &client,
+                                    Failure::Connect,
+                                    "timed out",
+                                );
+                            }
                         };
                     let _ = upstream.set_nodelay(true);
-                    relay::relay(client, upstream).await
+                    relay::relay(tracked.client_end(client), upstream).await
                 }
                 Decision::Deny(_) => unreachable!("denied connections return above"),
             };
@@ -251,20 +274,18 @@ impl Outbound {
         .await;
     }
 
+    fn metrics(&self) -> &Metrics {
+        self.connections.metrics()
+    }
+
     /// The client sees the destination's refusal as a reset, never a hang.
-    fn upstream_failed(&self, client: &TcpStream, error: &str) {
-        self.connections
-            .totals
-            .upstream_failures
-            .fetch_add(1, relaxed());
+    fn upstream_failed(&self, client: &TcpStream, failure: Failure, error: &str) {
+        self.metrics()
+            .connection_failed(Direction::Outbound, failure);
         tracing::warn!(
             error,
             "cannot reach the original destination; resetting the client"
         );
         relay::reset(client);
     }
-}
-
-fn relaxed() -> std::sync::atomic::Ordering {
-    std::sync::atomic::Ordering::Relaxed
 }

@@ -8,6 +8,7 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::connections::Counted;
 use crate::tunnel::stream::TunnelStream;
 
 /// Per-direction buffer: large enough that a bulk stream moves in few syscalls.
@@ -22,6 +23,12 @@ impl Reset for TcpStream {
     /// Makes the coming close send RST instead of FIN.
     fn reset(&mut self) {
         reset(self);
+    }
+}
+
+impl<S: Reset> Reset for Counted<S> {
+    fn reset(&mut self) {
+        self.get_mut().reset();
     }
 }
 

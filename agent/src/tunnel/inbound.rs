@@ -30,6 +30,7 @@ use tracing::Instrument as _;
 use super::{Identities, stream::TunnelStream, tls};
 use crate::{
     identity::Issued,
+    metrics::{Direction, Failure, InboundRefusal, Side},
     proxy::{
         connections::{ConnectionInfo, Connections, Route},
         relay,
@@ -79,6 +80,34 @@ impl Refusal {
     }
 }
 
+/// A `CONNECT` this agent will not serve: the metric's reason and the answer.
+#[derive(Debug)]
+struct Denial {
+    kind: InboundRefusal,
+    reason: String,
+}
+
+impl Denial {
+    fn new(kind: InboundRefusal, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    fn into_refusal(self) -> Refusal {
+        let status = match self.kind {
+            InboundRefusal::Method => StatusCode::METHOD_NOT_ALLOWED,
+            InboundRefusal::BadRequest => StatusCode::BAD_REQUEST,
+            InboundRefusal::NotLocal => StatusCode::NOT_FOUND,
+            InboundRefusal::NotMeshed | InboundRefusal::Policy => StatusCode::FORBIDDEN,
+            InboundRefusal::WrongIdentity => StatusCode::MISDIRECTED_REQUEST,
+            InboundRefusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Refusal::new(status, self.reason)
+    }
+}
+
 impl<I: Identities> Inbound<I> {
     pub fn new(
         node: String,
@@ -109,9 +138,8 @@ impl<I: Identities> Inbound<I> {
             async move {
                 if let Err(error) = this.serve_connection(stream, peer).await {
                     this.connections
-                        .totals
-                        .inbound_refused
-                        .fetch_add(1, relaxed());
+                        .metrics()
+                        .tunnel_handshake(Side::Server, false);
                     tracing::warn!(%error, "inbound tunnel connection refused");
                 }
             }
@@ -152,12 +180,6 @@ impl<I: Identities> Inbound<I> {
                 local.trust_domain()
             ));
         }
-        self.connections
-            .totals
-            .inbound_handshakes
-            .fetch_add(1, relaxed());
-        tracing::info!(client = %client, server = %local, "tunnel connection accepted");
-
         let mut connection = h2::server::Builder::new()
             .initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
@@ -166,6 +188,10 @@ impl<I: Identities> Inbound<I> {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {client}: {e}"))?;
+        self.connections
+            .metrics()
+            .tunnel_handshake(Side::Server, true);
+        tracing::info!(client = %client, server = %local, "tunnel connection accepted");
         while let Some(accepted) = connection.accept().await {
             let (request, respond) = match accepted {
                 Ok(accepted) => accepted,
@@ -243,11 +269,9 @@ impl StreamHandler {
     ) {
         let destination = match self.admit(&request, &client, &local) {
             Ok(destination) => destination,
-            Err(refusal) => {
-                self.connections
-                    .totals
-                    .inbound_denied
-                    .fetch_add(1, relaxed());
+            Err(denial) => {
+                self.connections.metrics().inbound_refused(denial.kind);
+                let refusal = denial.into_refusal();
                 tracing::warn!(
                     client = %client,
                     authority = ?request.uri().authority().map(|a| a.as_str()),
@@ -295,10 +319,12 @@ impl StreamHandler {
                 destination_identity: Some(local.to_string()),
                 route: Route::InboundTunnel,
                 opened_at_unix_ms: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
             });
             tracing::info!(connection = tracked.id(), "tunnel stream accepted");
             let tunnel = TunnelStream::new(send, request.into_body());
-            match relay::relay(upstream, tunnel).await {
+            match relay::relay(tracked.server_end(upstream), tunnel).await {
                 Ok((to_pod, from_pod)) => {
                     tracing::info!(
                         bytes_to_pod = to_pod,
@@ -320,33 +346,33 @@ impl StreamHandler {
         request: &Request<h2::RecvStream>,
         client: &SpiffeId,
         local: &SpiffeId,
-    ) -> Result<(SocketAddr, String), Refusal> {
+    ) -> Result<(SocketAddr, String), Denial> {
         if request.method() != Method::CONNECT {
-            return Err(Refusal::new(
-                StatusCode::METHOD_NOT_ALLOWED,
+            return Err(Denial::new(
+                InboundRefusal::Method,
                 format!("only CONNECT is served here, not {}", request.method()),
             ));
         }
         let authority = request
             .uri()
             .authority()
-            .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "CONNECT without host:port"))?;
+            .ok_or_else(|| Denial::new(InboundRefusal::BadRequest, "CONNECT without host:port"))?;
         let address: SocketAddr = authority.as_str().parse().map_err(|_| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
+            Denial::new(
+                InboundRefusal::BadRequest,
                 format!("{authority} is not an IP address and port"),
             )
         })?;
         let table = self.workloads.borrow().clone();
         let pod = table.by_ip(address.ip()).ok_or_else(|| {
-            Refusal::new(
-                StatusCode::NOT_FOUND,
+            Denial::new(
+                InboundRefusal::NotLocal,
                 format!("no pod has address {}", address.ip()),
             )
         })?;
         if pod.node != self.node {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
+            return Err(Denial::new(
+                InboundRefusal::NotLocal,
                 format!(
                     "pod {} runs on node {}, not on {}",
                     pod.key(),
@@ -356,16 +382,16 @@ impl StreamHandler {
             ));
         }
         if !pod.meshed {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
+            return Err(Denial::new(
+                InboundRefusal::NotMeshed,
                 format!("pod {} is not meshed", pod.key()),
             ));
         }
         let runs_as = SpiffeId::new(local.trust_domain(), &pod.namespace, &pod.service_account)
-            .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            .map_err(|e| Denial::new(InboundRefusal::Internal, e.to_string()))?;
         if &runs_as != local {
-            return Err(Refusal::new(
-                StatusCode::MISDIRECTED_REQUEST,
+            return Err(Denial::new(
+                InboundRefusal::WrongIdentity,
                 format!(
                     "pod {} runs as {runs_as}, but the tunnel was opened to {local}",
                     pod.key()
@@ -374,15 +400,14 @@ impl StreamHandler {
         }
         table
             .authorize(client, pod)
-            .map_err(|reason| Refusal::new(StatusCode::FORBIDDEN, reason))?;
+            .map_err(|reason| Denial::new(InboundRefusal::Policy, reason))?;
         Ok((address, pod.key()))
     }
 
     fn upstream_failed(&self, mut respond: SendResponse<Bytes>, status: StatusCode, error: &str) {
         self.connections
-            .totals
-            .upstream_failures
-            .fetch_add(1, relaxed());
+            .metrics()
+            .connection_failed(Direction::Inbound, Failure::Connect);
         tracing::warn!(error, "cannot reach the destination pod");
         let refusal = Refusal::new(status, format!("destination did not accept: {error}"));
         let _ = respond.send_response(refusal_response(&refusal), true);
@@ -399,8 +424,4 @@ fn refusal_response(refusal: &Refusal) -> Response<()> {
         response.headers_mut().insert(REASON_HEADER, value);
     }
     response
-}
-
-fn relaxed() -> std::sync::atomic::Ordering {
-    std::sync::atomic::Ordering::Relaxed
 }

@@ -27,7 +27,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::backoff::{Backoff, jitter_sample};
+use crate::{
+    backoff::{Backoff, jitter_sample},
+    metrics::{Metrics, PoolClose, PoolTotals, Side},
+};
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -110,19 +113,7 @@ pub struct Pool<D: Dial> {
     dialer: D,
     keys: Mutex<HashMap<PoolKey, KeyState>>,
     next_id: std::sync::atomic::AtomicU64,
-    totals: Totals,
-}
-
-#[derive(Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Totals {
-    /// Completed TLS + HTTP/2 handshakes (connections opened).
-    pub handshakes: std::sync::atomic::AtomicU64,
-    pub dial_failures: std::sync::atomic::AtomicU64,
-    /// Streams handed out (one per tunnelled application connection).
-    pub streams: std::sync::atomic::AtomicU64,
-    pub closed_idle: std::sync::atomic::AtomicU64,
-    pub closed_broken: std::sync::atomic::AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -194,7 +185,7 @@ impl<D: Dial> Drop for Checkout<D> {
 #[serde(rename_all = "camelCase")]
 pub struct PoolView {
     pub keys: Vec<KeyView>,
-    pub totals: serde_json::Value,
+    pub totals: PoolTotals,
 }
 
 #[derive(Debug, Serialize)]
@@ -224,13 +215,13 @@ pub struct ConnectionView {
 
 impl<D: Dial> Pool<D> {
     /// Creates the pool and its idle reaper, which ends when the pool is dropped.
-    pub fn new(config: PoolConfig, dialer: D) -> Arc<Self> {
+    pub fn new(config: PoolConfig, dialer: D, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Arc::new(Self {
             config,
             dialer,
             keys: Mutex::default(),
             next_id: Default::default(),
-            totals: Totals::default(),
+            metrics,
         });
         tokio::spawn(reap_idle(Arc::downgrade(&pool)));
         pool
@@ -238,10 +229,6 @@ impl<D: Dial> Pool<D> {
 
     pub fn config(&self) -> &PoolConfig {
         &self.config
-    }
-
-    pub fn totals(&self) -> &Totals {
-        &self.totals
     }
 
     /// A stream slot on a connection for `key`, dialling one if none has room.
@@ -257,7 +244,7 @@ impl<D: Dial> Pool<D> {
                 if let Some(connection) = state.connections.iter_mut().find(|c| c.active < max) {
                     connection.active += 1;
                     connection.served += 1;
-                    self.totals.streams.fetch_add(1, relaxed());
+                    self.metrics.pool_stream();
                     return Ok(Checkout {
                         send: connection.send.clone(),
                         pool: Arc::downgrade(self),
@@ -341,7 +328,8 @@ impl<D: Dial> Pool<D> {
                     state.failures = 0;
                     state.retry_at = None;
                     state.last_error = None;
-                    self.totals.handshakes.fetch_add(1, relaxed());
+                    self.metrics.tunnel_handshake(Side::Client, true);
+                    self.metrics.pool_connection_opened();
                     tracing::info!(%key, connection = id, "tunnel connection open");
                     Ok(())
                 }
@@ -350,7 +338,7 @@ impl<D: Dial> Pool<D> {
                     let delay = self.config.backoff.delay(state.failures, jitter_sample());
                     state.retry_at = Some(Instant::now() + delay);
                     state.last_error = Some(error.clone());
-                    self.totals.dial_failures.fetch_add(1, relaxed());
+                    self.metrics.tunnel_handshake(Side::Client, false);
                     tracing::warn!(%key, %error, retry_in = ?delay, "tunnel dial failed");
                     Err(error)
                 }
@@ -404,7 +392,7 @@ impl<D: Dial> Pool<D> {
             return;
         };
         let removed = state.connections.remove(index);
-        self.totals.closed_broken.fetch_add(1, relaxed());
+        self.metrics.pool_connection_closed(PoolClose::Broken);
         if removed.served == 0 {
             // Closed before it carried anything: as good as a failed dial.
             state.failures = state.failures.saturating_add(1);
@@ -422,7 +410,7 @@ impl<D: Dial> Pool<D> {
             state.connections.retain(|c| {
                 let idle = c.active == 0 && now - c.idle_since >= self.config.idle_timeout;
                 if idle {
-                    self.totals.closed_idle.fetch_add(1, relaxed());
+                    self.metrics.pool_connection_closed(PoolClose::Idle);
                     tracing::info!(%key, connection = c.id, "closing idle tunnel connection");
                 }
                 !idle
@@ -466,7 +454,7 @@ impl<D: Dial> Pool<D> {
         views.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
         PoolView {
             keys: views,
-            totals: serde_json::to_value(&self.totals).unwrap_or_default(),
+            totals: self.metrics.pool_totals(),
         }
     }
 }
@@ -575,7 +563,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_callers_share_one_dial_per_key() {
         let dialer = Arc::new(PipeDialer::default());
-        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let pool = Pool::new(config(), Arc::clone(&dialer), Arc::default());
         let mut callers = tokio::task::JoinSet::new();
         for _ in 0..25 {
             let pool = Arc::clone(&pool);
@@ -597,7 +585,7 @@ mod tests {
     #[tokio::test]
     async fn keys_do_not_share_connections() {
         let dialer = Arc::new(PipeDialer::default());
-        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let pool = Pool::new(config(), Arc::clone(&dialer), Arc::default());
         let _a = pool.checkout(&key(2)).await.unwrap();
         let _b = pool.checkout(&key(3)).await.unwrap();
         let _c = pool.checkout(&key(2)).await.unwrap();
@@ -608,7 +596,7 @@ mod tests {
     async fn a_failed_dial_backs_the_key_off_then_recovers() {
         let dialer = Arc::new(PipeDialer::default());
         dialer.failing.store(true, Ordering::SeqCst);
-        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let pool = Pool::new(config(), Arc::clone(&dialer), Arc::default());
         let first = pool.checkout(&key(2)).await.err().unwrap();
         assert!(first.to_string().contains("connection refused"), "{first}");
         let second = pool.checkout(&key(2)).await.err().unwrap();
@@ -625,14 +613,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_connections_close_after_the_timeout() {
         let dialer = Arc::new(PipeDialer::default());
-        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let pool = Pool::new(config(), Arc::clone(&dialer), Arc::default());
         drop(pool.checkout(&key(2)).await.unwrap());
         assert_eq!(pool.view().keys[0].connections.len(), 1);
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert_eq!(pool.view().keys[0].connections.len(), 1, "closed too early");
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert!(pool.view().keys.is_empty(), "{:?}", pool.view());
-        assert_eq!(pool.totals().closed_idle.load(relaxed()), 1);
+        assert_eq!(pool.view().totals.closed_idle, 1);
         // The next caller dials again.
         pool.checkout(&key(2)).await.unwrap();
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
@@ -642,7 +630,7 @@ mod tests {
     async fn a_connection_the_peer_closes_leaves_the_pool() {
         let dialer = Arc::new(PipeDialer::default());
         dialer.goaway.store(true, Ordering::SeqCst);
-        let pool = Pool::new(config(), Arc::clone(&dialer));
+        let pool = Pool::new(config(), Arc::clone(&dialer), Arc::default());
         let checkout = pool.checkout(&key(2)).await.unwrap();
         let request = http::Request::builder()
             .method(http::Method::CONNECT)

@@ -126,10 +126,13 @@ pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, route_admin).await
 }
 
+/// The readiness page, on the admin address and alone on the probe port.
+pub const READY_PATH: &str = "/healthz/ready";
+
 /// Serves only `/healthz/ready` (the kubelet's probe port).
 pub async fn serve_probe(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, |state, req| match req.uri().path() {
-        "/healthz/ready" => ready(state),
+        READY_PATH => ready(state),
         _ => text(
             StatusCode::NOT_FOUND,
             "only /healthz/ready is served here\n".into(),
@@ -262,7 +265,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         );
     }
     match req.uri().path() {
-        "/healthz/ready" => ready(state),
+        READY_PATH => ready(state),
         "/config_dump" => {
             let table = state.workloads.borrow().clone();
             let reasons = state.not_ready();

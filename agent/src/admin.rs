@@ -130,11 +130,14 @@ pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, route_admin).await
 }
 
+/// The readiness page, on the admin address and on the probe port.
+pub const READY_PATH: &str = "/healthz/ready";
+
 /// Serves only `/healthz/ready` (the kubelet's probe) and `/metrics`
 /// (Prometheus): the probe port listens on every address.
 pub async fn serve_probe(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, |state, req| match req.uri().path() {
-        "/healthz/ready" => ready(state),
+        READY_PATH => ready(state),
         "/metrics" => metrics_text(state),
         _ => text(
             StatusCode::NOT_FOUND,
@@ -276,7 +279,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         );
     }
     match req.uri().path() {
-        "/healthz/ready" => ready(state),
+        READY_PATH => ready(state),
         "/config_dump" => {
             let table = state.workloads.borrow().clone();
             let reasons = state.not_ready();

@@ -54,6 +54,12 @@ pub struct BootstrapArgs {
     pub root_lifetime: Duration,
     #[arg(long, default_value = "8760h", value_parser = parse_duration)]
     pub issuer_lifetime: Duration,
+    /// Also write the issuer Secret (`ferry-ca-issuer`) and the trust bundle
+    /// ConfigMap (`ferry-trust-bundle`) for namespace ferry-system to this
+    /// file, as YAML for `kubectl apply -f`. It holds the issuer key (mode
+    /// 0600), never the root key.
+    #[arg(long, value_name = "FILE")]
+    pub kubernetes_manifests: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -19,24 +19,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
-        Command::Bootstrap(args) => bootstrap::bootstrap(
-            &args.out,
-            &args.trust_domain,
-            args.root_lifetime,
-            args.issuer_lifetime,
-        )
-        .map(|written| {
-            println!("trust bundle: {}", written.trust_bundle.display());
-            println!(
-                "issuer (tls.crt, tls.key): {}",
-                written.issuer_dir.display()
-            );
-            println!(
-                "root key: {} (keep it offline; only a new issuer needs it)",
-                written.root_key.display()
-            );
-        })
-        .map_err(anyhow::Error::msg),
+        Command::Bootstrap(args) => run_bootstrap(&args).map_err(anyhow::Error::msg),
         Command::Serve(args) => run_serve(*args),
     };
     match result {
@@ -46,6 +29,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_bootstrap(args: &ferry_ca::cli::BootstrapArgs) -> Result<(), String> {
+    let written = bootstrap::bootstrap(
+        &args.out,
+        &args.trust_domain,
+        args.root_lifetime,
+        args.issuer_lifetime,
+    )?;
+    println!("trust bundle: {}", written.trust_bundle.display());
+    println!(
+        "issuer (tls.crt, tls.key): {}",
+        written.issuer_dir.display()
+    );
+    println!(
+        "root key: {} (keep it offline; only a new issuer needs it)",
+        written.root_key.display()
+    );
+    if let Some(file) = &args.kubernetes_manifests {
+        bootstrap::write_kubernetes_manifests(&written, file)?;
+        println!(
+            "Kubernetes Secret {} and ConfigMap {} (namespace {}): {}",
+            bootstrap::ISSUER_SECRET,
+            bootstrap::TRUST_BUNDLE_CONFIG_MAP,
+            bootstrap::KUBERNETES_NAMESPACE,
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 fn run_serve(args: ferry_ca::cli::ServeArgs) -> anyhow::Result<()> {

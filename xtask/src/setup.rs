@@ -18,7 +18,8 @@ use crate::{cmd, mounts};
 /// inspect what the agent loaded, iproute2 for the simulated nodes' network
 /// namespaces and veths, tcpdump to look at their traffic, openssl (the
 /// tests' independent certificate verifier), curl for the admin endpoint,
-/// stunnel4 (the benchmark's baseline: what one would use without a mesh).
+/// stunnel4 (the benchmark's baseline: what one would use without a mesh),
+/// python3-venv for the venv that holds kubernetes-validate.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -29,6 +30,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "stunnel4",
+    "python3-venv",
 ];
 
 /// bpf-linker links the eBPF object; its LLVM (22) must be at least the LLVM
@@ -37,6 +39,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Without this prefix bpf-linker's build finds Debian's default LLVM 14.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// The manifests test (`tests/tests/manifests.rs`) checks `daemonset/` with
+/// kubernetes-validate from PyPI, installed into a venv of its own because
+/// Debian 12's pip refuses to install into the system Python.
+pub const TOOLS_VENV: &str = "/opt/ferry-tools";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// Where the agent pins its maps (`/sys/fs/bpf/ferry/<node>/…`).
 const BPF_FS: &str = "/sys/fs/bpf";
@@ -50,6 +58,7 @@ pub fn setup() -> Result<()> {
     ensure_debian_packages()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_kubernetes_validate()?;
     ensure_bpffs()?;
     ensure_cgroup2()?;
     println!(
@@ -233,6 +242,49 @@ fn cargo_bin_dir() -> PathBuf {
         .or_else(|| env::var_os("CARGO_HOME"))
         .map(PathBuf::from);
     root.or_else(home).unwrap_or_default().join("bin")
+}
+
+fn ensure_kubernetes_validate() -> Result<()> {
+    cmd::step(&format!(
+        "checking kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {TOOLS_VENV}"
+    ));
+    let venv = Path::new(TOOLS_VENV);
+    let tool = venv.join("bin/kubernetes-validate");
+    let version = || {
+        let out = cmd::probe(Command::new(&tool).arg("--version")).ok()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        out.status.success().then_some(stdout)
+    };
+    match version() {
+        Some(found) if found == KUBERNETES_VALIDATE_VERSION => {
+            cmd::note(&format!("kubernetes-validate {found}"));
+            return Ok(());
+        }
+        Some(found) => cmd::note(&format!("found {found}")),
+        None => cmd::note("not installed"),
+    }
+    if !venv.join("bin/pip").is_file() {
+        // Debian's python3, whose python3-venv setup just made sure of.
+        cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv", TOOLS_VENV]))
+            .context("cannot create the tools venv (Debian package python3-venv)")?;
+    }
+    cmd::run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--disable-pip-version-check",
+        "--quiet",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
+    .context("cannot install kubernetes-validate: check that PyPI is reachable, then rerun")?;
+    match version() {
+        Some(found) if found == KUBERNETES_VALIDATE_VERSION => {
+            cmd::note(&format!("installed kubernetes-validate {found}"));
+            Ok(())
+        }
+        found => bail!(
+            "pip installed kubernetes-validate {KUBERNETES_VALIDATE_VERSION}, but {} reports {found:?}",
+            tool.display()
+        ),
+    }
 }
 
 /// The agent pins its maps in bpffs so that `bpftool` can read them and an

@@ -433,8 +433,10 @@ fn parse_container<P: clap::Parser>(container: &Container) -> Result<P, String> 
 }
 
 fn agent_args(container: &Container) -> Result<RunArgs, String> {
-    let AgentCommand::Run(args) = parse_container::<AgentCli>(container)?.command;
-    Ok(args)
+    match parse_container::<AgentCli>(container)?.command {
+        AgentCommand::Run(args) => Ok(args),
+        AgentCommand::Inspect(_) => Err("the agent container must run `run`".into()),
+    }
 }
 
 fn ca_args(container: &Container) -> Result<ServeArgs, String> {

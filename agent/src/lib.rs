@@ -42,9 +42,11 @@ pub const CAPTURE_RETRY: Duration = Duration::from_secs(5);
 /// Runs the agent until SIGINT or SIGTERM. Pinned capture stays in place when
 /// it stops, so pods keep being redirected across a restart.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.worker_threads {
+        runtime.worker_threads(threads.get());
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(serve(args))
 }
 

@@ -56,6 +56,10 @@ struct Args {
     /// Where to write the results as JSON.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
+    /// Extra `ferry-agent run` arguments for both agents (e.g.
+    /// `--agent-arg=--worker-threads=1`), to compare settings.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// A Markdown file whose `<!-- bench:start/end -->` section gets the table.
     #[arg(long)]
     markdown: Option<PathBuf>,
@@ -107,6 +111,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "secondsPerRun": args.seconds,
         "idleConnections": args.idle,
         "quick": args.quick,
+        "agentArgs": args.agent_args,
         "summary": samples.summary(),
         "samples": samples,
         "checks": checks,
@@ -138,7 +143,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Check>, Value)> {
-    let mut bench = Bench::start(args.seconds)?;
+    let mut bench = Bench::start(args.seconds, &args.agent_args)?;
     let connect4_before = connect4_stats()?;
     let mut samples = Samples::default();
     for round in 0..args.rounds {
@@ -226,7 +231,7 @@ fn record(samples: &mut Samples, scenario: &str, setup: &str, result: &Value) {
 }
 
 impl Bench {
-    fn start(seconds: f64) -> anyhow::Result<Self> {
+    fn start(seconds: f64, agent_args: &[String]) -> anyhow::Result<Self> {
         let mut cluster = Cluster::new("bench")?;
         let n1 = cluster.add_node()?;
         let n2 = cluster.add_node()?;
@@ -235,9 +240,10 @@ impl Bench {
         let mesh_client = cluster.add_pod(n1, PodOptions::meshed("mesh-c", "mesh", "client"))?;
         let mesh_server = cluster.add_pod(n2, PodOptions::meshed("mesh-s", "mesh", "server"))?;
         let ca = cluster.start_ca()?;
+        let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agents = vec![
-            cluster.start_agent_with_ca(n1, &ca)?,
-            cluster.start_agent_with_ca(n2, &ca)?,
+            cluster.start_agent_with_ca_and(n1, &ca, &agent_args)?,
+            cluster.start_agent_with_ca_and(n2, &ca, &agent_args)?,
         ];
         let load = bin_path("ferry-load")?;
         let listen = format!("0.0.0.0:{SERVER_PORT}");

@@ -204,7 +204,7 @@ impl Outbound {
             bytes_received: 0,
         });
         async move {
-            tracing::info!(connection = tracked.id(), "captured connection");
+            tracing::debug!(connection = tracked.id(), "captured connection");
             let _ = client.set_nodelay(true);
             let result = match decision {
                 Decision::Tunnel { key, .. } => {

@@ -322,7 +322,7 @@ impl StreamHandler {
                 bytes_sent: 0,
                 bytes_received: 0,
             });
-            tracing::info!(connection = tracked.id(), "tunnel stream accepted");
+            tracing::debug!(connection = tracked.id(), "tunnel stream accepted");
             let tunnel = TunnelStream::new(send, request.into_body());
             match relay::relay(tracked.server_end(upstream), tunnel).await {
                 Ok((to_pod, from_pod)) => {

@@ -253,6 +253,29 @@ impl Bench {
             server.wait_for_line(|l| l["event"] == "listening", Duration::from_secs(10))?;
             servers.push(server);
         }
+        // Thousands of connect/close a second leave the closing side's ports
+        // in TIME_WAIT; without reuse, later rounds of `crr` measure the
+        // kernel's search for a free port instead of the path. Same for every
+        // setup: every pod and node may reuse them.
+        let namespaces: Vec<String> = cluster
+            .nodes()
+            .iter()
+            .map(|n| n.netns.clone())
+            .chain(cluster.pods().iter().map(|p| p.netns.clone()))
+            .collect();
+        for netns in namespaces {
+            let status = Process::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &netns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.tcp_tw_reuse=1",
+                ])
+                .status()?;
+            ensure!(status.success(), "cannot enable tcp_tw_reuse in {netns}");
+        }
         let stunnels = start_stunnels(&mut cluster, plain_client, plain_server)?;
         let server_addr = |pod: PodId, port: u16| format!("{}:{port}", cluster.pod(pod).ipv4);
         let targets = [

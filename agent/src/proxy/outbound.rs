@@ -133,7 +133,7 @@ impl Outbound {
         let trust_domain = self.mesh.as_ref().map(|m| m.identities.trust_domain());
         // Only connections to a Service's endpoints feed the balancer.
         let mut balanced = false;
-        let decision = route::decide(
+        let decided = route::decide(
             &table,
             peer.ip(),
             original_dst,
@@ -143,6 +143,16 @@ impl Outbound {
                 self.balancer.choose(candidates)
             },
         );
+        let decision = match decided {
+            Ok(decision) => decision,
+            Err(reason) => {
+                self.metrics()
+                    .connection_failed(Direction::Outbound, Failure::Denied);
+                tracing::warn!(src.addr = %peer, dst.addr = %original_dst, %reason, "connection refused");
+                relay::reset(&client);
+                return;
+            }
+        };
         let (route, destination_pod, source_identity, destination_identity) = match &decision {
             Decision::Passthrough { target } => (
                 Route::Passthrough,
@@ -167,13 +177,6 @@ impl Outbound {
                 Some(key.source.to_string()),
                 Some(key.destination.to_string()),
             ),
-            Decision::Deny(reason) => {
-                self.metrics()
-                    .connection_failed(Direction::Outbound, Failure::Denied);
-                tracing::warn!(src.addr = %peer, dst.addr = %original_dst, %reason, "connection refused");
-                relay::reset(&client);
-                return;
-            }
         };
         let span = tracing::info_span!(
             "outbound",
@@ -183,12 +186,7 @@ impl Outbound {
             dst.pod = destination_pod.as_deref().unwrap_or("none"),
             route = ?route,
         );
-        let target = match &decision {
-            Decision::Passthrough { target }
-            | Decision::Direct { target, .. }
-            | Decision::Tunnel { target, .. } => *target,
-            Decision::Deny(_) => unreachable!("denied connections return above"),
-        };
+        let target = decision.target();
         let _active = balanced.then(|| self.balancer.start(target));
         let tracked = self.connections.open(ConnectionInfo {
             id: 0,
@@ -262,7 +260,6 @@ impl Outbound {
                     let _ = upstream.set_nodelay(true);
                     relay::relay(tracked.client_end(client), upstream).await
                 }
-                Decision::Deny(_) => unreachable!("denied connections return above"),
             };
             match result {
                 Ok((sent, received)) => tracing::info!(sent, received, "connection closed"),

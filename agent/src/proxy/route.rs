@@ -24,26 +24,37 @@ pub enum Decision {
         pod: String,
         target: SocketAddr,
     },
-    /// Refused, and why.
-    Deny(String),
+}
+
+impl Decision {
+    /// Where the connection goes: the pod address (a Service's resolved
+    /// endpoint) or, for passthrough, what was dialled.
+    pub fn target(&self) -> SocketAddr {
+        match self {
+            Self::Passthrough { target }
+            | Self::Direct { target, .. }
+            | Self::Tunnel { target, .. } => *target,
+        }
+    }
 }
 
 /// Decides for a connection from `source` to `dialled`. `trust_domain` is
 /// `None` when the agent runs without identities. A Service's ClusterIP is
 /// resolved to one of its endpoints: `choose` picks among the candidate
-/// endpoint addresses (it returns an index).
+/// endpoint addresses (it returns an index). `Err` says why the connection
+/// is refused.
 pub fn decide(
     table: &WorkloadTable,
     source: IpAddr,
     dialled: SocketAddr,
     trust_domain: Option<&str>,
     choose: &mut dyn FnMut(&[SocketAddr]) -> usize,
-) -> Decision {
+) -> Result<Decision, String> {
     let target = match table.service_by_ip(dialled.ip()) {
         None => dialled,
         Some(service) => {
             let Some(port) = service.target_port(dialled.port()) else {
-                return Decision::Deny(format!(
+                return Err(format!(
                     "Service {} has no port {}",
                     service.key(),
                     dialled.port()
@@ -55,21 +66,21 @@ pub fn decide(
                 .map(|(_, ip)| SocketAddr::new(*ip, port))
                 .collect();
             if candidates.is_empty() {
-                return Decision::Deny(format!("Service {} has no endpoints", service.key()));
+                return Err(format!("Service {} has no endpoints", service.key()));
             }
             candidates[choose(&candidates).min(candidates.len() - 1)]
         }
     };
     let Some(trust_domain) = trust_domain else {
-        return Decision::Passthrough { target };
+        return Ok(Decision::Passthrough { target });
     };
     let Some(destination) = table.by_ip(target.ip()).filter(|pod| pod.meshed) else {
-        return Decision::Passthrough { target };
+        return Ok(Decision::Passthrough { target });
     };
     let Some(client) = table.by_ip(source) else {
         // Captured, so it came from a meshed pod; if the table does not know
         // it yet, there is no identity to send it with.
-        return Decision::Deny(format!("source {source} is not a known pod"));
+        return Err(format!("source {source} is not a known pod"));
     };
     let identity = |namespace: &str, service_account: &str| {
         SpiffeId::new(trust_domain, namespace, service_account)
@@ -79,27 +90,25 @@ pub fn decide(
         identity(&destination.namespace, &destination.service_account),
     ) {
         (Ok(s), Ok(d)) => (s, d),
-        (Err(e), _) | (_, Err(e)) => return Decision::Deny(e.to_string()),
+        (Err(e), _) | (_, Err(e)) => return Err(e.to_string()),
     };
     let pod = destination.key();
     if destination.node == table.node.name {
-        if let Err(reason) = table.authorize(&source_id, destination) {
-            return Decision::Deny(reason);
-        }
-        return Decision::Direct {
+        table.authorize(&source_id, destination)?;
+        return Ok(Decision::Direct {
             source: source_id,
             destination: destination_id,
             pod,
             target,
-        };
+        });
     }
     let Some(agent) = table.node_address(&destination.node, target.ip()) else {
-        return Decision::Deny(format!(
+        return Err(format!(
             "pod {pod} runs on node {}, whose address is unknown",
             destination.node
         ));
     };
-    Decision::Tunnel {
+    Ok(Decision::Tunnel {
         key: PoolKey {
             source: source_id,
             destination: destination_id,
@@ -107,7 +116,7 @@ pub fn decide(
         },
         pod,
         target,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -154,7 +163,8 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             "10.96.0.10:80".parse().unwrap(),
             Some("cluster.local"),
             &mut choose,
-        );
+        )
+        .unwrap();
         assert_eq!(
             seen,
             [
@@ -175,7 +185,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             &mut first,
         );
         assert!(
-            matches!(unknown_port, Decision::Deny(ref r) if r.contains("no port 81")),
+            matches!(unknown_port, Err(ref r) if r.contains("no port 81")),
             "{unknown_port:?}"
         );
     }
@@ -190,7 +200,8 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             to,
             Some("cluster.local"),
             &mut first,
-        ) else {
+        )
+        .unwrap() else {
             panic!("not tunnelled");
         };
         assert_eq!(pod, "shop/db");
@@ -210,7 +221,8 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             to6,
             Some("cluster.local"),
             &mut first,
-        ) else {
+        )
+        .unwrap() else {
             panic!("not tunnelled");
         };
         assert_eq!(key.address, "[2001:2:0:ff::2]:15008".parse().unwrap());
@@ -228,7 +240,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
         );
         // shop/api's policy allows nobody.
         assert!(
-            matches!(decision, Decision::Deny(ref reason) if reason.contains("policy for shop/api")),
+            matches!(decision, Err(ref reason) if reason.contains("policy for shop/api")),
             "{decision:?}"
         );
         let decision = decide(
@@ -239,7 +251,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             &mut first,
         );
         assert!(
-            matches!(decision, Decision::Direct { ref pod, .. } if pod == "shop/web"),
+            matches!(decision, Ok(Decision::Direct { ref pod, .. }) if pod == "shop/web"),
             "{decision:?}"
         );
     }
@@ -256,12 +268,12 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
                 Some("cluster.local"),
                 &mut first,
             );
-            assert_eq!(decision, Decision::Passthrough { target: to });
+            assert_eq!(decision, Ok(Decision::Passthrough { target: to }));
         }
         // Without identities everything passes through.
         let to: SocketAddr = "198.18.2.2:5432".parse().unwrap();
         let decision = decide(&table, ip("198.18.1.2"), to, None, &mut first);
-        assert_eq!(decision, Decision::Passthrough { target: to });
+        assert_eq!(decision, Ok(Decision::Passthrough { target: to }));
     }
 
     #[test]
@@ -274,6 +286,6 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             Some("cluster.local"),
             &mut first,
         );
-        assert!(matches!(decision, Decision::Deny(_)));
+        assert!(decision.is_err(), "{decision:?}");
     }
 }

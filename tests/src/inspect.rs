@@ -107,6 +107,36 @@ fn original_dst(bytes: &[u8]) -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// `(passed, refused)` plaintext connection attempts `ferry_inbound` counted
+/// for the pod `cgroup`, from the pinned `inbound_plaintext` map; zeros if it
+/// has no entry yet.
+pub fn plaintext_counts(pin_dir: &Path, cgroup: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(cgroup)
+        .with_context(|| format!("cgroup {}", cgroup.display()))?
+        .ino();
+    let map = pin_dir.join("inbound_plaintext");
+    let map = map.to_str().context("pin path is not UTF-8")?;
+    let entries = bpftool(&["map", "dump", "pinned", map])?;
+    for entry in entries
+        .as_array()
+        .with_context(|| format!("bpftool map dump: {entries}"))?
+    {
+        let key = hex_bytes(&entry["key"])?;
+        let value = hex_bytes(&entry["value"])?;
+        if key.len() == 8 && u64::from_ne_bytes(key[..].try_into()?) == id {
+            ensure!(
+                value.len() == 16,
+                "InboundCounts is 16 bytes, got {value:?}"
+            );
+            let passed = u64::from_ne_bytes(value[..8].try_into()?);
+            let refused = u64::from_ne_bytes(value[8..].try_into()?);
+            return Ok((passed, refused));
+        }
+    }
+    Ok((0, 0))
+}
+
 fn hex_bytes(value: &Value) -> anyhow::Result<Vec<u8>> {
     value
         .as_array()

@@ -9,7 +9,6 @@ use ferry_tests::{
     inspect::{admin_json, is_node_addr, live_connection},
     testapp::{Family, event, json_lines, pod_addr, socket_addr},
 };
-use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 const PORT: u16 = 8080;
@@ -486,38 +485,6 @@ fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `(passed, refused)` plaintext counters of a pod, from the pinned map.
-fn plaintext_counts(
-    pin_dir: &std::path::Path,
-    cgroup: &std::path::Path,
-) -> anyhow::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let id = std::fs::metadata(cgroup)?.ino();
-    let map = pin_dir.join("inbound_plaintext");
-    let entries =
-        ferry_tests::inspect::bpftool(&["map", "dump", "pinned", &map.to_string_lossy()])?;
-    for entry in entries.as_array().into_iter().flatten() {
-        let bytes = |v: &Value| -> Vec<u8> {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-                .collect()
-        };
-        let key = bytes(&entry["key"]);
-        let value = bytes(&entry["value"]);
-        if key.len() == 8
-            && u64::from_ne_bytes(key.try_into().expect("8 bytes")) == id
-            && value.len() == 16
-        {
-            let passed = u64::from_ne_bytes(value[..8].try_into()?);
-            let refused = u64::from_ne_bytes(value[8..].try_into()?);
-            return Ok((passed, refused));
-        }
-    }
-    Ok((0, 0))
-}
-
 #[test]
 fn strict_pods_refuse_plaintext_from_off_the_node_and_permissive_ones_count_it()
 -> anyhow::Result<()> {
@@ -562,12 +529,14 @@ fn strict_pods_refuse_plaintext_from_off_the_node_and_permissive_ones_count_it()
     let (ok, _, stderr) = run_client(&mut cluster, legacy, permissive_to, &quick)?;
     ensure!(ok, "plaintext to the permissive pod: {stderr}");
 
-    let strict_counts = plaintext_counts(&a2.pin_dir, &cluster.pod(strict).cgroup)?;
+    let strict_counts =
+        ferry_tests::inspect::plaintext_counts(&a2.pin_dir, &cluster.pod(strict).cgroup)?;
     ensure!(
         strict_counts.1 >= 1 && strict_counts.0 == 0,
         "strict pod counters {strict_counts:?}"
     );
-    let permissive_counts = plaintext_counts(&a2.pin_dir, &cluster.pod(permissive).cgroup)?;
+    let permissive_counts =
+        ferry_tests::inspect::plaintext_counts(&a2.pin_dir, &cluster.pod(permissive).cgroup)?;
     ensure!(
         permissive_counts == (1, 0),
         "permissive pod counters {permissive_counts:?}"

@@ -50,6 +50,8 @@ impl Readiness {
 
 /// What the admin endpoint reads from.
 pub struct AdminState {
+    /// The agent's settings as it started (its command line, defaults filled in).
+    pub config: serde_json::Value,
     pub workloads: watch::Receiver<Arc<WorkloadTable>>,
     pub attachments: Arc<Mutex<CaptureView>>,
     pub connections: Arc<Connections>,
@@ -111,6 +113,7 @@ pub struct CaptureView {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ConfigDump<'a> {
+    config: &'a serde_json::Value,
     node: &'a LocalNode,
     workloads: Vec<&'a Workload>,
     services: Vec<&'a crate::workload::Service>,
@@ -284,6 +287,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
             let table = state.workloads.borrow().clone();
             let reasons = state.not_ready();
             json(&ConfigDump {
+                config: &state.config,
                 node: &table.node,
                 workloads: table.workloads.iter().map(AsRef::as_ref).collect(),
                 services: table.services.iter().map(AsRef::as_ref).collect(),

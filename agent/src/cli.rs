@@ -32,7 +32,8 @@ pub enum Command {
     Inspect(crate::inspect::InspectArgs),
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunArgs {
     /// This node's name, as in the workload source.
     #[arg(long, env = "NODE_NAME")]
@@ -65,7 +66,8 @@ pub struct RunArgs {
 }
 
 /// Where the agent learns the cluster's workloads: a file, or the Kubernetes API.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 #[command(group = clap::ArgGroup::new("workload_source").required(true))]
 pub struct SourceArgs {
     /// The workload file (YAML) describing nodes, namespaces and pods; watched for changes.
@@ -95,7 +97,8 @@ pub struct SourceArgs {
 }
 
 /// The pool of mTLS connections to other agents.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelArgs {
     /// A pooled tunnel connection with no streams for this long is closed (seconds).
     #[arg(long, default_value_t = crate::tunnel::pool::DEFAULT_IDLE_TIMEOUT.as_secs())]
@@ -117,7 +120,8 @@ impl TunnelArgs {
 
 /// Where the agent gets its workloads' certificates. Without `--ca-addr`
 /// the agent runs without identities: capture and plaintext passthrough only.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct IdentityArgs {
     /// The Ferry CA, `host:port`.
     #[arg(long, env = "FERRY_CA_ADDR", requires_all = ["trust_bundle", "token_file"])]
@@ -135,7 +139,8 @@ pub struct IdentityArgs {
     pub trust_domain: String,
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LogArgs {
     /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,ferry_agent=debug`).
     #[arg(long = "log-level", env = "FERRY_LOG", default_value = "info")]
@@ -144,7 +149,8 @@ pub struct LogArgs {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,

@@ -153,6 +153,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(Arc::clone(&outbound).serve(listener));
     }
     let state = Arc::new(AdminState {
+        config: serde_json::to_value(&args).unwrap_or_default(),
         workloads: table_rx,
         attachments: capture_view,
         connections,

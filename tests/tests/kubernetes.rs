@@ -81,6 +81,16 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     api.apply(pod(&cluster, old));
     let _agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
 
+    // The agent says where it learns the workloads.
+    let config = &admin_json(&cluster, n1, "/config_dump")?["config"];
+    ensure!(
+        config["node"] == cluster.node(n1).name.as_str()
+            && config["source"]["kubernetes"] == true
+            && config["source"]["cgroupRoot"]
+                == cluster.node_cgroup_root(n1).to_string_lossy().as_ref(),
+        "/config_dump config: {config}"
+    );
+
     // Pods exist before their namespace is labelled: none is captured, then all are.
     ensure!(!captured(&cluster, web)? && !captured(&cluster, old)?);
     api.apply(namespace("shop", true));

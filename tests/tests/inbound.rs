@@ -1,0 +1,208 @@
+//! The tunnel port (15008) from a client that is not an agent but holds a
+//! valid certificate of the trust domain (signed by the mesh's issuer) and
+//! asks for what an agent never would. Each request gets its own status
+//! with a reason, is counted by reason, and the port keeps serving.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use bytes::Bytes;
+use ferry_agent::{inspect::parse_metrics, tunnel::tls};
+use ferry_proto::SpiffeId;
+use ferry_tests::{
+    Cluster, PodOptions, bin_path,
+    ca::CaFixture,
+    netns,
+    testapp::{Family, event, pod_addr},
+};
+use http::{Method, Request, StatusCode};
+use rustls::{
+    RootCertStore,
+    crypto::CryptoProvider,
+    pki_types::{ServerName, pem::PemObject as _},
+    sign::CertifiedKey,
+};
+
+const PORT: u16 = 8080;
+
+#[test]
+fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("inbound-refusals")?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let web = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
+    let db = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let cache = cluster.add_pod(n2, PodOptions::meshed("cache-0", "shop", "cache"))?;
+    let legacy = cluster.add_pod(n2, PodOptions::unmeshed("old-0", "legacy", "old"))?;
+    let ca = cluster.start_ca()?;
+    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
+    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let testapp = bin_path("ferry-testapp")?;
+    let listen = pod_addr(&cluster, db, Family::V4, PORT).to_string();
+    let mut serve = cluster.spawn_in_pod(db, &testapp, &["serve", "--listen", &listen])?;
+    serve.wait_for_line(event("listening"), Duration::from_secs(30))?;
+
+    let n2_ip = cluster.node(n2).ipv4;
+    let tunnel = SocketAddr::from((n2_ip, ferry_proto::TUNNEL_PORT));
+    let db_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/db".parse()?;
+    let to = |pod| pod_addr(&cluster, pod, Family::V4, PORT).to_string();
+    let cases: Vec<(&str, Method, String, StatusCode, &str)> = vec![
+        (
+            "the pod the tunnel names",
+            Method::CONNECT,
+            to(db),
+            StatusCode::OK,
+            "",
+        ),
+        (
+            "a pod on another node",
+            Method::CONNECT,
+            to(web),
+            StatusCode::NOT_FOUND,
+            "runs on node",
+        ),
+        (
+            "an unmeshed pod",
+            Method::CONNECT,
+            to(legacy),
+            StatusCode::FORBIDDEN,
+            "not meshed",
+        ),
+        (
+            "a pod of another identity",
+            Method::CONNECT,
+            to(cache),
+            StatusCode::MISDIRECTED_REQUEST,
+            "runs as",
+        ),
+        (
+            "the agent's own admin port",
+            Method::CONNECT,
+            format!("{n2_ip}:15000"),
+            StatusCode::NOT_FOUND,
+            "no pod has address",
+        ),
+        (
+            "a name, not an address",
+            Method::CONNECT,
+            "db.shop:8080".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "not an IP address",
+        ),
+        (
+            "a GET",
+            Method::GET,
+            format!("https://{}/", to(db)),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only CONNECT",
+        ),
+    ];
+    let client = issue(&ca, "spiffe://cluster.local/ns/shop/sa/web")?;
+    let answers = netns::in_netns(&cluster.node(n1).netns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(ask_all(tunnel, client, db_id, &cases))
+    })?;
+    for ((what, _, target, status, reason), (got, got_reason)) in cases.iter().zip(&answers) {
+        ensure!(
+            got == status && got_reason.contains(reason),
+            "{what} ({target}): {got} {got_reason:?}, expected {status} with {reason:?}"
+        );
+    }
+
+    let (code, body) = cluster.admin_get(n2, "/metrics")?;
+    ensure!(code == 200, "{code} {body}");
+    let samples = parse_metrics(&body).map_err(anyhow::Error::msg)?;
+    for reason in [
+        "not_local",
+        "not_meshed",
+        "wrong_identity",
+        "bad_request",
+        "method",
+    ] {
+        let counted: f64 = samples
+            .iter()
+            .filter(|s| {
+                s.name == "ferry_inbound_refused_total"
+                    && s.labels.iter().any(|(k, v)| k == "reason" && v == reason)
+            })
+            .map(|s| s.value)
+            .sum();
+        let expected = if reason == "not_local" { 2.0 } else { 1.0 };
+        ensure!(
+            counted == expected,
+            "ferry_inbound_refused_total{{reason={reason}}} = {counted}, expected {expected}"
+        );
+    }
+    Ok(())
+}
+
+/// A certificate for `identity` signed by the mesh's issuer, as the CA would
+/// sign it (but for a client that is no agent).
+fn issue(
+    ca: &CaFixture,
+    identity: &str,
+) -> anyhow::Result<(Arc<CertifiedKey>, Arc<RootCertStore>)> {
+    let issuer_pem = std::fs::read_to_string(ca.issuer_dir.join("tls.crt"))?;
+    let issuer_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.issuer_dir.join("tls.key"))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, issuer_key)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into()?)];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let leaf = params.signed_by(&key, &issuer)?;
+    let issuer_der = rustls::pki_types::CertificateDer::from_pem_slice(issuer_pem.as_bytes())
+        .context("issuer PEM")?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider.key_provider.load_private_key(
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(anyhow::Error::msg)?,
+    )?;
+    let certified = CertifiedKey::new(vec![leaf.der().clone(), issuer_der], signing);
+    let mut roots = RootCertStore::empty();
+    for root in rustls::pki_types::CertificateDer::pem_file_iter(&ca.trust_bundle)? {
+        roots.add(root?)?;
+    }
+    Ok((Arc::new(certified), Arc::new(roots)))
+}
+
+async fn ask_all(
+    tunnel: SocketAddr,
+    (certified, roots): (Arc<CertifiedKey>, Arc<RootCertStore>),
+    expected: SpiffeId,
+    cases: &[(&str, Method, String, StatusCode, &str)],
+) -> anyhow::Result<Vec<(StatusCode, String)>> {
+    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
+    let sni = ServerName::try_from(tls::sni_for(&expected))?;
+    let config = tls::client_config(&provider, certified, roots, expected)?;
+    let tcp = tokio::net::TcpStream::connect(tunnel).await?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(sni, tcp)
+        .await?;
+    let (mut send, connection) = h2::client::handshake(stream).await?;
+    tokio::spawn(connection);
+    let mut answers = Vec::new();
+    for (_, method, target, _, _) in cases {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(target.as_str())
+            .body(())?;
+        send = send.ready().await?;
+        let (response, mut body) = send.send_request(request, false)?;
+        let response = response.await?;
+        let reason = response
+            .headers()
+            .get(ferry_agent::tunnel::inbound::REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let _ = body.send_data(Bytes::new(), true);
+        answers.push((response.status(), reason));
+    }
+    Ok(answers)
+}

@@ -88,6 +88,9 @@ pub struct WorkloadTable {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
     services_by_ip: HashMap<IpAddr, Arc<Service>>,
+    /// Workloads by `namespace/name`, how Services name their endpoints.
+    #[serde(skip)]
+    by_key: HashMap<String, Arc<Workload>>,
 }
 
 /// A Service, with its endpoints resolved to pods.
@@ -137,6 +140,7 @@ impl WorkloadTable {
                     .map(move |ip| (ip.to_canonical(), Arc::clone(w)))
             })
             .collect();
+        let by_key = workloads.iter().map(|w| (w.key(), Arc::clone(w))).collect();
         let services: Vec<_> = services.into_iter().map(Arc::new).collect();
         let services_by_ip = services
             .iter()
@@ -158,6 +162,7 @@ impl WorkloadTable {
             services,
             by_ip,
             services_by_ip,
+            by_key,
         }
     }
 
@@ -172,7 +177,7 @@ impl WorkloadTable {
         service
             .endpoints
             .iter()
-            .filter_map(|key| self.workloads.iter().find(|w| &w.key() == key))
+            .filter_map(|key| self.by_key.get(key))
             .filter_map(|pod| {
                 let ip = pod.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
                 Some((Arc::clone(pod), *ip))

@@ -53,6 +53,9 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct KubeSource {
     node: LocalNode,
     cgroup_root: PathBuf,
+    /// Pod cgroups found so far, by pod UID: a UID's cgroup does not move,
+    /// so each is looked for on disk until found, not at every rebuild.
+    cgroups: HashMap<String, PathBuf>,
     stores: Stores,
     changed: Arc<Notify>,
 }
@@ -101,9 +104,10 @@ impl KubeSource {
                 )
             })?
             .map_err(|e| anyhow::anyhow!("a Kubernetes watch ended before its first list: {e}"))?;
-        let source = Self {
+        let mut source = Self {
             node,
             cgroup_root,
+            cgroups: HashMap::new(),
             stores,
             changed,
         };
@@ -112,7 +116,7 @@ impl KubeSource {
     }
 
     /// Publishes a new table whenever what the API server says changes.
-    pub async fn watch(self, tx: watch::Sender<Arc<WorkloadTable>>) {
+    pub async fn watch(mut self, tx: watch::Sender<Arc<WorkloadTable>>) {
         let mut awaiting_cgroups = missing_cgroups(&tx.borrow());
         loop {
             if awaiting_cgroups.is_empty() {
@@ -148,16 +152,28 @@ impl KubeSource {
         }
     }
 
-    fn table(&self) -> WorkloadTable {
+    fn table(&mut self) -> WorkloadTable {
         let root = &self.cgroup_root;
-        build_table(
+        let known = std::mem::take(&mut self.cgroups);
+        let mut found = HashMap::new();
+        let table = build_table(
             &self.node,
             &self.stores.namespaces.state(),
             &self.stores.pods.state(),
             &self.stores.services.state(),
             &self.stores.slices.state(),
-            |uid| find_pod_cgroup(root, uid),
-        )
+            |uid| {
+                let path = known
+                    .get(uid)
+                    .cloned()
+                    .or_else(|| find_pod_cgroup(root, uid))?;
+                found.insert(uid.to_owned(), path.clone());
+                Some(path)
+            },
+        );
+        // Pods that are gone leave the cache with the rebuild that drops them.
+        self.cgroups = found;
+        table
     }
 }
 
@@ -251,7 +267,7 @@ fn build_table(
     pods: &[Arc<Pod>],
     services: &[Arc<KubeService>],
     slices: &[Arc<EndpointSlice>],
-    find_cgroup: impl Fn(&str) -> Option<PathBuf>,
+    mut find_cgroup: impl FnMut(&str) -> Option<PathBuf>,
 ) -> WorkloadTable {
     let mode: HashMap<&str, (bool, bool)> = namespaces
         .iter()
@@ -302,7 +318,7 @@ fn build_table(
             }
             let (meshed, strict) = mode.get(namespace.as_str()).copied().unwrap_or_default();
             let cgroup = if meshed && pod_node == node.name {
-                meta.uid.as_deref().and_then(&find_cgroup)
+                meta.uid.as_deref().and_then(&mut find_cgroup)
             } else {
                 None
             };
@@ -323,9 +339,25 @@ fn build_table(
         })
         .collect();
 
+    // Each Service's slices, found in one pass over the slices.
+    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let meta = &slice.metadata;
+        let service = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let (Some(namespace), Some(service)) = (meta.namespace.as_deref(), service) {
+            slices_of
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
     let services = services
         .iter()
-        .filter_map(|service| resolve_service(service, slices))
+        .filter_map(|service| {
+            let meta = &service.metadata;
+            let key = (meta.namespace.as_deref()?, meta.name.as_deref()?);
+            resolve_service(service, slices_of.get(&key).map_or(&[], Vec::as_slice))
+        })
         .collect();
     WorkloadTable::new(node.clone(), nodes, workloads, services, Vec::new())
 }
@@ -379,8 +411,8 @@ fn excluded_ports(pod: &Pod) -> Vec<u16> {
 
 /// A Service with a ClusterIP, its TCP ports mapped to the pods' port
 /// numbers (a named `targetPort` is resolved through the EndpointSlices),
-/// and its ready endpoint pods.
-fn resolve_service(service: &KubeService, slices: &[Arc<EndpointSlice>]) -> Option<Service> {
+/// and its ready endpoint pods; `own` are the Service's EndpointSlices.
+fn resolve_service(service: &KubeService, own: &[&EndpointSlice]) -> Option<Service> {
     let name = service.metadata.name.clone()?;
     let namespace = service.metadata.namespace.clone()?;
     let spec = service.spec.as_ref()?;
@@ -396,19 +428,6 @@ fn resolve_service(service: &KubeService, slices: &[Arc<EndpointSlice>]) -> Opti
     if cluster_ips.is_empty() {
         return None;
     }
-    let own: Vec<&EndpointSlice> = slices
-        .iter()
-        .map(AsRef::as_ref)
-        .filter(|slice| {
-            slice.metadata.namespace.as_deref() == Some(&namespace)
-                && slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    == Some(&name)
-        })
-        .collect();
     let slice_port = |port_name: Option<&str>| {
         own.iter()
             .flat_map(|slice| slice.ports.iter().flatten())
@@ -696,7 +715,7 @@ mod tests {
                 ..Default::default()
             }]),
         });
-        let resolved = resolve_service(&service, &[slice]).unwrap();
+        let resolved = resolve_service(&service, &[&slice]).unwrap();
         assert_eq!(resolved.endpoints, ["shop/db-0"]);
         assert_eq!(resolved.target_port(5432), Some(15432));
         assert_eq!(resolved.target_port(80), Some(8080));

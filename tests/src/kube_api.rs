@@ -92,14 +92,15 @@ struct State {
 pub struct FakeApiServer {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    /// The latest resourceVersion, and bumped generations end every watch.
-    changes: watch::Sender<(u64, u64)>,
+    /// Wakes the open watches at each change; its value, the generation,
+    /// is bumped to end them all.
+    changes: watch::Sender<u64>,
 }
 
 #[derive(Clone)]
 struct Shared {
     state: Arc<Mutex<State>>,
-    changes: watch::Receiver<(u64, u64)>,
+    changes: watch::Receiver<u64>,
 }
 
 impl FakeApiServer {
@@ -118,7 +119,7 @@ impl FakeApiServer {
             available: true,
             lists: 0,
         }));
-        let (changes, receiver) = watch::channel((1, 0));
+        let (changes, receiver) = watch::channel(0);
         let shared = Shared {
             state: Arc::clone(&state),
             changes: receiver,
@@ -215,7 +216,8 @@ impl FakeApiServer {
             object: value,
         });
         drop(state);
-        self.changes.send_modify(|(latest, _)| *latest = version);
+        // The new event is in the state; the watches only need waking.
+        self.changes.send_modify(|_| {});
     }
 
     /// The simulated cluster as the API server would hold it: each pod's
@@ -246,7 +248,7 @@ impl FakeApiServer {
 
     /// Ends every open watch, as an API server restart does.
     pub fn drop_watches(&self) {
-        self.changes.send_modify(|(_, generation)| *generation += 1);
+        self.changes.send_modify(|generation| *generation += 1);
     }
 
     /// While unavailable, every request is answered 503 and open watches end.
@@ -444,7 +446,7 @@ fn watch_stream(
             return;
         }
         let mut changes = shared.changes.clone();
-        let generation = changes.borrow_and_update().1;
+        let generation = *changes.borrow_and_update();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut seen = from;
         loop {
@@ -466,7 +468,7 @@ fn watch_stream(
             }
             tokio::select! {
                 changed = changes.changed() => {
-                    if changed.is_err() || changes.borrow_and_update().1 != generation {
+                    if changed.is_err() || *changes.borrow_and_update() != generation {
                         return;
                     }
                 }

@@ -67,14 +67,13 @@ struct Args {
 
 struct Bench {
     cluster: Cluster,
-    plain_client: PodId,
-    mesh_client: PodId,
     agents: Vec<ferry_tests::Agent>,
     /// Kept running for the whole bench.
     _servers: Vec<Proc>,
     stunnels: [Proc; 2],
     _ca: ferry_tests::ca::CaFixture,
-    targets: [(String, PodId, String); 3],
+    /// Per setup, in [`SETUPS`] order: the client pod and where it connects.
+    targets: [(PodId, String); 3],
     seconds: f64,
 }
 
@@ -149,12 +148,14 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     for round in 0..args.rounds {
         for scenario in ["bulk", "rr", "crr"] {
             for k in 0..SETUPS.len() {
-                let (setup, pod, to) = bench.targets[(round + k) % SETUPS.len()].clone();
+                let i = (round + k) % SETUPS.len();
+                let setup = SETUPS[i];
+                let (pod, to) = bench.targets[i].clone();
                 let result = bench
                     .client(pod, &[scenario, "--to", &to])
                     .with_context(|| format!("{scenario} over {setup}"))?;
                 println!("round {} {scenario:>4} {setup:>8}: {result}", round + 1);
-                record(&mut samples, scenario, &setup, &result);
+                record(&mut samples, scenario, setup, &result);
             }
         }
     }
@@ -278,27 +279,14 @@ impl Bench {
         }
         let stunnels = start_stunnels(&mut cluster, plain_client, plain_server)?;
         let server_addr = |pod: PodId, port: u16| format!("{}:{port}", cluster.pod(pod).ipv4);
+        // In SETUPS order: no-mesh, ferry, stunnel.
         let targets = [
-            (
-                "no-mesh".to_owned(),
-                plain_client,
-                server_addr(plain_server, SERVER_PORT),
-            ),
-            (
-                "ferry".to_owned(),
-                mesh_client,
-                server_addr(mesh_server, SERVER_PORT),
-            ),
-            (
-                "stunnel".to_owned(),
-                plain_client,
-                format!("127.0.0.1:{STUNNEL_LOCAL_PORT}"),
-            ),
+            (plain_client, server_addr(plain_server, SERVER_PORT)),
+            (mesh_client, server_addr(mesh_server, SERVER_PORT)),
+            (plain_client, format!("127.0.0.1:{STUNNEL_LOCAL_PORT}")),
         ];
         Ok(Self {
             cluster,
-            plain_client,
-            mesh_client,
             agents,
             _servers: servers,
             stunnels,
@@ -328,15 +316,11 @@ impl Bench {
         let stunnel_pids = [self.stunnels[0].pid(), self.stunnels[1].pid()];
         let idle_rss = rss_kib(agent_pids[0])?;
         let mut out = vec![("idle.agentRssMiB", "ferry", idle_rss / 1024.0)];
-        for (setup, pids, pod) in [
-            ("ferry", agent_pids, self.mesh_client),
-            ("stunnel", stunnel_pids, self.plain_client),
-        ] {
-            let to = self
-                .targets
+        for (setup, pids) in [("ferry", agent_pids), ("stunnel", stunnel_pids)] {
+            let (pod, to) = SETUPS
                 .iter()
-                .find(|(name, _, _)| name == setup)
-                .map(|(_, _, to)| to.clone())
+                .position(|s| *s == setup)
+                .map(|i| self.targets[i].clone())
                 .context("no target")?;
             let before = [rss_kib(pids[0])?, rss_kib(pids[1])?];
             let load = bin_path("ferry-load")?;

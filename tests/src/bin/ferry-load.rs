@@ -41,32 +41,13 @@ enum Command {
         listen: SocketAddr,
     },
     /// One connection, as many bytes as fit in `seconds`: throughput.
-    Bulk {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-    },
+    Bulk(Run),
     /// One connection, `size`-byte request then response, repeated: round
     /// trips per second and latency percentiles.
-    Rr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-    },
+    Rr(Exchange),
     /// Connect, one `size`-byte request/response, close, repeated: new
     /// connections per second.
-    Crr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-    },
+    Crr(Exchange),
     /// Open `count` connections, each checked with one round trip, print
     /// `{"open": count}`, and hold them until stdin closes.
     Idle {
@@ -77,13 +58,37 @@ enum Command {
     },
 }
 
+/// Where to, and for how long.
+#[derive(Debug, clap::Args)]
+struct Run {
+    #[arg(long)]
+    to: SocketAddr,
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+impl Run {
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds.max(0.1))
+    }
+}
+
+/// A run of request/response exchanges of `size` bytes each way.
+#[derive(Debug, clap::Args)]
+struct Exchange {
+    #[command(flatten)]
+    run: Run,
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { listen } => serve(listen),
-        Command::Bulk { to, seconds } => bulk(to, secs(seconds)),
-        Command::Rr { to, seconds, size } => rr(to, secs(seconds), size),
-        Command::Crr { to, seconds, size } => crr(to, secs(seconds), size),
+        Command::Bulk(run) => bulk(run.to, run.duration()),
+        Command::Rr(exchange) => exchanges(&exchange, false),
+        Command::Crr(exchange) => exchanges(&exchange, true),
         Command::Idle { to, count } => idle(to, count),
     };
     match result {
@@ -93,10 +98,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn secs(seconds: f64) -> Duration {
-    Duration::from_secs_f64(seconds.max(0.1))
 }
 
 fn serve(listen: SocketAddr) -> anyhow::Result<()> {
@@ -202,34 +203,31 @@ fn round_trip(stream: &mut TcpStream, request: &[u8], response: &mut [u8]) -> an
     Ok(())
 }
 
-fn rr(to: SocketAddr, duration: Duration, size: usize) -> anyhow::Result<()> {
-    let mut stream = connect(to)?;
-    start_echo(&mut stream, size)?;
-    let request: Vec<u8> = (0..size).map(|i| i as u8).collect();
-    let mut response = vec![0u8; size];
+/// Request/response exchanges back to back for the run's duration, on one
+/// connection or (`connection_each`) on a new connection each, timed from
+/// the start of each (its connect, if it makes one) to its answer.
+fn exchanges(exchange: &Exchange, connection_each: bool) -> anyhow::Result<()> {
+    let Exchange { run, size } = exchange;
+    let request: Vec<u8> = (0..*size).map(|i| i as u8).collect();
+    let mut response = vec![0u8; *size];
+    let open = || -> anyhow::Result<TcpStream> {
+        let mut stream = connect(run.to)?;
+        start_echo(&mut stream, *size)?;
+        Ok(stream)
+    };
+    let mut kept = if connection_each { None } else { Some(open()?) };
     let mut latencies = Vec::new();
     let started = Instant::now();
-    while started.elapsed() < duration {
-        let sent = Instant::now();
-        round_trip(&mut stream, &request, &mut response)?;
-        latencies.push(sent.elapsed());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    report(&latency_report(latencies, elapsed))
-}
-
-fn crr(to: SocketAddr, duration: Duration, size: usize) -> anyhow::Result<()> {
-    let request: Vec<u8> = (0..size).map(|i| i as u8).collect();
-    let mut response = vec![0u8; size];
-    let mut latencies = Vec::new();
-    let started = Instant::now();
-    while started.elapsed() < duration {
-        let opened = Instant::now();
-        let mut stream = connect(to)?;
-        start_echo(&mut stream, size)?;
-        round_trip(&mut stream, &request, &mut response)?;
-        drop(stream);
-        latencies.push(opened.elapsed());
+    while started.elapsed() < run.duration() {
+        let began = Instant::now();
+        let mut fresh = None;
+        let stream = match &mut kept {
+            Some(stream) => stream,
+            None => fresh.insert(open()?),
+        };
+        round_trip(stream, &request, &mut response)?;
+        drop(fresh);
+        latencies.push(began.elapsed());
     }
     let elapsed = started.elapsed().as_secs_f64();
     report(&latency_report(latencies, elapsed))

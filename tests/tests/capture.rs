@@ -589,3 +589,32 @@ fn the_log_filter_changes_at_runtime_through_the_admin_endpoint() -> anyhow::Res
     );
     Ok(())
 }
+
+#[test]
+fn worker_threads_bound_the_agents_runtime() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("capture-threads")?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let workers = |agent: &ferry_tests::Agent| -> anyhow::Result<usize> {
+        let mut count = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", agent.proc.pid()))? {
+            let comm = std::fs::read_to_string(task?.path().join("comm"))?;
+            count += usize::from(comm.trim() == "tokio-rt-worker");
+        }
+        Ok(count)
+    };
+    let default = cluster.start_agent(n1)?;
+    let cpus = std::thread::available_parallelism()?.get();
+    ensure!(
+        workers(&default)? == cpus,
+        "by default one worker per CPU ({cpus}), found {}",
+        workers(&default)?
+    );
+    let one = cluster.start_agent_with(n2, &["--worker-threads", "1"])?;
+    ensure!(
+        workers(&one)? == 1,
+        "--worker-threads 1 gave {} workers",
+        workers(&one)?
+    );
+    Ok(())
+}

@@ -50,6 +50,34 @@ fn wait_captured(cluster: &Cluster, pod: PodId, want: bool) -> anyhow::Result<()
     .with_context(|| format!("pod {name}"))
 }
 
+/// The ids of the links that hold the capture programs on the pod's cgroup
+/// (from their pins), sorted. An agent that adopts a link swaps the program
+/// in it but keeps the link; one that detached and attached again would
+/// have made new links.
+fn link_ids(agent: &ferry_tests::Agent, cluster: &Cluster, pod: PodId) -> anyhow::Result<Vec<u64>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroup_id = std::fs::metadata(&cluster.pod(pod).cgroup)?.ino();
+    let dir = agent.pin_dir.join("links").join(cgroup_id.to_string());
+    let mut ids = Vec::new();
+    for pin in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+        let pin = pin?.path();
+        let link =
+            ferry_tests::inspect::bpftool(&["link", "show", "pinned", &pin.to_string_lossy()])?;
+        ids.push(
+            link["id"]
+                .as_u64()
+                .with_context(|| format!("no link id: {link}"))?,
+        );
+    }
+    ids.sort_unstable();
+    ensure!(
+        ids.len() == PROGRAMS.len(),
+        "links pinned in {}: {ids:?}",
+        dir.display()
+    );
+    Ok(ids)
+}
+
 /// The node's agent's view of the workload with `ip`.
 fn workload_at(cluster: &Cluster, node: NodeId, ip: std::net::IpAddr) -> anyhow::Result<Value> {
     let workloads = admin_json(cluster, node, "/workloads")?;
@@ -79,7 +107,7 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     api.apply(namespace("shop", false));
     api.apply(pod(&cluster, web));
     api.apply(pod(&cluster, old));
-    let _agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+    let mut agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
 
     // The agent says where it learns the workloads.
     let config = &admin_json(&cluster, n1, "/config_dump")?["config"];
@@ -100,6 +128,16 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     // A pod created later is captured.
     api.apply(pod(&cluster, late));
     wait_captured(&cluster, late, true)?;
+
+    // A new agent lists before it reconciles: it adopts the pinned links
+    // instead of detaching pods it has not heard of yet and attaching anew.
+    let before = link_ids(&agent, &cluster, web)?;
+    agent.kill9();
+    let agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+    ensure!(
+        link_ids(&agent, &cluster, web)? == before,
+        "the restarted agent made new links for the web pod"
+    );
 
     // A new pod gets a deleted pod's address: the address is the new pod's.
     let reused = cluster.pod(old).ipv4.into();

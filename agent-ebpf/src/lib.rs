@@ -17,9 +17,11 @@ pub mod map_names {
     pub const POD_CGROUPS: &str = "pod_cgroups";
     /// `ExcludedPort -> u8`: destination ports a pod sends around the agent.
     pub const EXCLUDED_PORTS: &str = "excluded_ports";
-    /// `socket cookie -> OriginalDst`: written by connect4/6, read by getpeername4/6.
-    pub const ORIG_DST_BY_COOKIE: &str = "orig_dst_cookie";
-    /// `SockKey -> OriginalDst`: written by sock_ops once the local port exists, read by the agent.
+    /// `socket cookie -> OriginalDst`: written by connect4/6, moved to
+    /// `orig_dst_tuple` by sock_ops within the same `connect()` call.
+    pub const ORIG_DST_CONNECTING: &str = "orig_dst_connect";
+    /// `SockKey -> OriginalDst`: written by sock_ops once the local port
+    /// exists, read by the agent and by getpeername4/6.
     pub const ORIG_DST_BY_TUPLE: &str = "orig_dst_tuple";
     /// `[u32; 4] -> u8`: addresses (IPv4 mapped) whose new connections into a
     /// strict pod are let in: the node's own (its agent, kubelet probes).
@@ -38,9 +40,16 @@ pub mod program_names {
     pub const INBOUND: &str = "ferry_inbound";
 }
 
-/// Capacity of the original-destination maps (LRU: the oldest entry makes
-/// room when full, so a socket that never reached TCP cannot leak an entry forever).
+/// Capacity of the original-destination map by 4-tuple: open captured
+/// connections on one node (LRU: the oldest entry makes room when full, so a
+/// socket that never reached TCP cannot leak an entry forever).
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
+/// Capacity of the map by socket cookie, which holds an entry only from the
+/// connect program to sock_ops' connect callback in the same `connect()`
+/// call (LRU too, for connects that fail in between). Small, so it stays
+/// in cache; getpeername, which used to look sockets up here, now uses the
+/// 4-tuple map.
+pub const MAX_CONNECTS_IN_FLIGHT: u32 = 1_024;
 /// Capacity of the pod cgroup map: pods one node can run, with room to spare.
 pub const MAX_PODS: u32 = 4_096;
 /// Capacity of the excluded-port map, over all pods of a node.
@@ -70,12 +79,15 @@ pub struct CaptureConfig {
 /// `PodCapture::flags`: refuse new plaintext connections into the pod that
 /// do not come from the node (strict mode); without it they are only counted.
 pub const POD_STRICT: u32 = 1 << 0;
+/// `PodCapture::flags`: the pod has ports in `excluded_ports`; without it
+/// `connect4`/`connect6` skip that lookup.
+pub const POD_EXCLUDES_PORTS: u32 = 1 << 1;
 
 /// What the programs know about one pod cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCapture {
-    /// `POD_STRICT` or zero.
+    /// `POD_STRICT` | `POD_EXCLUDES_PORTS`.
     pub flags: u32,
     pub _pad: u32,
 }

@@ -2,11 +2,11 @@
 //!
 //! - `ferry_connect4` / `ferry_connect6` rewrite a TCP connect to the agent's
 //!   outbound listener and remember the dialled address by socket cookie;
-//! - `ferry_sock_ops` re-keys that record by the connection's 4-tuple as soon
-//!   as the local port exists (the agent only sees the accepted socket), and
-//!   forgets both records when the socket closes;
+//! - `ferry_sock_ops` moves that record to the connection's 4-tuple as soon
+//!   as the local port exists, still inside the same `connect()` (the agent
+//!   only sees the accepted socket), and forgets it when the socket closes;
 //! - `ferry_getpeer4` / `ferry_getpeer6` hand the application back the address
-//!   it dialled;
+//!   it dialled, found by the socket's 4-tuple;
 //! - `ferry_inbound` (`cgroup_skb/ingress`) sees new TCP connections into the
 //!   pod that do not come from the node: it drops them in strict mode and
 //!   counts them in permissive mode.
@@ -21,7 +21,7 @@ mod programs {
         EbpfContext as _,
         bindings::{
             BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-            BPF_TCP_CLOSE, bpf_sock_addr,
+            BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr,
         },
         helpers::generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
@@ -36,8 +36,9 @@ mod programs {
     use aya_log_ebpf::{debug, error};
     use ferry_agent_ebpf::{
         CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, InboundCounts, MAX_CGROUP_DEPTH,
-        MAX_EXCLUDED_PORTS, MAX_PODS, MAX_TRACKED_CONNECTIONS, ORIG_IPV4, ORIG_IPV6, OriginalDst,
-        POD_STRICT, PodCapture, SockKey, is_v4_mapped, v4_mapped,
+        MAX_CONNECTS_IN_FLIGHT, MAX_EXCLUDED_PORTS, MAX_PODS, MAX_TRACKED_CONNECTIONS, ORIG_IPV4,
+        ORIG_IPV6, OriginalDst, POD_EXCLUDES_PORTS, POD_STRICT, PodCapture, SockKey, is_v4_mapped,
+        v4_mapped,
     };
 
     /// What a cgroup/sock_addr program returns to let the syscall go on.
@@ -59,9 +60,9 @@ mod programs {
     #[map(name = "excluded_ports")]
     static EXCLUDED_PORTS: HashMap<ExcludedPort, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
 
-    #[map(name = "orig_dst_cookie")]
-    static ORIG_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> =
-        LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+    #[map(name = "orig_dst_connect")]
+    static ORIG_DST_CONNECTING: LruHashMap<u64, OriginalDst> =
+        LruHashMap::pinned(MAX_CONNECTS_IN_FLIGHT, 0);
 
     #[map(name = "orig_dst_tuple")]
     static ORIG_DST_BY_TUPLE: LruHashMap<SockKey, OriginalDst> =
@@ -225,9 +226,10 @@ mod programs {
         match ctx.op() {
             BPF_SOCK_OPS_TCP_CONNECT_CB => {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let Some(original) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+                let Some(original) = (unsafe { ORIG_DST_CONNECTING.get(&cookie) }).copied() else {
                     return 0;
                 };
+                let _ = ORIG_DST_CONNECTING.remove(&cookie);
                 let key = sock_key(&ctx);
                 if ORIG_DST_BY_TUPLE.insert(&key, &original, 0).is_err() {
                     error!(&ctx, "cannot record captured connection by 4-tuple");
@@ -240,8 +242,6 @@ mod programs {
                 }
             }
             BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
                 let _ = ORIG_DST_BY_TUPLE.remove(&sock_key(&ctx));
             }
             _ => {}
@@ -251,9 +251,8 @@ mod programs {
 
     #[cgroup_sock_addr(getpeername4)]
     pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if let Some(original) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
-            let sa = unsafe { &mut *ctx.sock_addr };
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if let Some(original) = captured_peer(sa) {
             sa.user_ip4 = original.addr[3];
             sa.user_port = u32::from(original.port.to_be());
         }
@@ -262,9 +261,8 @@ mod programs {
 
     #[cgroup_sock_addr(getpeername6)]
     pub fn ferry_getpeer6(ctx: SockAddrContext) -> i32 {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if let Some(original) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
-            let sa = unsafe { &mut *ctx.sock_addr };
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if let Some(original) = captured_peer(sa) {
             write_user_ip6(sa, original.addr);
             sa.user_port = u32::from(original.port.to_be());
         }
@@ -282,29 +280,33 @@ mod programs {
         (config.flags & family != 0).then_some(*config)
     }
 
-    /// The id of the pod cgroup the calling task is in: its own cgroup (the
-    /// simulated nodes put processes there) or the nearest ancestor the agent
-    /// registered (Kubernetes puts them in a container cgroup below the pod's).
+    /// The pod cgroup the calling task is in, and what the agent said of it:
+    /// its own cgroup (the simulated nodes put processes there) or the
+    /// nearest ancestor the agent registered (Kubernetes puts them in a
+    /// container cgroup below the pod's).
     #[inline(always)]
-    fn pod_cgroup() -> Option<u64> {
+    fn pod_cgroup() -> Option<(u64, PodCapture)> {
         let own = unsafe { bpf_get_current_cgroup_id() };
-        if POD_CGROUPS.get_ptr(&own).is_some() {
-            return Some(own);
+        if let Some(pod) = unsafe { POD_CGROUPS.get(&own) } {
+            return Some((own, *pod));
         }
         for level in 1..MAX_CGROUP_DEPTH {
             let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
             if ancestor == 0 || ancestor == own {
                 return None;
             }
-            if POD_CGROUPS.get_ptr(&ancestor).is_some() {
-                return Some(ancestor);
+            if let Some(pod) = unsafe { POD_CGROUPS.get(&ancestor) } {
+                return Some((ancestor, *pod));
             }
         }
         None
     }
 
     #[inline(always)]
-    fn is_excluded(pod_cgroup: u64, port: u16) -> bool {
+    fn is_excluded((pod_cgroup, pod): (u64, PodCapture), port: u16) -> bool {
+        if pod.flags & POD_EXCLUDES_PORTS == 0 {
+            return false;
+        }
         let key = ExcludedPort {
             pod_cgroup,
             port,
@@ -317,7 +319,7 @@ mod programs {
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, original: &OriginalDst) -> bool {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if ORIG_DST_BY_COOKIE.insert(&cookie, original, 0).is_err() {
+        if ORIG_DST_CONNECTING.insert(&cookie, original, 0).is_err() {
             // Failing the connect beats letting it leave the pod unencrypted.
             error!(ctx, "cannot record original destination; refusing connect");
             return false;
@@ -373,6 +375,24 @@ mod programs {
                 read_volatile(&raw const (*ops).remote_port),
             )
         };
+        // sock_ops gives the remote port in network byte order in the upper half.
+        let remote_port = u16::from_be((remote_port >> 16) as u16);
+        tuple_key(
+            family,
+            (local_ip4, remote_ip4),
+            (local_ip6, remote_ip6),
+            (local_port as u16, remote_port),
+        )
+    }
+
+    /// Local then remote address and port, IPv4 as `::ffff:a.b.c.d`.
+    #[inline(always)]
+    fn tuple_key(
+        family: u32,
+        (local_ip4, remote_ip4): (u32, u32),
+        (local_ip6, remote_ip6): ([u32; 4], [u32; 4]),
+        (src_port, dst_port): (u16, u16),
+    ) -> SockKey {
         let (src_addr, dst_addr) =
             if family == AF_INET || (family == AF_INET6 && is_v4_mapped(&remote_ip6)) {
                 // For a dual-stack socket dialling IPv4, the IPv6 fields may not be
@@ -384,10 +404,48 @@ mod programs {
         SockKey {
             src_addr,
             dst_addr,
-            src_port: local_port as u16,
-            // sock_ops gives the remote port in network byte order in the upper half.
-            dst_port: u16::from_be((remote_port >> 16) as u16),
+            src_port,
+            dst_port,
         }
+    }
+
+    /// What the application dialled, if the socket getpeername is asked about
+    /// is a captured connection: one whose peer is the agent's outbound
+    /// listener. Every other socket (a server's `accept` asks too) is told
+    /// apart by that, without a look into the large 4-tuple map.
+    #[inline(always)]
+    fn captured_peer(sa: &bpf_sock_addr) -> Option<OriginalDst> {
+        let config = CAPTURE_CONFIG.get(0)?;
+        let key = peer_key(sa);
+        let agent = key.dst_addr == v4_mapped(config.agent_ip4) || key.dst_addr == config.agent_ip6;
+        if !agent || key.dst_port != config.outbound_port {
+            return None;
+        }
+        unsafe { ORIG_DST_BY_TUPLE.get(&key) }.copied()
+    }
+
+    /// The key [`sock_key`] gave the connection getpeername is asked about,
+    /// read from the socket itself (the same fields, as `bpf_sock` names them).
+    #[inline(always)]
+    fn peer_key(sa: &bpf_sock_addr) -> SockKey {
+        let sk: *const bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
+        let (family, src_ip4, dst_ip4, src_ip6, dst_ip6, src_port, dst_port) = unsafe {
+            (
+                read_volatile(&raw const (*sk).family),
+                read_volatile(&raw const (*sk).src_ip4),
+                read_volatile(&raw const (*sk).dst_ip4),
+                read_words(&raw const (*sk).src_ip6),
+                read_words(&raw const (*sk).dst_ip6),
+                read_volatile(&raw const (*sk).src_port),
+                read_volatile(&raw const (*sk).dst_port),
+            )
+        };
+        tuple_key(
+            family,
+            (src_ip4, dst_ip4),
+            (src_ip6, dst_ip6),
+            (src_port as u16, u16::from_be(dst_port)),
+        )
     }
 
     #[panic_handler]

@@ -107,6 +107,11 @@ pub struct Attachment {
     pub strict: bool,
 }
 
+/// Pinned maps of earlier builds: `orig_dst_cookie` (socket cookie ->
+/// original destination for a connection's whole life) became the smaller
+/// `orig_dst_connect`, which holds only connects in flight.
+const RETIRED_MAPS: [&str; 1] = ["orig_dst_cookie"];
+
 /// The loaded programs and their maps, for one node.
 pub struct Capture {
     ebpf: Ebpf,
@@ -136,6 +141,20 @@ impl Capture {
             path: links_dir,
             source,
         })?;
+
+        // Maps earlier builds pinned that these programs no longer use.
+        for stale in RETIRED_MAPS {
+            let path = pin_dir.join(stale);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a map pinned by an earlier build")
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove a map pinned by an earlier build")
+                }
+            }
+        }
 
         let log_level = ebpf_log_level();
         let mut ebpf = EbpfLoader::new()
@@ -315,11 +334,14 @@ impl Capture {
                 0,
             )?;
         }
-        let flags = if pod.strict {
-            ferry_agent_ebpf::POD_STRICT
-        } else {
-            0
-        };
+        // Written after the ports, so a program that sees the flag finds them.
+        let mut flags = 0;
+        if pod.strict {
+            flags |= ferry_agent_ebpf::POD_STRICT;
+        }
+        if !pod.excluded_ports.is_empty() {
+            flags |= ferry_agent_ebpf::POD_EXCLUDES_PORTS;
+        }
         self.pods.insert(id, PodCapture { flags, _pad: 0 }, 0)
     }
 

@@ -52,9 +52,11 @@ pub struct RunArgs {
     /// Port of the kubelet readiness probe, `/healthz/ready` (on all addresses).
     #[arg(long, default_value_t = DEFAULT_PROBE_PORT)]
     pub probe_port: u16,
-    /// Threads carrying connections. By default one per CPU the agent may
-    /// use (the container's CPU limit counts); fewer keeps the agent's share
-    /// of a busy node down.
+    /// Threads carrying connections (shards: each accepts, relays and pools
+    /// tunnel connections on its own). By default one per CPU the agent may
+    /// use, as `std::thread::available_parallelism` counts them (its
+    /// documentation says it reads the cgroup's CPU quota; that was not
+    /// tested here); fewer keeps the agent's share of a busy node down.
     #[arg(long, env = "FERRY_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
     #[command(flatten)]

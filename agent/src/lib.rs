@@ -9,6 +9,7 @@ pub mod identity;
 pub mod inspect;
 pub mod metrics;
 pub mod proxy;
+pub mod shard;
 pub mod tunnel;
 pub mod workload;
 
@@ -30,8 +31,9 @@ use crate::{
     identity::{CertManager, IdentityConfig, ca_client::CaClient},
     proxy::{
         connections::Connections,
-        outbound::{Mesh, Outbound},
+        outbound::{Balancer, Mesh, Outbound},
     },
+    shard::Shard,
     tunnel::{client::TlsDialer, inbound::Inbound, pool::Pool},
     workload::{FileSource, KubeSource, LocalNode, Source, WorkloadTable},
 };
@@ -41,16 +43,19 @@ pub const CAPTURE_RETRY: Duration = Duration::from_secs(5);
 
 /// Runs the agent until SIGINT or SIGTERM. Pinned capture stays in place when
 /// it stops, so pods keep being redirected across a restart.
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.worker_threads {
-        runtime.worker_threads(threads.get());
-    }
-    let runtime = runtime.enable_all().build()?;
+pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    // Resolved here, so `/config_dump` shows the count in use.
+    args.worker_threads = args
+        .worker_threads
+        .or_else(|| std::thread::available_parallelism().ok());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(serve(args))
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let shards = args.worker_threads.map_or(1, std::num::NonZeroUsize::get);
     let (source, table) = load_workloads(&args).await?;
     let redirect = redirect_for(&table, args.outbound_port)?;
     tracing::info!(node = %args.node, addresses = ?table.node.addresses, pods = table.workloads.len(), "starting");
@@ -59,20 +64,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let mut outbound_listeners = Vec::new();
     for ip in &table.node.addresses {
         let addr = SocketAddr::new(*ip, args.outbound_port);
-        outbound_listeners.push(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("outbound listener on {addr}"))?,
-        );
+        outbound_listeners
+            .push(shard::bind(addr).with_context(|| format!("outbound listener on {addr}"))?);
     }
     let mut tunnel_listeners = Vec::new();
     if args.identity.ca_addr.is_some() {
         for ip in &table.node.addresses {
             let addr = SocketAddr::new(*ip, ferry_proto::TUNNEL_PORT);
             tunnel_listeners.push(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("inbound tunnel listener on {addr}"))?,
+                shard::bind(addr).with_context(|| format!("inbound tunnel listener on {addr}"))?,
             );
         }
     }
@@ -108,50 +108,62 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mesh = identities.as_ref().map(|identities| {
-        let pool = Pool::new(
-            args.tunnel.pool_config(),
-            TlsDialer {
-                identities: Arc::clone(identities),
-                provider: Arc::clone(&provider),
-            },
-            Arc::clone(&metrics),
-        );
-        Mesh {
-            identities: Arc::clone(identities),
-            pool,
-        }
-    });
-    if let Some(mesh) = &mesh {
-        let inbound = Arc::new(Inbound::new(
+    let inbound = identities.as_ref().map(|identities| {
+        Arc::new(Inbound::new(
             args.node.clone(),
-            mesh.identities.trust_domain().to_owned(),
+            identities.trust_domain().to_owned(),
             table_rx.clone(),
-            Arc::clone(&mesh.identities),
+            Arc::clone(identities),
             Arc::clone(&provider),
             Arc::clone(&connections),
-        ));
-        for listener in tunnel_listeners {
-            tracing::info!(addr = %listener.local_addr()?, "inbound tunnel listener ready");
-            tokio::spawn(Arc::clone(&inbound).serve(listener));
+        ))
+    });
+    let original_dsts = Arc::new(original_dsts);
+    let balancer = Arc::new(Balancer::default());
+    let mut pools = Vec::new();
+    for index in 0..shards {
+        // Each shard dials and keeps its own tunnel connections, so a
+        // connection's relay and the pooled connection it rides on share a thread.
+        let mesh = identities.as_ref().map(|identities| Mesh {
+            identities: Arc::clone(identities),
+            pool: Pool::new(
+                args.tunnel.pool_config(),
+                TlsDialer {
+                    identities: Arc::clone(identities),
+                    provider: Arc::clone(&provider),
+                },
+                Arc::clone(&metrics),
+            ),
+        });
+        pools.extend(mesh.as_ref().map(|mesh| Arc::clone(&mesh.pool)));
+        let outbound = Arc::new(Outbound {
+            workloads: table_rx.clone(),
+            original_dsts: Arc::clone(&original_dsts),
+            connections: Arc::clone(&connections),
+            mesh,
+            balancer: Arc::clone(&balancer),
+        });
+        Shard {
+            index,
+            outbound,
+            inbound: inbound.clone(),
+            outbound_listeners: try_clone_all(&outbound_listeners)?,
+            tunnel_listeners: try_clone_all(&tunnel_listeners)?,
         }
+        .start()?;
     }
-    let pool_view = mesh.as_ref().map(|mesh| {
-        let pool = Arc::clone(&mesh.pool);
-        Arc::new(move || serde_json::to_value(pool.view()).unwrap_or_default())
-            as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
-    });
-    let outbound = Arc::new(Outbound {
-        workloads: table_rx.clone(),
-        original_dsts: Arc::new(original_dsts),
-        connections: Arc::clone(&connections),
-        mesh,
-        balancer: Default::default(),
-    });
-    for listener in outbound_listeners {
-        tracing::info!(addr = %listener.local_addr()?, "outbound listener ready");
-        tokio::spawn(Arc::clone(&outbound).serve(listener));
+    for listener in &outbound_listeners {
+        tracing::info!(addr = %listener.local_addr()?, shards, "outbound listener ready");
     }
+    for listener in &tunnel_listeners {
+        tracing::info!(addr = %listener.local_addr()?, shards, "inbound tunnel listener ready");
+    }
+    let pool_view = (!pools.is_empty()).then(|| {
+        Arc::new(move || {
+            serde_json::to_value(tunnel::pool::merged_view(pools.iter().map(AsRef::as_ref)))
+                .unwrap_or_default()
+        }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
+    });
     let state = Arc::new(AdminState {
         config: serde_json::to_value(&args).unwrap_or_default(),
         workloads: table_rx,
@@ -169,6 +181,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("stopping; pinned capture stays in place for the next agent");
     Ok(())
+}
+
+/// A handle per shard on each listening socket.
+fn try_clone_all(
+    listeners: &[std::net::TcpListener],
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    listeners
+        .iter()
+        .map(|l| {
+            l.try_clone()
+                .context("cannot share a listening socket with a shard")
+        })
+        .collect()
 }
 
 /// The first table from the source the command line names, and the source

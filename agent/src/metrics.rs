@@ -150,7 +150,9 @@ impl Side {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolClose {
     Idle,
-    /// Closed by the peer, failed, missed a keepalive, or found unusable.
+    /// The peer stopped answering keepalive pings (a dead or cut-off node).
+    Keepalive,
+    /// Closed by the peer, failed, or found unusable.
     Broken,
 }
 
@@ -158,6 +160,7 @@ impl PoolClose {
     fn as_str(self) -> &'static str {
         match self {
             PoolClose::Idle => "idle",
+            PoolClose::Keepalive => "keepalive",
             PoolClose::Broken => "broken",
         }
     }
@@ -556,6 +559,7 @@ impl Metrics {
             dial_failures: self.handshakes(Side::Client, false),
             streams: self.pool_streams.get(),
             closed_idle: closed(PoolClose::Idle),
+            closed_keepalive: closed(PoolClose::Keepalive),
             closed_broken: closed(PoolClose::Broken),
         }
     }
@@ -599,6 +603,7 @@ pub struct PoolTotals {
     /// Streams handed out, one per tunnelled application connection.
     pub streams: u64,
     pub closed_idle: u64,
+    pub closed_keepalive: u64,
     pub closed_broken: u64,
 }
 

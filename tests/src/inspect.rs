@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
+use ferry_agent::inspect::{Sample, parse_metrics};
 use serde_json::Value;
 
 use crate::{Cluster, NodeId};
@@ -28,7 +29,7 @@ pub const MAPS: [&str; 7] = [
     "capture_config",
     "pod_cgroups",
     "excluded_ports",
-    "orig_dst_cookie",
+    "orig_dst_connect",
     "orig_dst_tuple",
     "inbound_sources",
     "inbound_plaintext",
@@ -188,6 +189,28 @@ pub fn live_connection(cluster: &Cluster, node: NodeId, to: SocketAddr) -> anyho
             .cloned()
             .with_context(|| format!("no live connection to {to} in /connections: {live}"))
     })
+}
+
+/// The node's agent's `/metrics`, parsed.
+pub fn metrics(cluster: &Cluster, node: NodeId) -> anyhow::Result<Vec<Sample>> {
+    let (status, body) = cluster.admin_get(node, "/metrics")?;
+    ensure!(status == 200, "GET /metrics: {status} {body}");
+    parse_metrics(&body).map_err(|e| anyhow::anyhow!("/metrics does not parse: {e}\n{body}"))
+}
+
+/// The value of the series `name{labels}` (exactly those labels), 0 if absent
+/// (a counter nothing has incremented yet is not shown).
+pub fn metric_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map_or(0.0, |s| s.value)
 }
 
 /// Connections the node's agent has captured since it started.

@@ -9,10 +9,10 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use ferry_agent::inspect::{Sample, parse_metrics};
+use ferry_agent::inspect::parse_metrics;
 use ferry_tests::{
-    Cluster, NodeId, PodOptions, bin_path, http,
-    inspect::{admin_json, eventually, live_connection},
+    Cluster, PodOptions, bin_path, http,
+    inspect::{admin_json, eventually, live_connection, metric_value as value, metrics},
     netns,
     testapp::{Family, event, pod_addr},
 };
@@ -23,28 +23,6 @@ const BYTES: u64 = 1 << 20;
 const CONNECTIONS: u64 = 3;
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
-
-/// The node's `/metrics` from the admin endpoint, parsed.
-fn metrics(cluster: &Cluster, node: NodeId) -> anyhow::Result<Vec<Sample>> {
-    let (status, body) = cluster.admin_get(node, "/metrics")?;
-    ensure!(status == 200, "GET /metrics: {status} {body}");
-    parse_metrics(&body).map_err(|e| anyhow::anyhow!("/metrics does not parse: {e}\n{body}"))
-}
-
-/// The value of the series `name{labels}` (exactly those labels), 0 if absent
-/// (a counter nothing has incremented yet is not shown).
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .find(|s| {
-            s.name == name
-                && s.labels.len() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map_or(0.0, |s| s.value)
-}
 
 fn unix_now() -> f64 {
     SystemTime::now()

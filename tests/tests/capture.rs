@@ -357,7 +357,29 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
         "with the agent down, a captured connect should be refused: {status} {stderr}"
     );
 
+    // What an earlier build pinned and this one no longer uses goes at start.
+    let retired = agent.pin_dir.join("orig_dst_cookie");
+    let retired_path = retired.to_str().context("pin path")?;
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create", retired_path, "type", "hash"])
+        .args([
+            "key",
+            "8",
+            "value",
+            "20",
+            "entries",
+            "16",
+            "name",
+            "orig_dst_cookie",
+        ])
+        .status()?;
+    ensure!(created.success(), "bpftool could not pin {retired_path}");
+
     let agent = cluster.start_agent(n1)?;
+    ensure!(
+        !retired.exists(),
+        "the restarted agent left the retired map {retired_path} pinned"
+    );
     let again = pod_addr(&cluster, server, Family::V4, PORT + 2);
     let seen = exchange(&mut cluster, client, server, again, MIB)?;
     ensure!(
@@ -599,7 +621,7 @@ fn worker_threads_bound_the_agents_runtime() -> anyhow::Result<()> {
         let mut count = 0;
         for task in std::fs::read_dir(format!("/proc/{}/task", agent.proc.pid()))? {
             let comm = std::fs::read_to_string(task?.path().join("comm"))?;
-            count += usize::from(comm.trim() == "tokio-rt-worker");
+            count += usize::from(comm.trim().starts_with("ferry-shard-"));
         }
         Ok(count)
     };
@@ -607,13 +629,13 @@ fn worker_threads_bound_the_agents_runtime() -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism()?.get();
     ensure!(
         workers(&default)? == cpus,
-        "by default one worker per CPU ({cpus}), found {}",
+        "by default one shard per CPU ({cpus}), found {}",
         workers(&default)?
     );
     let one = cluster.start_agent_with(n2, &["--worker-threads", "1"])?;
     ensure!(
         workers(&one)? == 1,
-        "--worker-threads 1 gave {} workers",
+        "--worker-threads 1 gave {} shards",
         workers(&one)?
     );
     Ok(())

@@ -60,7 +60,7 @@ fn the_demo_proves_mtls_between_two_nodes_and_cleans_up() -> anyhow::Result<()> 
         "a TLS 1.3 ClientHello for server.shop.sa.cluster.local, and none of the client's plaintext",
         "route tunnel, source identity spiffe://cluster.local/ns/shop/sa/client",
         "route inboundTunnel, source identity spiffe://cluster.local/ns/shop/sa/client",
-        "1 TLS connection(s)",
+        "shards pools its own",
         "original destination 198.18.2.2:8081",
         "the server saw it as 198.18.1.3:",
         "removed the nodes",

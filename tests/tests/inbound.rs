@@ -5,23 +5,20 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, ensure};
+use anyhow::ensure;
 use bytes::Bytes;
-use ferry_agent::{inspect::parse_metrics, tunnel::tls};
+use ferry_agent::tunnel::tls;
+use ferry_ca::issuer::{Issuer, LeafPolicy};
 use ferry_proto::SpiffeId;
 use ferry_tests::{
     Cluster, PodOptions, bin_path,
     ca::CaFixture,
+    inspect::{metric_value, metrics},
     netns,
     testapp::{Family, event, pod_addr},
 };
 use http::{Method, Request, StatusCode};
-use rustls::{
-    RootCertStore,
-    crypto::CryptoProvider,
-    pki_types::{ServerName, pem::PemObject as _},
-    sign::CertifiedKey,
-};
+use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::ServerName, sign::CertifiedKey};
 
 const PORT: u16 = 8080;
 
@@ -111,9 +108,7 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
         );
     }
 
-    let (code, body) = cluster.admin_get(n2, "/metrics")?;
-    ensure!(code == 200, "{code} {body}");
-    let samples = parse_metrics(&body).map_err(anyhow::Error::msg)?;
+    let samples = metrics(&cluster, n2)?;
     for reason in [
         "not_local",
         "not_meshed",
@@ -121,14 +116,11 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
         "bad_request",
         "method",
     ] {
-        let counted: f64 = samples
-            .iter()
-            .filter(|s| {
-                s.name == "ferry_inbound_refused_total"
-                    && s.labels.iter().any(|(k, v)| k == "reason" && v == reason)
-            })
-            .map(|s| s.value)
-            .sum();
+        let counted = metric_value(
+            &samples,
+            "ferry_inbound_refused_total",
+            &[("reason", reason)],
+        );
         let expected = if reason == "not_local" { 2.0 } else { 1.0 };
         ensure!(
             counted == expected,
@@ -138,35 +130,35 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A certificate for `identity` signed by the mesh's issuer, as the CA would
-/// sign it (but for a client that is no agent).
+/// A certificate for `identity`, signed the way the CA signs one (its own
+/// `Issuer::sign_leaf` with the mesh's issuer), for a client that is no agent.
 fn issue(
     ca: &CaFixture,
     identity: &str,
 ) -> anyhow::Result<(Arc<CertifiedKey>, Arc<RootCertStore>)> {
-    let issuer_pem = std::fs::read_to_string(ca.issuer_dir.join("tls.crt"))?;
-    let issuer_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.issuer_dir.join("tls.key"))?)?;
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, issuer_key)?;
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into()?)];
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-    ];
+    let issuer = Issuer::load(&ca.issuer_dir, &ca.trust_bundle).map_err(anyhow::Error::msg)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let leaf = params.signed_by(&key, &issuer)?;
-    let issuer_der = rustls::pki_types::CertificateDer::from_pem_slice(issuer_pem.as_bytes())
-        .context("issuer PEM")?;
-    let provider = rustls::crypto::ring::default_provider();
-    let signing = provider.key_provider.load_private_key(
-        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
-            .map_err(anyhow::Error::msg)?,
-    )?;
-    let certified = CertifiedKey::new(vec![leaf.der().clone(), issuer_der], signing);
+    let policy = LeafPolicy {
+        lifetime: Duration::from_secs(3600),
+        clock_skew: Duration::from_secs(60),
+    };
+    let leaf = issuer
+        .sign_leaf(
+            &identity.parse()?,
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            policy,
+        )
+        .map_err(anyhow::Error::msg)?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+                .map_err(anyhow::Error::msg)?,
+        )?;
+    let certified = CertifiedKey::new(vec![leaf.der, issuer.cert_der], signing);
     let mut roots = RootCertStore::empty();
-    for root in rustls::pki_types::CertificateDer::pem_file_iter(&ca.trust_bundle)? {
-        roots.add(root?)?;
+    for root in issuer.roots {
+        roots.add(root)?;
     }
     Ok((Arc::new(certified), Arc::new(roots)))
 }

@@ -1,8 +1,14 @@
-//! Byte-exact relaying between two byte streams: a TCP socket and another
-//! socket or a tunnel stream.
+//! Byte-exact relaying between a TCP socket and another socket or a tunnel
+//! stream.
 
-use std::io;
+use std::{
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
+use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -38,7 +44,7 @@ impl Reset for TunnelStream {
     }
 }
 
-/// Copies both ways until both sides have finished. A FIN from one side is
+/// Copies both ways between two sockets until both sides have finished. A FIN from one side is
 /// passed on as a FIN (half-close) while the other direction keeps flowing;
 /// an error on either side resets both, so a peer that vanishes is seen as a
 /// reset, never as a clean end of stream. Returns the bytes `a` sent and received.
@@ -55,6 +61,136 @@ where
             b.reset();
             Err(error)
         }
+    }
+}
+
+/// [`relay`] for a socket and a tunnel stream, without copying in user
+/// space: what the socket gives is read into a buffer that is then handed to
+/// h2 as it is, and what h2 received is written to the socket from h2's own
+/// buffers. Both directions run in this one task; the semantics (FIN passed
+/// on as `END_STREAM` and back, an error resets both ends) are [`relay`]'s.
+pub async fn relay_tunnel<A>(mut socket: A, mut tunnel: TunnelStream) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Reset,
+{
+    let mut up = ToTunnel::default();
+    let mut down = ToSocket::default();
+    let result = poll_fn(|cx| {
+        let up = up.poll(cx, &mut socket, &mut tunnel)?;
+        let down = down.poll(cx, &mut tunnel, &mut socket)?;
+        match (up, down) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => Ok((up.bytes, down.bytes)),
+        Err(error) => {
+            socket.reset();
+            tunnel.reset();
+            Err(error)
+        }
+    }
+}
+
+/// Socket to tunnel: read into `buffer`, hand the bytes read to h2 as one chunk.
+#[derive(Default)]
+struct ToTunnel {
+    buffer: BytesMut,
+    /// The last read filled all the room it had: the pod is sending faster
+    /// than one buffer a read, so the next allocation is a large one.
+    streaming: bool,
+    /// Read but not yet accepted by h2 (its window was closed).
+    chunk: Bytes,
+    done: bool,
+    bytes: u64,
+}
+
+impl ToTunnel {
+    fn poll<A: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        socket: &mut A,
+        tunnel: &mut TunnelStream,
+    ) -> Poll<io::Result<()>> {
+        while !self.done {
+            if !self.chunk.is_empty() {
+                ready!(tunnel.poll_send(cx, &mut self.chunk))?;
+            } else {
+                // A small read leaves the rest of the allocation for the
+                // next; a new one is made only when less than a page is left.
+                if self.buffer.capacity() - self.buffer.len() < MIN_READ {
+                    self.buffer.reserve(if self.streaming {
+                        STREAMING_READ
+                    } else {
+                        RELAY_BUFFER
+                    });
+                }
+                let room = self.buffer.capacity() - self.buffer.len();
+                let n = ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *socket),
+                    cx,
+                    &mut self.buffer
+                ))?;
+                self.streaming = n == room;
+                if n == 0 {
+                    // The pod's FIN, after everything it sent went to h2.
+                    tunnel.finish()?;
+                    self.done = true;
+                } else {
+                    self.bytes += n as u64;
+                    self.chunk = self.buffer.split().freeze();
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The least room a read into [`ToTunnel::buffer`] gets.
+const MIN_READ: usize = 4 * 1024;
+/// The buffer a pod that keeps its socket full gets: four times fewer reads
+/// (and receive-window updates) than with [`RELAY_BUFFER`]. In A/B runs bulk
+/// went from 0.85–0.87 to 0.93–0.98 × stunnel; 128 KiB gave 0.89–0.92 and
+/// 1 MiB 0.83–0.85. A connection that sends less than a buffer at a time
+/// keeps [`RELAY_BUFFER`]-sized ones.
+const STREAMING_READ: usize = 256 * 1024;
+
+/// Tunnel to socket: write each received chunk from where h2 holds it.
+#[derive(Default)]
+struct ToSocket {
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl ToSocket {
+    fn poll<A: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tunnel: &mut TunnelStream,
+        socket: &mut A,
+    ) -> Poll<io::Result<()>> {
+        while !self.done {
+            if self.eof {
+                ready!(Pin::new(&mut *socket).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let data = ready!(tunnel.poll_received(cx))?;
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let n = ready!(Pin::new(&mut *socket).poll_write(cx, data))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            tunnel.consume(n);
+            self.bytes += n as u64;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -324,7 +324,7 @@ impl StreamHandler {
             });
             tracing::debug!(connection = tracked.id(), "tunnel stream accepted");
             let tunnel = TunnelStream::new(send, request.into_body());
-            match relay::relay(tracked.server_end(upstream), tunnel).await {
+            match relay::relay_tunnel(tracked.server_end(upstream), tunnel).await {
                 Ok((to_pod, from_pod)) => {
                     tracing::info!(
                         bytes_to_pod = to_pod,

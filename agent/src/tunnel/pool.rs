@@ -112,7 +112,6 @@ pub struct Pool<D: Dial> {
     config: PoolConfig,
     dialer: D,
     keys: Mutex<HashMap<PoolKey, KeyState>>,
-    next_id: std::sync::atomic::AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -149,7 +148,7 @@ impl<D: Dial> Checkout<D> {
     /// the next checkout dials afresh.
     pub fn broken(self) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.remove(&self.key, self.connection, "broken");
+            pool.remove(&self.key, self.connection, PoolClose::Broken, "broken");
         }
     }
 
@@ -220,7 +219,6 @@ impl<D: Dial> Pool<D> {
             config,
             dialer,
             keys: Mutex::default(),
-            next_id: Default::default(),
             metrics,
         });
         tokio::spawn(reap_idle(Arc::downgrade(&pool)));
@@ -359,7 +357,7 @@ impl<D: Dial> Pool<D> {
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        let id = self.next_id.fetch_add(1, relaxed()) + 1;
+        let id = NEXT_CONNECTION_ID.fetch_add(1, relaxed()) + 1;
         let mut ping_pong = connection.ping_pong().expect("ping_pong is taken once");
         let pool = Arc::downgrade(self);
         let key = key.clone();
@@ -368,22 +366,22 @@ impl<D: Dial> Pool<D> {
             self.config.keepalive_timeout,
         );
         tokio::spawn(async move {
-            let why = tokio::select! {
+            let (close, why) = tokio::select! {
                 result = &mut connection => match result {
-                    Ok(()) => "closed".to_owned(),
-                    Err(error) => format!("failed: {error}"),
+                    Ok(()) => (PoolClose::Broken, "closed".to_owned()),
+                    Err(error) => (PoolClose::Broken, format!("failed: {error}")),
                 },
-                error = keepalive(&mut ping_pong, interval, timeout) => error,
+                error = keepalive(&mut ping_pong, interval, timeout) => (PoolClose::Keepalive, error),
             };
             tracing::info!(%key, connection = id, why, "tunnel connection ended");
             if let Some(pool) = pool.upgrade() {
-                pool.remove(&key, id, &why);
+                pool.remove(&key, id, close, &why);
             }
         });
         Ok((id, send))
     }
 
-    fn remove(&self, key: &PoolKey, id: u64, why: &str) {
+    fn remove(&self, key: &PoolKey, id: u64, close: PoolClose, why: &str) {
         let mut keys = self.keys.lock().expect("pool lock");
         let Some(state) = keys.get_mut(key) else {
             return;
@@ -392,7 +390,7 @@ impl<D: Dial> Pool<D> {
             return;
         };
         let removed = state.connections.remove(index);
-        self.metrics.pool_connection_closed(PoolClose::Broken);
+        self.metrics.pool_connection_closed(close);
         if removed.served == 0 {
             // Closed before it carried anything: as good as a failed dial.
             state.failures = state.failures.saturating_add(1);
@@ -423,11 +421,16 @@ impl<D: Dial> Pool<D> {
         });
     }
 
+    /// This pool as `/pool` shows it.
     pub fn view(&self) -> PoolView {
+        merged_view([self])
+    }
+
+    /// Each key this pool holds, unsorted.
+    fn key_views(&self) -> Vec<KeyView> {
         let now = Instant::now();
         let keys = self.keys.lock().expect("pool lock");
-        let mut views: Vec<KeyView> = keys
-            .iter()
+        keys.iter()
             .map(|(key, state)| KeyView {
                 source: key.source.to_string(),
                 destination: key.destination.to_string(),
@@ -450,12 +453,41 @@ impl<D: Dial> Pool<D> {
                     .filter(|at| *at > now)
                     .map(|at| millis(at - now)),
             })
-            .collect();
-        views.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
-        PoolView {
-            keys: views,
-            totals: self.metrics.pool_totals(),
+            .collect()
+    }
+}
+
+/// Connection ids, unique across the shards' pools.
+static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One view of the shards' pools (they share their metrics): a key several
+/// shards hold is one entry, with every shard's connections.
+pub fn merged_view<'a, D: Dial>(pools: impl IntoIterator<Item = &'a Pool<D>>) -> PoolView {
+    let mut merged: Vec<KeyView> = Vec::new();
+    let mut totals = PoolTotals::default();
+    for pool in pools {
+        totals = pool.metrics.pool_totals();
+        for key in pool.key_views() {
+            let same = merged.iter_mut().find(|k| {
+                (&k.source, &k.destination, k.address)
+                    == (&key.source, &key.destination, key.address)
+            });
+            match same {
+                Some(entry) => {
+                    entry.connections.extend(key.connections);
+                    entry.dialing |= key.dialing;
+                    entry.failures = entry.failures.max(key.failures);
+                    entry.last_error = entry.last_error.take().or(key.last_error);
+                    entry.retry_in_ms = entry.retry_in_ms.max(key.retry_in_ms);
+                }
+                None => merged.push(key),
+            }
         }
+    }
+    merged.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+    PoolView {
+        keys: merged,
+        totals,
     }
 }
 
@@ -511,6 +543,8 @@ mod tests {
         failing: std::sync::atomic::AtomicBool,
         /// Servers close (GOAWAY) right after the handshake when set.
         goaway: std::sync::atomic::AtomicBool,
+        /// Servers hang once set: the pipe stays open but nothing reads it.
+        hang: watch::Sender<bool>,
     }
 
     impl Dial for Arc<PipeDialer> {
@@ -528,16 +562,28 @@ mod tests {
             }
             let (client, server) = tokio::io::duplex(64 * 1024);
             let goaway = self.goaway.load(Ordering::SeqCst);
+            let mut hang = self.hang.subscribe();
             tokio::spawn(async move {
                 let Ok(mut connection) = h2::server::handshake(server).await else {
                     return;
                 };
-                while let Some(Ok((_, mut respond))) = connection.accept().await {
-                    let _ = respond.send_response(http::Response::new(()), true);
-                    if goaway {
-                        connection.graceful_shutdown();
+                loop {
+                    tokio::select! {
+                        accepted = connection.accept() => {
+                            let Some(Ok((_, mut respond))) = accepted else {
+                                return;
+                            };
+                            let _ = respond.send_response(http::Response::new(()), true);
+                            if goaway {
+                                connection.graceful_shutdown();
+                            }
+                        }
+                        _ = hang.wait_for(|hang| *hang) => break,
                     }
                 }
+                // Still holds `connection`, so the pipe stays open, but never
+                // polls it again: pings go unanswered.
+                std::future::pending::<()>().await;
             });
             Ok(client)
         }
@@ -624,6 +670,90 @@ mod tests {
         // The next caller dials again.
         pool.checkout(&key(2)).await.unwrap();
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_drops_a_connection_whose_peer_stops_answering() {
+        let interval = Duration::from_secs(2);
+        let timeout = Duration::from_secs(1);
+        let dialer = Arc::new(PipeDialer::default());
+        let pool = Pool::new(
+            PoolConfig {
+                keepalive_interval: interval,
+                keepalive_timeout: timeout,
+                ..config()
+            },
+            Arc::clone(&dialer),
+            Arc::default(),
+        );
+        // Held throughout, so the idle timeout cannot be what closes it.
+        let first = pool.checkout(&key(2)).await.unwrap();
+        // Half an interval off the ping times, so no sleep ends on a ping's instant.
+        tokio::time::sleep(interval * 3 + interval / 2).await;
+        assert_eq!(
+            pool.view().keys[0].connections.len(),
+            1,
+            "keepalive closed a connection whose peer answers its pings"
+        );
+
+        dialer.hang.send_replace(true);
+        // The next ping goes out within an interval and times out after `timeout`.
+        tokio::time::sleep(interval + timeout).await;
+        let view = pool.view();
+        assert!(
+            view.keys.first().is_none_or(|k| k.connections.is_empty()),
+            "a connection whose peer stopped answering pings stayed in the pool: {view:?}"
+        );
+        assert_eq!(
+            (
+                view.totals.closed_keepalive,
+                view.totals.closed_broken,
+                view.totals.closed_idle
+            ),
+            (1, 0, 0),
+            "the hung connection was not counted as closed by keepalive: {view:?}"
+        );
+
+        dialer.hang.send_replace(false);
+        let second = pool.checkout(&key(2)).await.unwrap();
+        assert_ne!(
+            second.connection_id(),
+            first.connection_id(),
+            "the checkout after the keepalive failure got the dead connection"
+        );
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_shards_pools_show_as_one_with_distinct_connection_ids() {
+        let dialer = Arc::new(PipeDialer::default());
+        let metrics = Arc::new(Metrics::default());
+        let shards = [
+            Pool::new(config(), Arc::clone(&dialer), Arc::clone(&metrics)),
+            Pool::new(config(), Arc::clone(&dialer), Arc::clone(&metrics)),
+        ];
+        let held = [
+            shards[0].checkout(&key(2)).await.unwrap(),
+            shards[1].checkout(&key(2)).await.unwrap(),
+            shards[1].checkout(&key(3)).await.unwrap(),
+        ];
+        let view = merged_view(shards.iter().map(AsRef::as_ref));
+        let addresses: Vec<SocketAddr> = view.keys.iter().map(|k| k.address).collect();
+        assert_eq!(
+            addresses,
+            [key(2).address, key(3).address],
+            "one entry per key over both pools: {view:?}"
+        );
+        let ids: Vec<u64> = view.keys[0].connections.iter().map(|c| c.id).collect();
+        assert!(
+            ids.len() == 2 && ids[0] != ids[1],
+            "the key both pools hold shows each pool's connection, with its own id: {view:?}"
+        );
+        assert_eq!(
+            view.totals.handshakes, 3,
+            "totals are the shared metrics': {view:?}"
+        );
+        drop(held);
     }
 
     #[tokio::test]

@@ -1,21 +1,21 @@
-//! One HTTP/2 `CONNECT` stream seen as a byte stream, so the relay can copy
-//! between it and a TCP socket the same way it copies between two sockets.
+//! One HTTP/2 `CONNECT` stream as the relay uses it: it hands the stream
+//! whole buffers to send and writes what was received straight from h2's
+//! buffers, so the relay adds no copy of its own (rustls still copies into
+//! TLS records, and h2 reads plaintext into its frame buffer).
 //!
 //! End of stream maps to a TCP half-close (FIN) and `RST_STREAM` to a reset,
 //! in both directions: the application on either end sees what the other did.
 
 use std::{
     io,
-    pin::Pin,
     task::{Context, Poll, ready},
 };
 
 use bytes::{Buf as _, Bytes};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The most one write hands to h2: bounded so one stream cannot claim the
-/// whole connection window, large so a bulk stream moves in few frames.
+/// The most one send reserves of h2's window: bounded so one stream cannot
+/// claim the whole connection window, large so a bulk stream moves in few frames.
 const MAX_WRITE: usize = 256 * 1024;
 
 pub struct TunnelStream {
@@ -24,7 +24,6 @@ pub struct TunnelStream {
     /// Received but not yet read; its flow-control capacity is released as
     /// the relay reads it, so the window tracks what has really been consumed.
     pending: Bytes,
-    sent_end: bool,
 }
 
 impl TunnelStream {
@@ -33,7 +32,6 @@ impl TunnelStream {
             send,
             recv,
             pending: Bytes::new(),
-            sent_end: false,
         }
     }
 
@@ -41,78 +39,60 @@ impl TunnelStream {
     pub fn reset(&mut self) {
         self.send.send_reset(Reason::CANCEL);
     }
-}
 
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.pending = data,
-                Some(Err(error)) => return Poll::Ready(Err(into_io(error))),
-                None => return Poll::Ready(Ok(())),
+    /// Sends all of `data` as DATA frames as flow control allows, moving the
+    /// bytes into h2 without copying them. Pending while the peer's window
+    /// is closed.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        while !data.is_empty() {
+            let wanted = data.len().min(MAX_WRITE);
+            if self.send.capacity() < wanted {
+                self.send.reserve_capacity(wanted);
             }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        // Only fails if the stream is already gone; the next poll says so.
-        let _ = this.recv.flow_control().release_capacity(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        let wanted = buf.len().min(MAX_WRITE);
-        if this.send.capacity() < wanted {
-            this.send.reserve_capacity(wanted);
-        }
-        loop {
-            let granted = match this.send.capacity() {
-                0 => match ready!(this.send.poll_capacity(cx)) {
+            let granted = match self.send.capacity() {
+                0 => match ready!(self.send.poll_capacity(cx)) {
                     Some(Ok(granted)) => granted,
                     Some(Err(error)) => return Poll::Ready(Err(into_io(error))),
                     None => return Poll::Ready(Err(stream_closed())),
                 },
                 available => available,
             };
-            if granted == 0 {
-                continue;
+            let n = granted.min(data.len());
+            if n > 0 {
+                self.send
+                    .send_data(data.split_to(n), false)
+                    .map_err(into_io)?;
             }
-            let n = granted.min(wanted);
-            this.send
-                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                .map_err(into_io)?;
-            return Poll::Ready(Ok(n));
         }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The connection task writes frames out as soon as they are queued.
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.sent_end {
-            this.sent_end = true;
-            this.send.reserve_capacity(0);
-            this.send.send_data(Bytes::new(), true).map_err(into_io)?;
+    /// What the peer sent and was not consumed yet, in place in h2's
+    /// buffers; empty at the end of the stream.
+    pub fn poll_received(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        while self.pending.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(error)) => return Poll::Ready(Err(into_io(error))),
+                None => return Poll::Ready(Ok(&[])),
+            }
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(&self.pending))
+    }
+
+    /// Marks `n` received bytes as passed on, releasing their flow-control
+    /// capacity: the window tracks what has really been consumed.
+    pub fn consume(&mut self, n: usize) {
+        self.pending.advance(n);
+        // Only fails if the stream is already gone; the next poll says so.
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+
+    /// Ends this direction (`END_STREAM`): the peer half-closes its socket.
+    /// Called once, when the pod's side has sent its FIN.
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.send.reserve_capacity(0);
+        self.send.send_data(Bytes::new(), true).map_err(into_io)
     }
 }
 

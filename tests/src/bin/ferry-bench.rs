@@ -60,9 +60,32 @@ struct Args {
     /// `--agent-arg=--worker-threads=1`), to compare settings.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
-    /// A Markdown file whose `<!-- bench:start/end -->` section gets the table.
+    /// A Markdown file whose `<!-- bench:start/end -->` section gets the
+    /// table; only a run of every scenario over every setup writes it.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Run only these scenarios (repeatable), e.g. to profile one of them.
+    #[arg(long = "scenario", value_parser = SCENARIOS)]
+    scenarios: Vec<String>,
+    /// Run only these setups (repeatable).
+    #[arg(long = "setup", value_parser = SETUPS)]
+    setups: Vec<String>,
+}
+
+const SCENARIOS: [&str; 4] = ["bulk", "rr", "crr", "idle"];
+
+impl Args {
+    fn runs(&self, scenario: &str) -> bool {
+        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
+    }
+
+    fn over(&self, setup: &str) -> bool {
+        self.setups.is_empty() || self.setups.iter().any(|s| s == setup)
+    }
+
+    fn is_full(&self) -> bool {
+        self.scenarios.is_empty() && self.setups.is_empty()
+    }
 }
 
 struct Bench {
@@ -121,7 +144,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     println!("results: {}", args.out.display());
-    if let Some(path) = &args.markdown {
+    if let Some(path) = args.markdown.as_ref().filter(|_| args.is_full()) {
         let document =
             fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let section = format!(
@@ -146,10 +169,13 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     let connect4_before = connect4_stats()?;
     let mut samples = Samples::default();
     for round in 0..args.rounds {
-        for scenario in ["bulk", "rr", "crr"] {
+        for scenario in ["bulk", "rr", "crr"].into_iter().filter(|s| args.runs(s)) {
             for k in 0..SETUPS.len() {
                 let i = (round + k) % SETUPS.len();
                 let setup = SETUPS[i];
+                if !args.over(setup) {
+                    continue;
+                }
                 let (pod, to) = bench.targets[i].clone();
                 let result = bench
                     .client(pod, &[scenario, "--to", &to])
@@ -161,12 +187,21 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     }
     let connect4_after = connect4_stats()?;
     let calls = connect4_after.1.saturating_sub(connect4_before.1);
-    ensure!(calls > 0, "ferry_connect4 never ran: is capture working?");
+    let ferry_ran = args.over("ferry") && ["bulk", "rr", "crr"].iter().any(|s| args.runs(s));
+    ensure!(
+        calls > 0 || !ferry_ran,
+        "ferry_connect4 never ran: is capture working?"
+    );
     let connect4_ns = (connect4_after.0 - connect4_before.0) as f64 / calls as f64;
 
-    let memory = bench.memory(args.idle)?;
-    for (metric, setup, value) in &memory {
-        samples.add(metric, setup, *value);
+    if args.runs("idle") {
+        let setups: Vec<&str> = ["ferry", "stunnel"]
+            .into_iter()
+            .filter(|s| args.over(s))
+            .collect();
+        for (metric, setup, value) in bench.memory(args.idle, &setups)? {
+            samples.add(metric, setup, value);
+        }
     }
     let mut checks: Vec<_> = [
         ratio_check(&samples, "bulk.MiBPerSecond", "no-mesh", 0.5, true),
@@ -204,6 +239,8 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
         1000.0,
         "ns",
     ));
+    // A run filtered by scenario or setup has no value for some targets.
+    checks.retain(|c| !c.value.is_nan());
     let extra = json!({ "connect4": { "calls": calls, "nsPerCall": connect4_ns } });
     Ok((samples, checks, extra))
 }
@@ -311,12 +348,19 @@ impl Bench {
 
     /// Agent RSS idle, then what `count` idle connections add to each side:
     /// the two agents for Ferry, the two stunnel processes for stunnel.
-    fn memory(&mut self, count: usize) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
+    fn memory(
+        &mut self,
+        count: usize,
+        setups: &[&'static str],
+    ) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
         let agent_pids = [self.agents[0].proc.pid(), self.agents[1].proc.pid()];
         let stunnel_pids = [self.stunnels[0].pid(), self.stunnels[1].pid()];
         let idle_rss = rss_kib(agent_pids[0])?;
         let mut out = vec![("idle.agentRssMiB", "ferry", idle_rss / 1024.0)];
         for (setup, pids) in [("ferry", agent_pids), ("stunnel", stunnel_pids)] {
+            if !setups.contains(&setup) {
+                continue;
+            }
             let (pod, to) = SETUPS
                 .iter()
                 .position(|s| *s == setup)

@@ -21,7 +21,10 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 use ferry_tests::{
     Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
-    inspect::{admin_json, captured_total, is_node_addr, pinned_original_dsts, programs_on},
+    inspect::{
+        admin_json, captured_total, is_node_addr, live_connection, pinned_original_dsts,
+        programs_on,
+    },
     testapp::event,
 };
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
@@ -222,6 +225,9 @@ impl Demo {
         let mut held = self.spawn(self.client, &["hold", "--to", &held_to.to_string()])?;
         held.wait_for_line(event("connected"), WAIT)?;
         for node in [self.n1, self.n2] {
+            // The client's connect returns before the agents have opened the
+            // tunnel stream; wait until each agent lists it.
+            live_connection(&self.cluster, node, held_to)?;
             for connection in admin_json(&self.cluster, node, "/connections")?
                 .as_array()
                 .into_iter()
@@ -241,14 +247,24 @@ impl Demo {
             }
         }
         let pool = admin_json(&self.cluster, self.n1, "/pool")?;
+        let shards = admin_json(&self.cluster, self.n1, "/config_dump")?["config"]["workerThreads"]
+            .as_u64()
+            .context("/config_dump has no config.workerThreads")?;
+        let streams = pool["totals"]["streams"].as_u64().unwrap_or(0);
         for key in pool["keys"].as_array().into_iter().flatten() {
+            let connections = key["connections"].as_array().map_or(0, Vec::len);
+            // Each shard keeps its own pool: the two application connections
+            // so far may have landed on different shards, never on more.
+            ensure!(
+                connections as u64 <= shards,
+                "{connections} pooled TLS connections for one key with {shards} shards: {pool}"
+            );
             say(&format!(
-                "{} /pool: {} -> {} at {}: {} TLS connection(s)",
+                "{} /pool: {} -> {} at {}: {connections} TLS connection(s) for {streams} application connection(s); each of the agent's {shards} shards pools its own",
                 self.cluster.node(self.n1).name,
                 key["source"].as_str().unwrap_or("?"),
                 key["destination"].as_str().unwrap_or("?"),
                 key["address"].as_str().unwrap_or("?"),
-                key["connections"].as_array().map_or(0, Vec::len),
             ));
         }
         let pin_dir = self.cluster.node(self.n1).pin_dir();

@@ -29,6 +29,8 @@ fn every_scenario_runs_over_every_setup() -> anyhow::Result<()> {
         "rr.perSecond",
         "rr.p99Micros",
         "crr.perSecond",
+        "same-node-bulk.MiBPerSecond",
+        "same-node-rr.perSecond",
     ] {
         for setup in SETUPS {
             let median = summary[metric][setup]["median"].as_f64();

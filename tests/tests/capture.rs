@@ -14,7 +14,7 @@ use ferry_tests::{
     Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
     inspect::{
         MAPS, PROGRAMS, admin_json, captured_total, eventually, is_node_addr, live_connection,
-        loaded_programs, pinned_original_dsts, programs_on,
+        loaded_programs, metric_value, metrics, pinned_original_dsts, programs_on,
     },
     testapp::{Family, event, json_lines, pod_addr, pod_ip, socket_addr},
 };
@@ -124,6 +124,21 @@ fn serve_forever(cluster: &mut Cluster, pod: PodId, listen: SocketAddr) -> anyho
     Ok(serve)
 }
 
+/// `ferry_connection_bytes_total` of passthrough outbound connections.
+fn passthrough_bytes(cluster: &Cluster, node: NodeId, flow: &str) -> anyhow::Result<f64> {
+    let labels = [
+        ("direction", "outbound"),
+        ("route", "passthrough"),
+        ("flow", flow),
+    ];
+    let samples = metrics(cluster, node)?;
+    Ok(metric_value(
+        &samples,
+        "ferry_connection_bytes_total",
+        &labels,
+    ))
+}
+
 fn expected_programs() -> Vec<String> {
     PROGRAMS.iter().map(|p| (*p).to_owned()).collect()
 }
@@ -138,9 +153,28 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
 
     for family in [Family::V4, Family::V6] {
         let before = captured_total(&cluster, n1)?;
+        let bytes_before = [
+            passthrough_bytes(&cluster, n1, "sent")?,
+            passthrough_bytes(&cluster, n1, "received")?,
+        ];
         let to = pod_addr(&cluster, server, family, PORT);
         let seen = exchange(&mut cluster, client, server, to, 16 * MIB)
             .with_context(|| format!("{family:?}"))?;
+        // This agent has no identities, so it carries the connection as
+        // passthrough: it splices the bytes between the two sockets, and
+        // counts them although they never enter its memory.
+        eventually(|| {
+            let moved = [
+                passthrough_bytes(&cluster, n1, "sent")? - bytes_before[0],
+                passthrough_bytes(&cluster, n1, "received")? - bytes_before[1],
+            ];
+            ensure!(
+                moved == [(16 * MIB) as f64; 2],
+                "{family:?}: bytes counted sent/received {moved:?}, moved {} each way",
+                16 * MIB
+            );
+            Ok(())
+        })?;
         ensure!(
             seen.client_peer == to,
             "{family:?}: the client's getpeername says {}, but it dialled {to}",

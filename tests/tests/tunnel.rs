@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
     Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
-    inspect::{admin_json, is_node_addr, live_connection},
+    inspect::{admin_json, is_node_addr, live_connection, metric_value, metrics},
     testapp::{Family, event, json_lines, pod_addr, socket_addr},
 };
 
@@ -20,6 +20,8 @@ struct TwoNodes {
     n2: NodeId,
     client: PodId,
     server: PodId,
+    /// A meshed pod on the client's node (reached directly, not tunnelled).
+    neighbour: PodId,
     agents: Vec<ferry_tests::Agent>,
     _ca: ferry_tests::ca::CaFixture,
 }
@@ -38,6 +40,7 @@ fn two_nodes_with(
     let n2 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let neighbour = cluster.add_pod(n1, PodOptions::meshed("cache-0", "shop", "cache"))?;
     let ca = cluster.start_ca_with(ca_options)?;
     let a1 = cluster.start_agent_with_ca_and(n1, &ca, agent_args)?;
     let a2 = cluster.start_agent_with_ca_and(n2, &ca, agent_args)?;
@@ -47,6 +50,7 @@ fn two_nodes_with(
         n2,
         client,
         server,
+        neighbour,
         agents: vec![a1, a2],
         _ca: ca,
     })
@@ -466,22 +470,41 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
 fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
     let mut t = two_nodes("tunnel-reset")?;
     let testapp = bin_path("ferry-testapp")?;
-    let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let listen = to.to_string();
-    let mut server = t.cluster.spawn_in_pod(
-        t.server,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", "1024", "--reset"],
-    )?;
-    server.wait_for_line(event("listening"), WAIT)?;
-    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1024"])?;
-    let reset = server.wait_for_line(event("reset"), WAIT)?;
-    ensure!(reset["ok"] == true, "{reset}");
-    // The server aborted: the client must see a reset, not a clean end of stream.
-    ensure!(
-        !ok && stderr.contains("Connection reset by peer"),
-        "the client did not see the server's reset: {stderr}"
-    );
+    // Through the tunnel, and through the agent's in-kernel splice on the
+    // client's node.
+    for (server, route) in [(t.server, "tunnel"), (t.neighbour, "direct")] {
+        let to = pod_addr(&t.cluster, server, Family::V4, PORT);
+        let listen = to.to_string();
+        let mut serve = t.cluster.spawn_in_pod(
+            server,
+            &testapp,
+            &["serve", "--listen", &listen, "--bytes", "1024", "--reset"],
+        )?;
+        serve.wait_for_line(event("listening"), WAIT)?;
+        let opened = |cluster: &Cluster| -> anyhow::Result<f64> {
+            let labels = [("direction", "outbound"), ("route", route)];
+            let samples = metrics(cluster, t.n1)?;
+            Ok(metric_value(
+                &samples,
+                "ferry_connections_opened_total",
+                &labels,
+            ))
+        };
+        let before = opened(&t.cluster)?;
+        let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1024"])?;
+        let reset = serve.wait_for_line(event("reset"), WAIT)?;
+        ensure!(reset["ok"] == true, "{route}: {reset}");
+        // The server aborted: the client must see a reset, not a clean end of stream.
+        ensure!(
+            !ok && stderr.contains("Connection reset by peer"),
+            "{route}: the client did not see the server's reset: {stderr}"
+        );
+        ensure!(
+            opened(&t.cluster)? == before + 1.0,
+            "the connection did not go the {route} way"
+        );
+        serve.kill();
+    }
     Ok(())
 }
 

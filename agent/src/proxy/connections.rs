@@ -186,8 +186,23 @@ pub struct Counted<S> {
 }
 
 impl<S> Counted<S> {
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
+    }
+
+    /// Counts bytes that went from this end's peer towards the other side
+    /// without passing through `poll_read` (spliced in the kernel).
+    pub fn count_from(&self, bytes: usize) {
+        self.count(true, bytes);
+    }
+
+    /// Counts bytes delivered to this end's peer without `poll_write`.
+    pub fn count_to(&self, bytes: usize) {
+        self.count(false, bytes);
     }
 
     fn count(&self, read: bool, bytes: usize) {

@@ -4,13 +4,19 @@
 use std::{
     future::poll_fn,
     io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     pin::Pin,
     task::{Context, Poll, ready},
 };
 
 use bytes::{Bytes, BytesMut};
+use nix::{
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
+    sys::socket::{Shutdown, shutdown},
+    unistd::pipe2,
+};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, Interest},
     net::TcpStream,
 };
 
@@ -44,24 +50,89 @@ impl Reset for TunnelStream {
     }
 }
 
-/// Copies both ways between two sockets until both sides have finished. A FIN from one side is
-/// passed on as a FIN (half-close) while the other direction keeps flowing;
-/// an error on either side resets both, so a peer that vanishes is seen as a
-/// reset, never as a clean end of stream. Returns the bytes `a` sent and received.
-pub async fn relay<A, B>(mut a: A, mut b: B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + Reset,
-    B: AsyncRead + AsyncWrite + Unpin + Reset,
-{
-    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER).await
-    {
-        Ok(bytes) => Ok(bytes),
-        Err(error) => {
-            a.reset();
-            b.reset();
-            Err(error)
-        }
+/// What one pipe of [`relay`] holds: bytes move through it in chunks of up
+/// to this size.
+const SPLICE_PIPE: usize = 256 * 1024;
+
+/// Moves bytes both ways between the client's socket and `upstream` until
+/// both sides have finished, inside the kernel: each direction `splice(2)`s
+/// from one socket into a pipe of its own and from the pipe into the other
+/// socket, so the payload's pages are handed on, never copied into the agent.
+/// A FIN from one side is passed on as a FIN (half-close) while the other
+/// direction keeps flowing; an error on either side resets both, so a peer
+/// that vanishes is seen as a reset, never as a clean end of stream. Returns
+/// the bytes the client sent and received.
+pub async fn relay(
+    mut client: Counted<TcpStream>,
+    mut upstream: TcpStream,
+) -> io::Result<(u64, u64)> {
+    let result = {
+        let counted = &client;
+        let socket = counted.get_ref();
+        tokio::try_join!(
+            splice_half(socket, &upstream, |n| counted.count_from(n)),
+            splice_half(&upstream, socket, |n| counted.count_to(n)),
+        )
+    };
+    if result.is_err() {
+        client.reset();
+        upstream.reset();
     }
+    result
+}
+
+/// One direction of [`relay`]: `from` → pipe → `to` until `from` ends, then
+/// a FIN to `to`. The pipe is made when the first bytes (or the FIN) arrive.
+async fn splice_half(from: &TcpStream, to: &TcpStream, moved: impl Fn(usize)) -> io::Result<u64> {
+    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    let mut total = 0;
+    loop {
+        from.readable().await?;
+        let (pipe_out, pipe_in) = match &pipe {
+            Some(pipe) => pipe,
+            None => pipe.insert(relay_pipe()?),
+        };
+        // The pipe is empty here, so EAGAIN can only mean the socket has
+        // nothing to read: try_io then clears its readiness and we wait.
+        let n = match from.try_io(Interest::READABLE, || {
+            splice_nonblocking(from, pipe_in, SPLICE_PIPE)
+        }) {
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        if n == 0 {
+            shutdown(to.as_raw_fd(), Shutdown::Write).map_err(io::Error::from)?;
+            return Ok(total);
+        }
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice_nonblocking(pipe_out, to, left)
+            }) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => left -= written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+        moved(n);
+        total += n as u64;
+    }
+}
+
+/// A non-blocking pipe (read end, write end) sized to [`SPLICE_PIPE`]; a
+/// smaller one is kept if the system's `pipe-max-size` refuses that.
+fn relay_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (out, into) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let _ = fcntl(&into, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE as i32));
+    Ok((out, into))
+}
+
+fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(splice(from, None, to, None, len, flags)?)
 }
 
 /// [`relay`] for a socket and a tunnel stream, without copying in user

@@ -9,6 +9,10 @@
 //! pod doing mutual TLS 1.3 with P-256 certificates, one TLS connection per
 //! application connection. Every scenario runs each setup in turn, the
 //! order rotating per round, and the medians are compared.
+//!
+//! The `same-node-*` scenarios run the same load to a second server pod on
+//! the client's own node: there Ferry authorizes the connection and relays
+//! it inside the node without TLS, and stunnel still encrypts.
 
 use std::{
     fs,
@@ -29,7 +33,9 @@ use serde_json::{Value, json};
 
 const SERVER_PORT: u16 = 7000;
 const STUNNEL_PORT: u16 = 7443;
-const STUNNEL_LOCAL_PORT: u16 = 7001;
+/// Where each client pod's stunnel listens on loopback: towards the other
+/// node's server pod, and towards the server pod on its own node.
+const STUNNEL_LOCAL_PORTS: [u16; 2] = [7001, 7002];
 const STUNNEL: &str = "/usr/bin/stunnel4";
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const MIB: f64 = 1024.0 * 1024.0;
@@ -65,14 +71,27 @@ struct Args {
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Run only these scenarios (repeatable), e.g. to profile one of them.
-    #[arg(long = "scenario", value_parser = SCENARIOS)]
+    #[arg(long = "scenario", value_parser = scenario_names())]
     scenarios: Vec<String>,
     /// Run only these setups (repeatable).
     #[arg(long = "setup", value_parser = SETUPS)]
     setups: Vec<String>,
 }
 
-const SCENARIOS: [&str; 4] = ["bulk", "rr", "crr", "idle"];
+/// Timed scenarios: name, `ferry-load` mode, and whether the server pod is on
+/// the client's node. The memory scenario `idle` runs after them.
+const TIMED: [(&str, &str, bool); 5] = [
+    ("bulk", "bulk", false),
+    ("rr", "rr", false),
+    ("crr", "crr", false),
+    ("same-node-bulk", "bulk", true),
+    ("same-node-rr", "rr", true),
+];
+
+fn scenario_names() -> clap::builder::PossibleValuesParser {
+    let timed = TIMED.iter().map(|(name, ..)| *name);
+    clap::builder::PossibleValuesParser::new(timed.chain(["idle"]))
+}
 
 impl Args {
     fn runs(&self, scenario: &str) -> bool {
@@ -93,10 +112,13 @@ struct Bench {
     agents: Vec<ferry_tests::Agent>,
     /// Kept running for the whole bench.
     _servers: Vec<Proc>,
-    stunnels: [Proc; 2],
+    /// The stunnel pair towards the other node (client, server), then the
+    /// one towards the client's own node.
+    stunnels: [[Proc; 2]; 2],
     _ca: ferry_tests::ca::CaFixture,
-    /// Per setup, in [`SETUPS`] order: the client pod and where it connects.
-    targets: [(PodId, String); 3],
+    /// Per setup, in [`SETUPS`] order: the client pod and where it connects,
+    /// across nodes (`[0]`) and on the client's node (`[1]`).
+    targets: [[(PodId, String); 3]; 2],
     seconds: f64,
 }
 
@@ -169,25 +191,26 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     let connect4_before = connect4_stats()?;
     let mut samples = Samples::default();
     for round in 0..args.rounds {
-        for scenario in ["bulk", "rr", "crr"].into_iter().filter(|s| args.runs(s)) {
+        for (scenario, mode, same_node) in TIMED.into_iter().filter(|(s, ..)| args.runs(s)) {
             for k in 0..SETUPS.len() {
                 let i = (round + k) % SETUPS.len();
                 let setup = SETUPS[i];
                 if !args.over(setup) {
                     continue;
                 }
-                let (pod, to) = bench.targets[i].clone();
+                let (pod, to) = bench.targets[usize::from(same_node)][i].clone();
                 let result = bench
-                    .client(pod, &[scenario, "--to", &to])
+                    .client(pod, &[mode, "--to", &to])
                     .with_context(|| format!("{scenario} over {setup}"))?;
-                println!("round {} {scenario:>4} {setup:>8}: {result}", round + 1);
-                record(&mut samples, scenario, setup, &result);
+                println!("round {} {scenario:>14} {setup:>8}: {result}", round + 1);
+                record(&mut samples, scenario, mode, setup, &result);
             }
         }
     }
     let connect4_after = connect4_stats()?;
     let calls = connect4_after.1.saturating_sub(connect4_before.1);
-    let ferry_ran = args.over("ferry") && ["bulk", "rr", "crr"].iter().any(|s| args.runs(s));
+    // Same-node connections are captured too.
+    let ferry_ran = args.over("ferry") && TIMED.iter().any(|(s, ..)| args.runs(s));
     ensure!(
         calls > 0 || !ferry_ran,
         "ferry_connect4 never ran: is capture working?"
@@ -245,13 +268,13 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     Ok((samples, checks, extra))
 }
 
-fn record(samples: &mut Samples, scenario: &str, setup: &str, result: &Value) {
+fn record(samples: &mut Samples, scenario: &str, mode: &str, setup: &str, result: &Value) {
     let mut add = |metric: &str, value: Option<f64>| {
         if let Some(value) = value {
             samples.add(&format!("{scenario}.{metric}"), setup, value);
         }
     };
-    match scenario {
+    match mode {
         "bulk" => add(
             "MiBPerSecond",
             result["bytesPerSecond"].as_f64().map(|b| b / MIB),
@@ -275,8 +298,10 @@ impl Bench {
         let n2 = cluster.add_node()?;
         let plain_client = cluster.add_pod(n1, PodOptions::unmeshed("plain-c", "plain", "c"))?;
         let plain_server = cluster.add_pod(n2, PodOptions::unmeshed("plain-s", "plain", "s"))?;
+        let plain_local = cluster.add_pod(n1, PodOptions::unmeshed("plain-l", "plain", "s"))?;
         let mesh_client = cluster.add_pod(n1, PodOptions::meshed("mesh-c", "mesh", "client"))?;
         let mesh_server = cluster.add_pod(n2, PodOptions::meshed("mesh-s", "mesh", "server"))?;
+        let mesh_local = cluster.add_pod(n1, PodOptions::meshed("mesh-l", "mesh", "server"))?;
         let ca = cluster.start_ca()?;
         let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agents = vec![
@@ -286,7 +311,7 @@ impl Bench {
         let load = bin_path("ferry-load")?;
         let listen = format!("0.0.0.0:{SERVER_PORT}");
         let mut servers = Vec::new();
-        for pod in [plain_server, mesh_server] {
+        for pod in [plain_server, mesh_server, plain_local, mesh_local] {
             let mut server = cluster.spawn_in_pod(pod, &load, &["serve", "--listen", &listen])?;
             server.wait_for_line(|l| l["event"] == "listening", Duration::from_secs(10))?;
             servers.push(server);
@@ -314,14 +339,29 @@ impl Bench {
                 .status()?;
             ensure!(status.success(), "cannot enable tcp_tw_reuse in {netns}");
         }
-        let stunnels = start_stunnels(&mut cluster, plain_client, plain_server)?;
-        let server_addr = |pod: PodId, port: u16| format!("{}:{port}", cluster.pod(pod).ipv4);
-        // In SETUPS order: no-mesh, ferry, stunnel.
-        let targets = [
-            (plain_client, server_addr(plain_server, SERVER_PORT)),
-            (mesh_client, server_addr(mesh_server, SERVER_PORT)),
-            (plain_client, format!("127.0.0.1:{STUNNEL_LOCAL_PORT}")),
+        let stunnels = [
+            start_stunnels(&mut cluster, plain_client, plain_server, 0)?,
+            start_stunnels(&mut cluster, plain_client, plain_local, 1)?,
         ];
+        // In SETUPS order: no-mesh, ferry, stunnel.
+        let targets = [(plain_server, mesh_server, 0), (plain_local, mesh_local, 1)].map(
+            |(plain, meshed, pair)| {
+                [
+                    (
+                        plain_client,
+                        format!("{}:{SERVER_PORT}", cluster.pod(plain).ipv4),
+                    ),
+                    (
+                        mesh_client,
+                        format!("{}:{SERVER_PORT}", cluster.pod(meshed).ipv4),
+                    ),
+                    (
+                        plain_client,
+                        format!("127.0.0.1:{}", STUNNEL_LOCAL_PORTS[pair]),
+                    ),
+                ]
+            },
+        );
         Ok(Self {
             cluster,
             agents,
@@ -354,7 +394,7 @@ impl Bench {
         setups: &[&'static str],
     ) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
         let agent_pids = [self.agents[0].proc.pid(), self.agents[1].proc.pid()];
-        let stunnel_pids = [self.stunnels[0].pid(), self.stunnels[1].pid()];
+        let stunnel_pids = [self.stunnels[0][0].pid(), self.stunnels[0][1].pid()];
         let idle_rss = rss_kib(agent_pids[0])?;
         let mut out = vec![("idle.agentRssMiB", "ferry", idle_rss / 1024.0)];
         for (setup, pids) in [("ferry", agent_pids), ("stunnel", stunnel_pids)] {
@@ -364,7 +404,7 @@ impl Bench {
             let (pod, to) = SETUPS
                 .iter()
                 .position(|s| *s == setup)
-                .map(|i| self.targets[i].clone())
+                .map(|i| self.targets[0][i].clone())
                 .context("no target")?;
             let before = [rss_kib(pids[0])?, rss_kib(pids[1])?];
             let load = bin_path("ferry-load")?;
@@ -390,18 +430,19 @@ impl Bench {
 }
 
 /// Certificates like Ferry's (P-256 leaves under one CA) and a stunnel in
-/// each pod: the client's listens on loopback, the server's terminates TLS
-/// in front of the load server.
+/// each pod: the client's listens on loopback (`STUNNEL_LOCAL_PORTS[pair]`),
+/// the server's terminates TLS in front of the load server.
 fn start_stunnels(
     cluster: &mut Cluster,
     client: PodId,
     server: PodId,
+    pair: usize,
 ) -> anyhow::Result<[Proc; 2]> {
     ensure!(
         Path::new(STUNNEL).is_file(),
         "{STUNNEL} is missing: run `cargo xtask setup` (it installs Debian's stunnel4)"
     );
-    let dir = cluster.tempdir().join("stunnel");
+    let dir = cluster.tempdir().join(format!("stunnel-{pair}"));
     fs::create_dir_all(&dir)?;
     let openssl = |args: &[&str]| -> anyhow::Result<()> {
         let output = Process::new("openssl")
@@ -493,7 +534,7 @@ fn start_stunnels(
         &client_conf,
         config(
             "client",
-            format!("127.0.0.1:{STUNNEL_LOCAL_PORT}"),
+            format!("127.0.0.1:{}", STUNNEL_LOCAL_PORTS[pair]),
             format!("{server_ip}:{STUNNEL_PORT}"),
         ),
     )?;
@@ -509,7 +550,7 @@ fn start_stunnels(
     let server_proc = cluster.spawn_in_pod(server, &stunnel, &[&server_conf.to_string_lossy()])?;
     let client_proc = cluster.spawn_in_pod(client, &stunnel, &[&client_conf.to_string_lossy()])?;
     // stunnel says nothing on stdout; wait until both ends accept.
-    for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORT)] {
+    for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORTS[pair])] {
         wait_listening(cluster, pod, port)?;
     }
     Ok([client_proc, server_proc])

@@ -188,7 +188,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
 fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Check>, Value)> {
     let mut bench = Bench::start(args.seconds, &args.agent_args)?;
-    let connect4_before = connect4_stats()?;
+    let connect4_before = prog_stats("ferry_connect4")?;
+    let sock_ops_before = prog_stats("ferry_sock_ops")?;
     let mut samples = Samples::default();
     for round in 0..args.rounds {
         for (scenario, mode, same_node) in TIMED.into_iter().filter(|(s, ..)| args.runs(s)) {
@@ -207,7 +208,8 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
             }
         }
     }
-    let connect4_after = connect4_stats()?;
+    let connect4_after = prog_stats("ferry_connect4")?;
+    let sock_ops_after = prog_stats("ferry_sock_ops")?;
     let calls = connect4_after.1.saturating_sub(connect4_before.1);
     // Same-node connections are captured too.
     let ferry_ran = args.over("ferry") && TIMED.iter().any(|(s, ..)| args.runs(s));
@@ -268,7 +270,17 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     }
     // A run filtered by scenario or setup has no value for some targets.
     checks.retain(|c| !c.value.is_nan());
-    let extra = json!({ "connect4": { "calls": calls, "nsPerCall": connect4_ns } });
+    // sock_ops finishes what connect4 starts (it moves the record to the
+    // 4-tuple map), so its cost per connect belongs beside connect4's.
+    let sock_ops_ns_per_connect = (sock_ops_after.0 - sock_ops_before.0) as f64 / calls as f64;
+    println!(
+        "connect4: {connect4_ns:.0} ns per call over {calls} calls; \
+         sock_ops: {sock_ops_ns_per_connect:.0} ns per connect"
+    );
+    let extra = json!({
+        "connect4": { "calls": calls, "nsPerCall": connect4_ns },
+        "sockOps": { "nsPerConnect": sock_ops_ns_per_connect },
+    });
     Ok((samples, checks, extra))
 }
 
@@ -596,9 +608,9 @@ fn rss_kib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib)
 }
 
-/// Total run time (ns) and runs of every loaded `ferry_connect4`.
-fn connect4_stats() -> anyhow::Result<(u64, u64)> {
-    let progs = bpftool(&["prog", "show", "name", "ferry_connect4"])?;
+/// Total run time (ns) and runs of every loaded program called `name`.
+fn prog_stats(name: &str) -> anyhow::Result<(u64, u64)> {
+    let progs = bpftool(&["prog", "show", "name", name])?;
     let list = match progs {
         Value::Array(list) => list,
         one => vec![one],

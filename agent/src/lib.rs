@@ -44,6 +44,10 @@ pub const CAPTURE_RETRY: Duration = Duration::from_secs(5);
 /// Runs the agent until SIGINT or SIGTERM. Pinned capture stays in place when
 /// it stops, so pods keep being redirected across a restart.
 pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    match raise_open_files_limit() {
+        Ok((before, now)) => tracing::info!(before, now, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+    }
     // Resolved here, so `/config_dump` shows the count in use.
     args.worker_threads = args
         .worker_threads
@@ -52,6 +56,19 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(serve(args))
+}
+
+/// Raises the soft limit on open files to the hard one and returns both
+/// soft limits. A relayed connection holds two sockets, and a same-node one
+/// up to two pipes more (four descriptors): the soft limit a process often
+/// starts with (1,024) would cap the agent long before memory does.
+fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
@@ -366,5 +383,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // One below: low enough to show the raise, high enough that tests
+        // running beside this one keep their descriptors.
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
+        assert_eq!(super::raise_open_files_limit(), Ok((hard - 1, hard)));
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE), Ok((hard, hard)));
     }
 }

@@ -50,8 +50,8 @@ impl Reset for TunnelStream {
     }
 }
 
-/// What one pipe of [`relay`] holds: bytes move through it in chunks of up
-/// to this size.
+/// What one pipe of [`relay`] grows to for a bulk stream: bytes move
+/// through it in chunks of up to this size.
 const SPLICE_PIPE: usize = 256 * 1024;
 
 /// Moves bytes both ways between the client's socket and `upstream` until
@@ -84,18 +84,18 @@ pub async fn relay(
 /// One direction of [`relay`]: `from` → pipe → `to` until `from` ends, then
 /// a FIN to `to`. The pipe is made when the first bytes (or the FIN) arrive.
 async fn splice_half(from: &TcpStream, to: &TcpStream, moved: impl Fn(usize)) -> io::Result<u64> {
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    let mut pipe: Option<Pipe> = None;
     let mut total = 0;
     loop {
         from.readable().await?;
-        let (pipe_out, pipe_in) = match &pipe {
+        let pipe = match &mut pipe {
             Some(pipe) => pipe,
-            None => pipe.insert(relay_pipe()?),
+            None => pipe.insert(Pipe::new()?),
         };
         // The pipe is empty here, so EAGAIN can only mean the socket has
         // nothing to read: try_io then clears its readiness and we wait.
         let n = match from.try_io(Interest::READABLE, || {
-            splice_nonblocking(from, pipe_in, SPLICE_PIPE)
+            splice_nonblocking(from, &pipe.into, SPLICE_PIPE)
         }) {
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
@@ -109,7 +109,7 @@ async fn splice_half(from: &TcpStream, to: &TcpStream, moved: impl Fn(usize)) ->
         while left > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                splice_nonblocking(pipe_out, to, left)
+                splice_nonblocking(&pipe.out, to, left)
             }) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => left -= written,
@@ -119,15 +119,46 @@ async fn splice_half(from: &TcpStream, to: &TcpStream, moved: impl Fn(usize)) ->
         }
         moved(n);
         total += n as u64;
+        pipe.after_chunk(n);
     }
 }
 
-/// A non-blocking pipe (read end, write end) sized to [`SPLICE_PIPE`]; a
-/// smaller one is kept if the system's `pipe-max-size` refuses that.
-fn relay_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (out, into) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    let _ = fcntl(&into, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE as i32));
-    Ok((out, into))
+/// One direction's pipe. It starts at the kernel's default size (16 pages)
+/// and grows to [`SPLICE_PIPE`] once a chunk fills half of it. Pipe pages
+/// count against the user's `fs.pipe-user-pages-soft` (shared by every
+/// process of the agent's uid on the node), so connections that only carry
+/// small messages keep small pipes.
+struct Pipe {
+    out: OwnedFd,
+    into: OwnedFd,
+    capacity: usize,
+    may_grow: bool,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (out, into) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let capacity = fcntl(&into, FcntlArg::F_GETPIPE_SZ)? as usize;
+        Ok(Self {
+            out,
+            into,
+            capacity,
+            may_grow: capacity < SPLICE_PIPE,
+        })
+    }
+
+    /// Grows the (now empty) pipe after a chunk of `n` bytes if the stream
+    /// looks like bulk. Tried once: past the user's pipe limit, or above
+    /// `fs.pipe-max-size`, the kernel refuses and the pipe keeps its size.
+    fn after_chunk(&mut self, n: usize) {
+        if !self.may_grow || n < self.capacity / 2 {
+            return;
+        }
+        self.may_grow = false;
+        if let Ok(size) = fcntl(&self.into, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE as i32)) {
+            self.capacity = size as usize;
+        }
+    }
 }
 
 fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
@@ -268,4 +299,29 @@ impl ToSocket {
 /// Makes the coming close of `stream` send RST instead of FIN.
 pub fn reset(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_size(pipe: &Pipe) -> usize {
+        fcntl(&pipe.into, FcntlArg::F_GETPIPE_SZ).expect("F_GETPIPE_SZ") as usize
+    }
+
+    #[test]
+    fn a_pipe_grows_for_bulk_chunks_only() {
+        let mut pipe = Pipe::new().expect("pipe");
+        let initial = kernel_size(&pipe);
+        assert!(initial < SPLICE_PIPE, "a new pipe has {initial} bytes");
+        // Round trips of small messages leave the pipe as it is.
+        pipe.after_chunk(1024);
+        pipe.after_chunk(initial / 2 - 1);
+        assert_eq!(kernel_size(&pipe), initial);
+        // A chunk that fills half of it makes it bulk-sized, once.
+        pipe.after_chunk(initial / 2);
+        assert_eq!(kernel_size(&pipe), SPLICE_PIPE);
+        assert_eq!(pipe.capacity, SPLICE_PIPE);
+        assert!(!pipe.may_grow);
+    }
 }

@@ -383,23 +383,7 @@ impl Minter {
     }
 
     pub fn mint(&self, request: &TokenRequest) -> Result<String, String> {
-        let now = unix_now() as i64;
-        let exp = now + request.lifetime_secs;
-        let uid = |kind: &str, name: &str| format!("{kind}-{name}-uid");
-        let claims = serde_json::json!({
-            "iss": self.issuer,
-            "aud": request.audience,
-            "sub": format!("system:serviceaccount:{}:{}", request.namespace, request.service_account),
-            "iat": now.min(exp),
-            "nbf": now.min(exp),
-            "exp": exp,
-            "kubernetes.io": {
-                "namespace": request.namespace,
-                "node": { "name": request.node, "uid": uid("node", &request.node) },
-                "pod": { "name": request.pod, "uid": uid("pod", &request.pod) },
-                "serviceaccount": { "name": request.service_account, "uid": uid("sa", &request.service_account) },
-            },
-        });
+        let claims = token_claims(&self.issuer, request);
         let header = serde_json::json!({ "alg": "ES256", "kid": self.kid, "typ": "JWT" });
         let signed = format!(
             "{}.{}",
@@ -412,6 +396,27 @@ impl Minter {
             .map_err(|e| format!("cannot sign a token: {e}"))?;
         Ok(format!("{signed}.{}", B64.encode(signature.as_ref())))
     }
+}
+
+/// The claims the API server puts in a projected ServiceAccount token.
+fn token_claims(issuer: &str, request: &TokenRequest) -> Value {
+    let now = unix_now() as i64;
+    let exp = now + request.lifetime_secs;
+    let uid = |kind: &str, name: &str| format!("{kind}-{name}-uid");
+    serde_json::json!({
+            "iss": issuer,
+            "aud": request.audience,
+            "sub": format!("system:serviceaccount:{}:{}", request.namespace, request.service_account),
+            "iat": now.min(exp),
+            "nbf": now.min(exp),
+            "exp": exp,
+            "kubernetes.io": {
+                "namespace": request.namespace,
+                "node": { "name": request.node, "uid": uid("node", &request.node) },
+                "pod": { "name": request.pod, "uid": uid("pod", &request.pod) },
+                "serviceaccount": { "name": request.service_account, "uid": uid("sa", &request.service_account) },
+            },
+    })
 }
 
 #[cfg(test)]
@@ -433,6 +438,92 @@ mod tests {
 
     fn verifier(minter: &Minter) -> Verifier {
         Verifier::new(&minter.jwks(), ISSUER, "ferry-ca").unwrap()
+    }
+
+    /// A 2048-bit RSA key, as the API server's usually is. ring cannot make
+    /// RSA keys, so openssl does (DER on its stdout, never on disk).
+    fn rsa_key() -> signature::RsaKeyPair {
+        let out = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA"])
+            .args(["-pkeyopt", "rsa_keygen_bits:2048", "-outform", "DER"])
+            .output()
+            .expect("cannot run openssl: `cargo xtask setup` installs it");
+        assert!(
+            out.status.success(),
+            "openssl genpkey: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        signature::RsaKeyPair::from_der(&out.stdout).expect("openssl's key")
+    }
+
+    fn rsa_jwks(key: &signature::RsaKeyPair, kid: &str) -> Jwks {
+        let public = signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
+        Jwks {
+            keys: vec![Jwk {
+                kty: "RSA".to_owned(),
+                kid: Some(kid.to_owned()),
+                alg: Some("RS256".to_owned()),
+                crv: None,
+                x: None,
+                y: None,
+                n: Some(B64.encode(&public.n)),
+                e: Some(B64.encode(&public.e)),
+            }],
+        }
+    }
+
+    fn rs256_token(key: &signature::RsaKeyPair, kid: &str, claims: &Value) -> String {
+        let header = serde_json::json!({ "alg": "RS256", "kid": kid, "typ": "JWT" });
+        let signed = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let mut signature = vec![0; key.public().modulus_len()];
+        key.sign(
+            &signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            signed.as_bytes(),
+            &mut signature,
+        )
+        .unwrap();
+        format!("{signed}.{}", B64.encode(&signature))
+    }
+
+    #[test]
+    fn an_rs256_token_verifies_against_its_rsa_key_only() {
+        let key = rsa_key();
+        let claims = token_claims(ISSUER, &request());
+        let token = rs256_token(&key, "rsa-1", &claims);
+        let rsa = Verifier::new(&rsa_jwks(&key, "rsa-1"), ISSUER, "ferry-ca").unwrap();
+        let who = rsa.verify(&token, unix_now()).unwrap();
+        assert_eq!(
+            who.username(),
+            "system:serviceaccount:ferry-system:ferry-agent"
+        );
+        assert_eq!(who.node, "n1");
+
+        // Another RSA key, a verifier with only an EC key, a changed payload.
+        let other = Verifier::new(&rsa_jwks(&rsa_key(), "rsa-1"), ISSUER, "ferry-ca").unwrap();
+        let ec_only = verifier(&Minter::generate(ISSUER).unwrap());
+        let mut forged = claims.clone();
+        forged["kubernetes.io"]["namespace"] = "kube-system".into();
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let (header, _) = signed.split_once('.').unwrap();
+        let tampered = format!("{header}.{}.{signature}", B64.encode(forged.to_string()));
+        for (what, verifier, token) in [
+            ("another RSA key", &other, &token),
+            ("only an EC key", &ec_only, &token),
+            ("a changed payload", &rsa, &tampered),
+        ] {
+            assert!(
+                matches!(
+                    verifier.verify(token, unix_now()),
+                    Err(TokenError::Signature(_))
+                ),
+                "{what}: accepted"
+            );
+        }
     }
 
     #[test]

@@ -506,7 +506,7 @@ mod tests {
         // Another RSA key, a verifier with only an EC key, a changed payload.
         let other = Verifier::new(&rsa_jwks(&rsa_key(), "rsa-1"), ISSUER, "ferry-ca").unwrap();
         let ec_only = verifier(&Minter::generate(ISSUER).unwrap());
-        let mut forged = claims.clone();
+        let mut forged = claims;
         forged["kubernetes.io"]["namespace"] = "kube-system".into();
         let (signed, signature) = token.rsplit_once('.').unwrap();
         let (header, _) = signed.split_once('.').unwrap();

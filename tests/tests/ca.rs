@@ -288,6 +288,40 @@ fn bad_requests_are_refused_with_a_reason_and_good_ones_still_served() -> anyhow
     Ok(())
 }
 
+/// The value of `ferry_ca_issuer_expiry_timestamp_seconds`.
+fn issuer_expiry_metric(setup: &Setup) -> anyhow::Result<i64> {
+    let metrics = metrics(setup)?;
+    let line = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_ca_issuer_expiry_timestamp_seconds "))
+        .with_context(|| format!("no issuer expiry in the metrics:\n{metrics}"))?;
+    Ok(line.trim().parse()?)
+}
+
+/// A PEM certificate's notAfter in Unix seconds, as openssl and date read it.
+fn not_after(path: &Path) -> anyhow::Result<i64> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in"])
+        .arg(path)
+        .output()
+        .context("cannot run openssl")?;
+    ensure!(
+        out.status.success(),
+        "openssl x509 -enddate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let date = text
+        .trim()
+        .strip_prefix("notAfter=")
+        .with_context(|| format!("openssl said {text:?}"))?;
+    let out = Command::new("date")
+        .args(["-u", "-d", date, "+%s"])
+        .output()?;
+    ensure!(out.status.success(), "date cannot read {date:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
 fn der_of_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
     let out = Command::new("openssl")
         .args(["x509", "-outform", "DER", "-in"])
@@ -341,8 +375,15 @@ fn a_replaced_issuer_is_used_without_a_restart_and_a_corrupt_one_is_refused() ->
     let dir = setup.cluster.tempdir().to_owned();
     let good = || request(&setup, API, csr(&p256(), &[API]));
     let before = certify(&setup, &setup.ca.trust_bundle, good()?)?.map_err(anyhow::Error::msg)?;
+    let old_expiry = not_after(&setup.ca.issuer_dir.join("tls.crt"))?;
+    ensure!(
+        issuer_expiry_metric(&setup)? == old_expiry,
+        "the issuer expiry metric is not the issuer's notAfter ({old_expiry})"
+    );
 
     // A new root and issuer; the bundle holds both roots during the rotation.
+    // A second later, so the new issuer's notAfter differs from the old one.
+    std::thread::sleep(Duration::from_millis(1100));
     let next = dir.join("next-ca");
     let status = Command::new(ferry_tests::bin_path("ferry-ca")?)
         .args(["bootstrap", "--trust-domain", "cluster.local", "--out"])
@@ -384,6 +425,13 @@ fn a_replaced_issuer_is_used_without_a_restart_and_a_corrupt_one_is_refused() ->
     ensure!(
         after.trust_bundle_der.len() == 2,
         "the bundle should carry both roots"
+    );
+    let new_expiry = not_after(&next.join("issuer/tls.crt"))?;
+    ensure!(new_expiry != old_expiry);
+    let shown = issuer_expiry_metric(&setup)?;
+    ensure!(
+        shown == new_expiry,
+        "after the rotation the issuer expiry metric says {shown}, the new issuer {new_expiry}"
     );
     openssl_verifies(
         &after.leaf_der,

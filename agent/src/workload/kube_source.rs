@@ -52,10 +52,7 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 pub struct KubeSource {
     node: LocalNode,
-    cgroup_root: PathBuf,
-    /// Pod cgroups found so far, by pod UID: a UID's cgroup does not move,
-    /// so each is looked for on disk until found, not at every rebuild.
-    cgroups: HashMap<String, PathBuf>,
+    cgroups: PodCgroups,
     stores: Stores,
     changed: Arc<Notify>,
 }
@@ -106,8 +103,7 @@ impl KubeSource {
             .map_err(|e| anyhow::anyhow!("a Kubernetes watch ended before its first list: {e}"))?;
         let mut source = Self {
             node,
-            cgroup_root,
-            cgroups: HashMap::new(),
+            cgroups: PodCgroups::new(cgroup_root),
             stores,
             changed,
         };
@@ -134,7 +130,7 @@ impl KubeSource {
             let table = self.table();
             let missing = missing_cgroups(&table);
             for pod in missing.difference(&awaiting_cgroups) {
-                tracing::info!(%pod, root = %self.cgroup_root.display(), "waiting for kubelet to create the pod's cgroup");
+                tracing::info!(%pod, root = %self.cgroups.root.display(), "waiting for kubelet to create the pod's cgroup");
             }
             awaiting_cgroups = missing;
             tx.send_if_modified(|current| {
@@ -153,27 +149,53 @@ impl KubeSource {
     }
 
     fn table(&mut self) -> WorkloadTable {
-        let root = &self.cgroup_root;
-        let known = std::mem::take(&mut self.cgroups);
+        let (node, stores) = (&self.node, &self.stores);
+        self.cgroups.rebuild(|find_cgroup| {
+            build_table(
+                node,
+                &stores.namespaces.state(),
+                &stores.pods.state(),
+                &stores.services.state(),
+                &stores.slices.state(),
+                find_cgroup,
+            )
+        })
+    }
+}
+
+/// Pod cgroups found so far under `root`, by pod UID. A UID's cgroup does
+/// not move, so each is looked for on disk until found, not at every rebuild.
+struct PodCgroups {
+    root: PathBuf,
+    known: HashMap<String, PathBuf>,
+}
+
+impl PodCgroups {
+    fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Runs one table rebuild with a cgroup finder. UIDs the rebuild did not
+    /// ask for (pods that are gone) leave the cache.
+    fn rebuild<T>(
+        &mut self,
+        build: impl FnOnce(&mut dyn FnMut(&str) -> Option<PathBuf>) -> T,
+    ) -> T {
+        let known = std::mem::take(&mut self.known);
         let mut found = HashMap::new();
-        let table = build_table(
-            &self.node,
-            &self.stores.namespaces.state(),
-            &self.stores.pods.state(),
-            &self.stores.services.state(),
-            &self.stores.slices.state(),
-            |uid| {
-                let path = known
-                    .get(uid)
-                    .cloned()
-                    .or_else(|| find_pod_cgroup(root, uid))?;
-                found.insert(uid.to_owned(), path.clone());
-                Some(path)
-            },
-        );
-        // Pods that are gone leave the cache with the rebuild that drops them.
-        self.cgroups = found;
-        table
+        let out = build(&mut |uid| {
+            let path = known
+                .get(uid)
+                .cloned()
+                .or_else(|| find_pod_cgroup(&self.root, uid))?;
+            found.insert(uid.to_owned(), path.clone());
+            Some(path)
+        });
+        self.known = found;
+        out
     }
 }
 
@@ -744,5 +766,26 @@ mod tests {
         assert_eq!(find_pod_cgroup(&root, uid), Some(made));
         assert_eq!(find_pod_cgroup(&root, "other"), None);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_found_pod_cgroup_is_not_looked_for_again_until_its_pod_goes() {
+        let root = std::env::temp_dir().join(format!("ferry-cgroup-cache-{}", std::process::id()));
+        let made = root.join("kubepods/besteffort/poda-1");
+        std::fs::create_dir_all(&made).unwrap();
+        let mut cgroups = PodCgroups::new(root.clone());
+        let rebuild = |cgroups: &mut PodCgroups, uids: &[&str]| {
+            cgroups.rebuild(|find| uids.iter().map(|uid| find(uid)).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            rebuild(&mut cgroups, &["a-1", "b-2"]),
+            [Some(made.clone()), None]
+        );
+        // Gone from disk: only a look on disk would miss it.
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(rebuild(&mut cgroups, &["a-1"]), [Some(made)]);
+        // A rebuild without the pod drops it; the next one looks on disk.
+        assert_eq!(rebuild(&mut cgroups, &[]), []);
+        assert_eq!(rebuild(&mut cgroups, &["a-1"]), [None]);
     }
 }

@@ -300,17 +300,7 @@ fn issuer_expiry_metric(setup: &Setup) -> anyhow::Result<i64> {
 
 /// A PEM certificate's notAfter in Unix seconds, as openssl and date read it.
 fn not_after(path: &Path) -> anyhow::Result<i64> {
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-enddate", "-in"])
-        .arg(path)
-        .output()
-        .context("cannot run openssl")?;
-    ensure!(
-        out.status.success(),
-        "openssl x509 -enddate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout)?;
+    let text = String::from_utf8(openssl_x509(path, &["-noout", "-enddate"])?)?;
     let date = text
         .trim()
         .strip_prefix("notAfter=")
@@ -323,14 +313,21 @@ fn not_after(path: &Path) -> anyhow::Result<i64> {
 }
 
 fn der_of_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
+    openssl_x509(path, &["-outform", "DER"])
+}
+
+/// `openssl x509 ARGS -in PATH`: what it printed.
+fn openssl_x509(path: &Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let out = Command::new("openssl")
-        .args(["x509", "-outform", "DER", "-in"])
+        .arg("x509")
+        .args(args)
+        .arg("-in")
         .arg(path)
         .output()
         .context("cannot run openssl")?;
     ensure!(
         out.status.success(),
-        "openssl x509: {}",
+        "openssl x509 {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out.stdout)

@@ -15,6 +15,7 @@ mod process;
 mod sim;
 pub mod stream;
 pub mod testapp;
+pub mod wire;
 
 use std::path::PathBuf;
 

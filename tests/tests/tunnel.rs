@@ -8,6 +8,7 @@ use ferry_tests::{
     Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
     inspect::{admin_json, is_node_addr, live_connection, metric_value, metrics},
     testapp::{Family, event, json_lines, pod_addr, socket_addr},
+    wire::{LinkCapture, contains, plaintext_marker},
 };
 
 const MIB: u64 = 1 << 20;
@@ -253,48 +254,16 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
     Ok(())
 }
 
-/// The first bytes the client sends: what must never cross the node link in clear.
-fn plaintext_marker() -> Vec<u8> {
-    let mut marker = vec![0; 64];
-    ferry_tests::stream::Stream::new(ferry_tests::stream::SEED_A).fill(&mut marker);
-    marker
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
-}
-
 #[test]
 fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Result<()> {
     let mut t = two_nodes("tunnel-wire")?;
-    let pcap = t.cluster.tempdir().join("link.pcap");
-    let pcap_text = pcap.to_string_lossy().into_owned();
-    let mut tcpdump = t.cluster.spawn_in_fabric(
-        std::path::Path::new("/usr/bin/tcpdump"),
-        &["-i", "fabric", "-U", "-s", "0", "-w", &pcap_text, "tcp"],
-    )?;
-    // tcpdump opens its file once it is capturing.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !pcap.exists() {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "tcpdump did not start: {}",
-            tcpdump.stderr_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let capture = LinkCapture::start(&mut t.cluster)?;
 
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
     let _serve = start_server(&mut t.cluster, t.server, to, "1048576")?;
     let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1048576"])?;
     ensure!(ok, "{stderr}");
-    std::thread::sleep(Duration::from_millis(300));
-    tcpdump.kill();
-
-    let captured = std::fs::read(&pcap)?;
+    let captured = capture.finish()?;
     ensure!(
         captured.len() > 1_048_576,
         "the capture holds only {} bytes",

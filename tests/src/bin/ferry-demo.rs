@@ -11,7 +11,6 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -26,6 +25,7 @@ use ferry_tests::{
         programs_on,
     },
     testapp::event,
+    wire::{LinkCapture, contains, plaintext_marker},
 };
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use serde_json::Value;
@@ -160,25 +160,7 @@ impl Demo {
         }
 
         heading("3. The client on node 1 talks to the server on node 2");
-        let pcap = self.cluster.tempdir().join("link.pcap");
-        let mut tcpdump = self.cluster.spawn_in_fabric(
-            Path::new("/usr/bin/tcpdump"),
-            &[
-                "-i",
-                "fabric",
-                "-U",
-                "-s",
-                "0",
-                "-w",
-                &pcap.to_string_lossy(),
-                "tcp",
-            ],
-        )?;
-        let deadline = std::time::Instant::now() + WAIT;
-        while !pcap.exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(300));
+        let capture = LinkCapture::start(&mut self.cluster)?;
         let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
         let mut serve = self.spawn(
             self.server,
@@ -200,16 +182,10 @@ impl Demo {
             "1 MiB each way arrived intact: client {}, server {}",
             done["intact"], served["intact"]
         ));
-        std::thread::sleep(Duration::from_millis(300));
-        tcpdump.kill();
-        let captured = std::fs::read(&pcap)?;
-        let mut marker = vec![0; 64];
-        ferry_tests::stream::Stream::new(ferry_tests::stream::SEED_A).fill(&mut marker);
-        let plaintext = captured
-            .windows(marker.len())
-            .any(|w| w == marker.as_slice());
+        let captured = capture.finish()?;
+        let plaintext = contains(&captured, &plaintext_marker());
         let sni = b"server.shop.sa.cluster.local";
-        let hello = captured.windows(sni.len()).any(|w| w == sni);
+        let hello = contains(&captured, sni);
         ensure!(!plaintext && hello, "the node link is not TLS-only");
         say(&format!(
             "tcpdump on the node-to-node link: {} bytes captured, a TLS 1.3 ClientHello for {}, and none of the client's plaintext",

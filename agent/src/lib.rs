@@ -58,8 +58,8 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args))
 }
 
-/// Raises the soft limit on open files to the hard one and returns both
-/// soft limits. A relayed connection holds two sockets, and a same-node one
+/// Raises the soft limit on open files to the hard one; returns the soft
+/// limit before and the one now. A relayed connection holds two sockets, and a same-node one
 /// up to two pipes more (four descriptors): the soft limit a process often
 /// starts with (1,024) would cap the agent long before memory does.
 fn raise_open_files_limit() -> nix::Result<(u64, u64)> {

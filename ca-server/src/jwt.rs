@@ -384,18 +384,30 @@ impl Minter {
 
     pub fn mint(&self, request: &TokenRequest) -> Result<String, String> {
         let claims = token_claims(&self.issuer, request);
-        let header = serde_json::json!({ "alg": "ES256", "kid": self.kid, "typ": "JWT" });
-        let signed = format!(
-            "{}.{}",
-            B64.encode(header.to_string()),
-            B64.encode(claims.to_string())
-        );
-        let signature = self
-            .key
-            .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
-            .map_err(|e| format!("cannot sign a token: {e}"))?;
-        Ok(format!("{signed}.{}", B64.encode(signature.as_ref())))
+        encode("ES256", &self.kid, &claims, |signed| {
+            self.key
+                .sign(&ring::rand::SystemRandom::new(), signed)
+                .map(|signature| signature.as_ref().to_vec())
+                .map_err(|e| format!("cannot sign a token: {e}"))
+        })
     }
+}
+
+/// A compact JWT: header and claims, base64url, signed by `sign`.
+fn encode(
+    alg: &str,
+    kid: &str,
+    claims: &Value,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+) -> Result<String, String> {
+    let header = serde_json::json!({ "alg": alg, "kid": kid, "typ": "JWT" });
+    let signed = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let signature = sign(signed.as_bytes())?;
+    Ok(format!("{signed}.{}", B64.encode(signature)))
 }
 
 /// The claims the API server puts in a projected ServiceAccount token.
@@ -404,18 +416,18 @@ fn token_claims(issuer: &str, request: &TokenRequest) -> Value {
     let exp = now + request.lifetime_secs;
     let uid = |kind: &str, name: &str| format!("{kind}-{name}-uid");
     serde_json::json!({
-            "iss": issuer,
-            "aud": request.audience,
-            "sub": format!("system:serviceaccount:{}:{}", request.namespace, request.service_account),
-            "iat": now.min(exp),
-            "nbf": now.min(exp),
-            "exp": exp,
-            "kubernetes.io": {
-                "namespace": request.namespace,
-                "node": { "name": request.node, "uid": uid("node", &request.node) },
-                "pod": { "name": request.pod, "uid": uid("pod", &request.pod) },
-                "serviceaccount": { "name": request.service_account, "uid": uid("sa", &request.service_account) },
-            },
+        "iss": issuer,
+        "aud": request.audience,
+        "sub": format!("system:serviceaccount:{}:{}", request.namespace, request.service_account),
+        "iat": now.min(exp),
+        "nbf": now.min(exp),
+        "exp": exp,
+        "kubernetes.io": {
+            "namespace": request.namespace,
+            "node": { "name": request.node, "uid": uid("node", &request.node) },
+            "pod": { "name": request.pod, "uid": uid("pod", &request.pod) },
+            "serviceaccount": { "name": request.service_account, "uid": uid("sa", &request.service_account) },
+        },
     })
 }
 
@@ -473,21 +485,18 @@ mod tests {
     }
 
     fn rs256_token(key: &signature::RsaKeyPair, kid: &str, claims: &Value) -> String {
-        let header = serde_json::json!({ "alg": "RS256", "kid": kid, "typ": "JWT" });
-        let signed = format!(
-            "{}.{}",
-            B64.encode(header.to_string()),
-            B64.encode(claims.to_string())
-        );
-        let mut signature = vec![0; key.public().modulus_len()];
-        key.sign(
-            &signature::RSA_PKCS1_SHA256,
-            &ring::rand::SystemRandom::new(),
-            signed.as_bytes(),
-            &mut signature,
-        )
-        .unwrap();
-        format!("{signed}.{}", B64.encode(&signature))
+        encode("RS256", kid, claims, |signed| {
+            let mut signature = vec![0; key.public().modulus_len()];
+            key.sign(
+                &signature::RSA_PKCS1_SHA256,
+                &ring::rand::SystemRandom::new(),
+                signed,
+                &mut signature,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(signature)
+        })
+        .unwrap()
     }
 
     #[test]

@@ -124,19 +124,18 @@ fn serve_forever(cluster: &mut Cluster, pod: PodId, listen: SocketAddr) -> anyho
     Ok(serve)
 }
 
-/// `ferry_connection_bytes_total` of passthrough outbound connections.
-fn passthrough_bytes(cluster: &Cluster, node: NodeId, flow: &str) -> anyhow::Result<f64> {
-    let labels = [
-        ("direction", "outbound"),
-        ("route", "passthrough"),
-        ("flow", flow),
-    ];
+/// `ferry_connection_bytes_total` of passthrough outbound connections,
+/// sent and received, from one look at `/metrics`.
+fn passthrough_bytes(cluster: &Cluster, node: NodeId) -> anyhow::Result<[f64; 2]> {
     let samples = metrics(cluster, node)?;
-    Ok(metric_value(
-        &samples,
-        "ferry_connection_bytes_total",
-        &labels,
-    ))
+    Ok(["sent", "received"].map(|flow| {
+        let labels = [
+            ("direction", "outbound"),
+            ("route", "passthrough"),
+            ("flow", flow),
+        ];
+        metric_value(&samples, "ferry_connection_bytes_total", &labels)
+    }))
 }
 
 fn expected_programs() -> Vec<String> {
@@ -153,10 +152,7 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
 
     for family in [Family::V4, Family::V6] {
         let before = captured_total(&cluster, n1)?;
-        let bytes_before = [
-            passthrough_bytes(&cluster, n1, "sent")?,
-            passthrough_bytes(&cluster, n1, "received")?,
-        ];
+        let bytes_before = passthrough_bytes(&cluster, n1)?;
         let to = pod_addr(&cluster, server, family, PORT);
         let seen = exchange(&mut cluster, client, server, to, 16 * MIB)
             .with_context(|| format!("{family:?}"))?;
@@ -164,10 +160,8 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
         // passthrough: it splices the bytes between the two sockets, and
         // counts them although they never enter its memory.
         eventually(|| {
-            let moved = [
-                passthrough_bytes(&cluster, n1, "sent")? - bytes_before[0],
-                passthrough_bytes(&cluster, n1, "received")? - bytes_before[1],
-            ];
+            let now = passthrough_bytes(&cluster, n1)?;
+            let moved = [now[0] - bytes_before[0], now[1] - bytes_before[1]];
             ensure!(
                 moved == [(16 * MIB) as f64; 2],
                 "{family:?}: bytes counted sent/received {moved:?}, moved {} each way",

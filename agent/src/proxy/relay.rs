@@ -23,7 +23,8 @@ use tokio::{
 use super::connections::Counted;
 use crate::tunnel::stream::TunnelStream;
 
-/// Per-direction buffer: large enough that a bulk stream moves in few syscalls.
+/// What [`relay_tunnel`] reads from the socket into at a time: large enough
+/// that a bulk stream moves in few syscalls.
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
 /// A stream whose failure can be passed on as a reset rather than a clean end.

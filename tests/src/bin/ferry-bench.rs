@@ -217,7 +217,8 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
         calls > 0 || !ferry_ran,
         "ferry_connect4 never ran: is capture working?"
     );
-    let connect4_ns = (connect4_after.0 - connect4_before.0) as f64 / calls as f64;
+    let per_connect = |after: u64, before: u64| after.saturating_sub(before) as f64 / calls as f64;
+    let connect4_ns = per_connect(connect4_after.0, connect4_before.0);
 
     if args.runs("idle") {
         let setups: Vec<&str> = ["ferry", "stunnel"]
@@ -272,7 +273,6 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     checks.retain(|c| !c.value.is_nan());
     // sock_ops finishes what connect4 starts (it moves the record to the
     // 4-tuple map), so its cost per connect belongs beside connect4's.
-    let per_connect = |after: u64, before: u64| after.saturating_sub(before) as f64 / calls as f64;
     let sock_ops_ns = per_connect(sock_ops_after.0, sock_ops_before.0);
     let sock_ops_calls = per_connect(sock_ops_after.1, sock_ops_before.1);
     println!(

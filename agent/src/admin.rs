@@ -14,16 +14,17 @@ use std::{
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
-use tracing_subscriber::EnvFilter;
 
 use crate::{
     capture::Attachment,
     identity::CertView,
+    logging::{self, FilterError},
     metrics::{self, Metrics, Totals},
     proxy::connections::{ConnectionInfo, Connections},
-    workload::{LocalNode, Workload, WorkloadTable},
+    tunnel::pool::PoolView,
+    workload::{LocalNode, Service, Workload, WorkloadTable},
 };
 
 /// Why the agent is not ready; empty when it is.
@@ -59,8 +60,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The certificate manager, when the agent runs with a CA.
     pub identities: Option<Arc<dyn IdentityState>>,
-    /// The tunnel pool's state as JSON, when the agent runs with a CA.
-    pub pool: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// The tunnel pool's state, when the agent runs with a CA.
+    pub pool: Option<Arc<dyn Fn() -> PoolView + Send + Sync>>,
 }
 
 /// What the admin endpoint shows of the certificate manager.
@@ -89,8 +90,8 @@ impl AdminState {
         reasons
     }
 
-    fn pool_view(&self) -> serde_json::Value {
-        self.pool.as_ref().map(|view| view()).unwrap_or_default()
+    fn pool_view(&self) -> Option<PoolView> {
+        self.pool.as_ref().map(|view| view())
     }
 
     fn certs(&self) -> Vec<CertView> {
@@ -102,7 +103,7 @@ impl AdminState {
 }
 
 /// The capture state as last reconciled.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CaptureView {
     pub pin_dir: String,
@@ -110,22 +111,25 @@ pub struct CaptureView {
     pub failures: Vec<String>,
 }
 
-#[derive(Serialize)]
+/// `/config_dump`: the agent's whole state.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ConfigDump<'a> {
-    config: &'a serde_json::Value,
-    node: &'a LocalNode,
-    workloads: Vec<&'a Workload>,
-    services: Vec<&'a crate::workload::Service>,
-    capture: CaptureView,
-    connections: Vec<ConnectionInfo>,
-    totals: Totals,
+pub struct ConfigDump {
+    /// The agent's settings as it started (its command line, defaults filled in).
+    pub config: serde_json::Value,
+    pub node: LocalNode,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub capture: CaptureView,
+    pub connections: Vec<ConnectionInfo>,
+    pub totals: Totals,
     /// Without a CA the agent has no identities and carries plaintext only.
-    mtls: bool,
-    certificates: Vec<CertView>,
-    pool: serde_json::Value,
-    ready: bool,
-    not_ready_reasons: Vec<String>,
+    pub mtls: bool,
+    pub certificates: Vec<CertView>,
+    /// `None` without a CA.
+    pub pool: Option<PoolView>,
+    pub ready: bool,
+    pub not_ready_reasons: Vec<String>,
 }
 
 /// Serves the full admin API on `listener` (bind it to localhost).
@@ -182,36 +186,16 @@ async fn serve(
     }
 }
 
-/// Changes the agent's log filter at runtime (`/logging`).
-struct LogControl {
-    current: Mutex<String>,
-    reload: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
-}
-
-static LOG_CONTROL: std::sync::OnceLock<LogControl> = std::sync::OnceLock::new();
-
-/// Called once by the logger's set-up with its filter and a way to replace it.
-pub fn set_log_control(
-    initial: &str,
-    reload: impl Fn(EnvFilter) -> Result<(), String> + Send + Sync + 'static,
-) {
-    let _ = LOG_CONTROL.set(LogControl {
-        current: Mutex::new(initial.to_owned()),
-        reload: Box::new(reload),
-    });
-}
-
 /// `GET /logging` shows the filter; `POST /logging?level=<filter>` replaces it
 /// (EnvFilter syntax, e.g. `info,ferry_agent::tunnel=debug`).
 fn logging(req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    let Some(control) = LOG_CONTROL.get() else {
+    let Some(current) = logging::current_filter() else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no logger installed\n".into(),
+            format!("{}\n", FilterError::NoLogger),
         );
     };
     if req.method() == Method::GET {
-        let current = control.current.lock().expect("log filter lock").clone();
         return text(StatusCode::OK, format!("{current}\n"));
     }
     let level = req
@@ -227,25 +211,16 @@ fn logging(req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
             "say which filter: POST /logging?level=info,ferry_agent=debug\n".into(),
         );
     };
-    let filter = match EnvFilter::try_new(&level) {
-        Ok(filter) => filter,
+    match logging::set_filter(&level) {
+        Ok(()) => text(StatusCode::OK, format!("log filter is now {level}\n")),
         Err(error) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("{level:?} is not a log filter: {error}\n"),
-            );
+            let status = match error {
+                FilterError::NoLogger => StatusCode::SERVICE_UNAVAILABLE,
+                FilterError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                FilterError::Reload(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            text(status, format!("{error}\n"))
         }
-    };
-    match (control.reload)(filter) {
-        Ok(()) => {
-            *control.current.lock().expect("log filter lock") = level.clone();
-            tracing::info!(filter = %level, "log filter changed");
-            text(StatusCode::OK, format!("log filter is now {level}\n"))
-        }
-        Err(error) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot change the log filter: {error}\n"),
-        ),
     }
 }
 
@@ -287,10 +262,10 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
             let table = state.workloads.borrow().clone();
             let reasons = state.not_ready();
             json(&ConfigDump {
-                config: &state.config,
-                node: &table.node,
-                workloads: table.workloads.iter().map(AsRef::as_ref).collect(),
-                services: table.services.iter().map(AsRef::as_ref).collect(),
+                config: state.config.clone(),
+                node: table.node.clone(),
+                workloads: table.workloads.iter().map(|w| w.as_ref().clone()).collect(),
+                services: table.services.iter().map(|s| s.as_ref().clone()).collect(),
                 capture: state.attachments.lock().expect("capture view lock").clone(),
                 connections: state.connections.live(),
                 totals: state.metrics.totals(),

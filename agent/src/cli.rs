@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ferry";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -29,7 +29,7 @@ pub enum Command {
     /// Capture this node's meshed pods and carry their connections.
     Run(RunArgs),
     /// Show a running agent's state in tables, from its admin endpoint.
-    Inspect(crate::inspect::InspectArgs),
+    Inspect(InspectArgs),
 }
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
@@ -64,7 +64,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub tunnel: TunnelArgs,
     #[command(flatten)]
-    pub log: LogArgs,
+    pub log: crate::logging::LogArgs,
 }
 
 /// Where the agent learns the cluster's workloads: a file, or the Kubernetes API.
@@ -141,63 +141,21 @@ pub struct IdentityArgs {
     pub trust_domain: String,
 }
 
-#[derive(Debug, Clone, clap::Args, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LogArgs {
-    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,ferry_agent=debug`).
-    #[arg(long = "log-level", env = "FERRY_LOG", default_value = "info")]
-    pub filter: String,
-    #[arg(long = "log-format", env = "FERRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
+#[derive(Debug, Clone, clap::Args)]
+pub struct InspectArgs {
+    /// The agent's admin address.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Print what the agent answered (JSON, or the metrics text) instead of a table.
+    #[arg(long)]
+    pub raw: bool,
+    /// What to show.
+    pub view: crate::inspect::View,
 }
 
 fn parse_admin_addr(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     crate::admin::check_admin_addr(addr)
-}
-
-impl LogArgs {
-    /// Installs the global `tracing` subscriber (and the `log` bridge aya-log writes through).
-    pub fn init(&self) -> anyhow::Result<()> {
-        let filter = tracing_subscriber::EnvFilter::try_new(&self.filter)
-            .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", self.filter))?;
-        use std::io::IsTerminal as _;
-        // The filter goes last: a reload handle is only offered for the finished layer stack.
-        let builder = tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal());
-        let result = match self.format {
-            LogFormat::Text => {
-                let builder = builder.with_env_filter(filter).with_filter_reloading();
-                let handle = builder.reload_handle();
-                crate::admin::set_log_control(&self.filter, move |filter| {
-                    handle.reload(filter).map_err(|e| e.to_string())
-                });
-                builder.try_init()
-            }
-            LogFormat::Json => {
-                let builder = builder
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_env_filter(filter)
-                    .with_filter_reloading();
-                let handle = builder.reload_handle();
-                crate::admin::set_log_control(&self.filter, move |filter| {
-                    handle.reload(filter).map_err(|e| e.to_string())
-                });
-                builder.try_init()
-            }
-        };
-        result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
-    }
 }
 
 #[cfg(test)]
@@ -270,5 +228,37 @@ mod tests {
         };
         assert_eq!(args.source.node_addresses.len(), 2);
         assert_eq!(args.source.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn the_command_line_names_a_view_and_defaults_to_the_admin_address() {
+        use clap::Parser as _;
+
+        use crate::inspect::View;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["ferry-agent", "inspect"].iter().chain(args))
+                .map(|cli| cli.command)
+        };
+        let Ok(Command::Inspect(args)) = parse(&["certs"]) else {
+            panic!("inspect certs does not parse");
+        };
+        assert_eq!(
+            (args.admin_addr, args.view, args.raw),
+            ("127.0.0.1:15000".parse().unwrap(), View::Certs, false)
+        );
+        let Ok(Command::Inspect(args)) =
+            parse(&["--admin-addr", "127.0.0.1:16000", "--raw", "pool"])
+        else {
+            panic!("inspect with flags does not parse");
+        };
+        assert_eq!(
+            (args.admin_addr.port(), args.view, args.raw),
+            (16000, View::Pool, true)
+        );
+        let error = parse(&["everything"]).unwrap_err().to_string();
+        assert!(
+            error.contains("possible values: workloads, certs, connections, pool, config, metrics"),
+            "{error}"
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cli;
 pub mod identity;
 pub mod inspect;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod shard;
@@ -176,10 +177,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, shards, "inbound tunnel listener ready");
     }
     let pool_view = (!pools.is_empty()).then(|| {
-        Arc::new(move || {
-            serde_json::to_value(tunnel::pool::merged_view(pools.iter().map(AsRef::as_ref)))
-                .unwrap_or_default()
-        }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
+        Arc::new(move || tunnel::pool::merged_view(pools.iter().map(AsRef::as_ref)))
+            as Arc<dyn Fn() -> tunnel::pool::PoolView + Send + Sync>
     });
     let state = Arc::new(AdminState {
         config: serde_json::to_value(&args).unwrap_or_default(),

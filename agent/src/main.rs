@@ -5,7 +5,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => args.log.init().and_then(|()| ferry_agent::run(args)),
-        Command::Inspect(args) => ferry_agent::inspect::run(&args).map_err(anyhow::Error::from),
+        Command::Inspect(args) => ferry_agent::inspect::run(args.admin_addr, args.view, args.raw)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

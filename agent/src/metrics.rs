@@ -18,7 +18,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::proxy::connections::Route;
 
@@ -567,7 +567,7 @@ impl Metrics {
 
 /// Connection counters since the agent started (`/config_dump` `totals`);
 /// each is a series of `/metrics`, or a sum of some.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Totals {
     /// Connections the capture programs redirected and the agent accepted
@@ -594,7 +594,7 @@ pub struct Totals {
 }
 
 /// The pool's counters since the agent started (`/pool` `totals`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolTotals {
     /// Completed TLS + HTTP/2 handshakes: connections opened.

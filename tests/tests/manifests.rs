@@ -461,7 +461,7 @@ fn agent_flags_parse_with_the_agent_parser() {
         ],
         "--node-address from status.podIPs"
     );
-    assert_eq!(args.log.format, ferry_agent::cli::LogFormat::Json);
+    assert_eq!(args.log.format, ferry_agent::logging::LogFormat::Json);
     assert!(
         args.identity.ca_addr.is_some(),
         "the agent asks the CA for certificates"
@@ -548,7 +548,7 @@ env:
     let args = agent_args(&container).unwrap();
     assert_eq!(args.node, "node-1");
     assert_eq!(args.log.filter, "info,ferry_agent::capture=node-1");
-    assert_eq!(args.log.format, ferry_agent::cli::LogFormat::Text);
+    assert_eq!(args.log.format, ferry_agent::logging::LogFormat::Text);
 
     let mut unreferenced = container;
     unreferenced.args = Some(vec![

@@ -30,7 +30,7 @@ use ferry_agent_ebpf::{
     CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, OriginalDst, PodCapture, SockKey,
     map_names, program_names,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::workload::Workload;
 
@@ -96,7 +96,7 @@ pub struct Redirect {
 }
 
 /// One pod cgroup with Ferry's programs on it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Attachment {
     pub pod: String,

@@ -16,7 +16,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, UnixTime},
     sign::CertifiedKey,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{Certifier, ca_client::read_roots, identity_of, renewal};
@@ -55,7 +55,7 @@ pub struct Issued {
 }
 
 /// One identity's certificate, as `/certs` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertView {
     pub identity: String,

@@ -20,7 +20,7 @@ use std::{
 use bytes::Bytes;
 use ferry_proto::SpiffeId;
 use h2::client::SendRequest;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
@@ -180,14 +180,14 @@ impl<D: Dial> Drop for Checkout<D> {
 }
 
 /// The pool as `/config_dump` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolView {
     pub keys: Vec<KeyView>,
     pub totals: PoolTotals,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyView {
     pub source: String,
@@ -202,7 +202,7 @@ pub struct KeyView {
     pub retry_in_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionView {
     pub id: u64,

@@ -18,7 +18,7 @@ use std::{
 
 use ferry_proto::SpiffeId;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 pub use file_source::FileSource;
 pub use kube_source::KubeSource;
@@ -40,7 +40,7 @@ impl Source {
 }
 
 /// One pod, as the mesh sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
     pub name: String,
@@ -53,7 +53,7 @@ pub struct Workload {
     /// The pod's cgroup v2 directory (known for pods on this node).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_ports: Vec<u16>,
     /// The namespace is in strict mode: plaintext from off the node is refused.
     pub strict: bool,
@@ -67,7 +67,7 @@ impl Workload {
 }
 
 /// This node, as the agent sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalNode {
     pub name: String,
     pub addresses: Vec<IpAddr>,
@@ -94,7 +94,7 @@ pub struct WorkloadTable {
 }
 
 /// A Service, with its endpoints resolved to pods.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Service {
     pub name: String,

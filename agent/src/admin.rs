@@ -5,11 +5,7 @@
 //! and 503 with the reasons until then. `/metrics` is the Prometheus text,
 //! also served on the probe port, which Prometheus can reach.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
@@ -18,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    capture::Attachment,
+    capture::{CaptureStatus, CaptureView},
     identity::CertView,
     logging::{self, FilterError},
     metrics::{self, Metrics, Totals},
@@ -27,36 +23,13 @@ use crate::{
     workload::{LocalNode, Service, Workload, WorkloadTable},
 };
 
-/// Why the agent is not ready; empty when it is.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    reasons: Mutex<Vec<String>>,
-}
-
-impl Readiness {
-    pub fn not_ready(reason: impl Into<String>) -> Self {
-        Self {
-            reasons: Mutex::new(vec![reason.into()]),
-        }
-    }
-
-    pub fn set(&self, reasons: Vec<String>) {
-        *self.reasons.lock().expect("readiness lock") = reasons;
-    }
-
-    pub fn reasons(&self) -> Vec<String> {
-        self.reasons.lock().expect("readiness lock").clone()
-    }
-}
-
 /// What the admin endpoint reads from.
 pub struct AdminState {
     /// The agent's settings as it started (its command line, defaults filled in).
     pub config: serde_json::Value,
     pub workloads: watch::Receiver<Arc<WorkloadTable>>,
-    pub attachments: Arc<Mutex<CaptureView>>,
+    pub capture: Arc<CaptureStatus>,
     pub connections: Arc<Connections>,
-    pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     /// The certificate manager, when the agent runs with a CA.
     pub identities: Option<Arc<dyn IdentityState>>,
@@ -83,7 +56,7 @@ impl<C: crate::identity::Certifier> IdentityState for crate::identity::CertManag
 impl AdminState {
     /// Every reason the agent is not ready: capture, then identities.
     fn not_ready(&self) -> Vec<String> {
-        let mut reasons = self.readiness.reasons();
+        let mut reasons = self.capture.not_ready();
         if let Some(identities) = &self.identities {
             reasons.extend(identities.not_ready());
         }
@@ -100,15 +73,6 @@ impl AdminState {
             .map(|identities| identities.certs())
             .unwrap_or_default()
     }
-}
-
-/// The capture state as last reconciled.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CaptureView {
-    pub pin_dir: String,
-    pub attached: Vec<Attachment>,
-    pub failures: Vec<String>,
 }
 
 /// `/config_dump`: the agent's whole state.
@@ -266,7 +230,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
                 node: table.node.clone(),
                 workloads: table.workloads.iter().map(|w| w.as_ref().clone()).collect(),
                 services: table.services.iter().map(|s| s.as_ref().clone()).collect(),
-                capture: state.attachments.lock().expect("capture view lock").clone(),
+                capture: state.capture.view(),
                 connections: state.connections.live(),
                 totals: state.metrics.totals(),
                 mtls: state.identities.is_some(),
@@ -339,14 +303,17 @@ fn response(
     response
 }
 
+/// An admin address off the node's loopback.
+#[derive(Debug, thiserror::Error)]
+#[error("admin address {0} is not a loopback address; the admin API listens on localhost only")]
+pub struct NotLoopback(pub SocketAddr);
+
 /// The admin address must be a loopback address: the admin API shows the
 /// node's workloads and connections and must not be reachable off the node.
-pub fn check_admin_addr(addr: SocketAddr) -> Result<SocketAddr, String> {
+pub fn check_admin_addr(addr: SocketAddr) -> Result<SocketAddr, NotLoopback> {
     if addr.ip().is_loopback() {
         Ok(addr)
     } else {
-        Err(format!(
-            "admin address {addr} is not a loopback address; the admin API listens on localhost only"
-        ))
+        Err(NotLoopback(addr))
     }
 }

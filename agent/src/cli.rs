@@ -153,9 +153,24 @@ pub struct InspectArgs {
     pub view: crate::inspect::View,
 }
 
-fn parse_admin_addr(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    crate::admin::check_admin_addr(addr)
+/// Why `--admin-addr` was refused.
+#[derive(Debug, thiserror::Error)]
+enum AdminAddrError {
+    #[error("{input:?}: {source}")]
+    Parse {
+        input: String,
+        source: std::net::AddrParseError,
+    },
+    #[error(transparent)]
+    NotLoopback(#[from] crate::admin::NotLoopback),
+}
+
+fn parse_admin_addr(s: &str) -> Result<SocketAddr, AdminAddrError> {
+    let addr: SocketAddr = s.parse().map_err(|source| AdminAddrError::Parse {
+        input: s.to_owned(),
+        source,
+    })?;
+    Ok(crate::admin::check_admin_addr(addr)?)
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
-    proxy::outbound::Outbound,
-    tunnel::{Identities, inbound::Inbound},
+    proxy::{inbound::Inbound, outbound::Outbound},
+    tunnel::Identities,
 };
 
 /// Connections the kernel queues for the shards to accept.
@@ -59,13 +59,13 @@ impl<I: Identities> Shard<I> {
                 {
                     Ok(runtime) => runtime,
                     Err(error) => {
-                        let _ = ready_tx.send(Err(format!("runtime: {error}")));
+                        let _ = ready_tx.send(Err(error).context("cannot build its runtime"));
                         return;
                     }
                 };
                 runtime.block_on(async move {
                     if let Err(error) = self.accept() {
-                        let _ = ready_tx.send(Err(error.to_string()));
+                        let _ = ready_tx.send(Err(error).context("cannot accept"));
                         return;
                     }
                     let _ = ready_tx.send(Ok(()));
@@ -76,7 +76,7 @@ impl<I: Identities> Shard<I> {
         ready_rx
             .recv()
             .with_context(|| format!("{name} stopped while starting"))?
-            .map_err(|error| anyhow::anyhow!("{name}: {error}"))
+            .with_context(|| name.clone())
     }
 
     /// Spawns this shard's accept loops on its runtime.

@@ -22,6 +22,8 @@ pub const TOKEN_AUDIENCE: &str = "ferry-ca";
 pub const CA_PORT: u16 = 15012;
 /// The inbound mTLS tunnel port of every agent.
 pub const TUNNEL_PORT: u16 = 15008;
+/// The tunnel's ALPN protocol: HTTP/2 `CONNECT` streams over TLS.
+pub const TUNNEL_ALPN: &[u8] = b"h2";
 /// The name in the CA's serving certificate, as agents reach it in a cluster.
 pub const DEFAULT_CA_SERVER_NAME: &str = "ferry-ca.ferry-system.svc";
 
@@ -82,6 +84,24 @@ impl SpiffeId {
 
     pub fn service_account(&self) -> &str {
         &self.service_account
+    }
+
+    /// The TLS server name a tunnel client sends to ask for this identity's
+    /// certificate: `<sa>.<ns>.sa.<trust domain>`.
+    pub fn sni(&self) -> String {
+        format!(
+            "{}.{}.sa.{}",
+            self.service_account, self.namespace, self.trust_domain
+        )
+    }
+
+    /// The identity of `trust_domain` that an [`sni`](Self::sni) names. Read
+    /// from the right: a ServiceAccount name may contain dots, a namespace
+    /// may not.
+    pub fn from_sni(sni: &str, trust_domain: &str) -> Option<Self> {
+        let rest = sni.strip_suffix(trust_domain)?.strip_suffix(".sa.")?;
+        let (service_account, namespace) = rest.rsplit_once('.')?;
+        Self::new(trust_domain, namespace, service_account).ok()
     }
 
     /// The Kubernetes username of this ServiceAccount
@@ -163,6 +183,32 @@ mod tests {
         assert_eq!(id.kubernetes_username(), "system:serviceaccount:shop:api");
         let dotted: SpiffeId = "spiffe://td/ns/shop/sa/api.v2".parse().unwrap();
         assert_eq!(dotted.service_account(), "api.v2");
+    }
+
+    #[test]
+    fn sni_round_trips_an_identity() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api".parse().unwrap();
+        assert_eq!(id.sni(), "api.shop.sa.cluster.local");
+        assert_eq!(SpiffeId::from_sni(&id.sni(), "cluster.local"), Some(id));
+        let dotted: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api.v2".parse().unwrap();
+        assert_eq!(
+            SpiffeId::from_sni(&dotted.sni(), "cluster.local"),
+            Some(dotted)
+        );
+    }
+
+    #[test]
+    fn sni_of_another_form_names_no_identity() {
+        for sni in [
+            "example.com",
+            "api.shop.svc.cluster.local",
+            "api.shop.sa",
+            "",
+            "shop.sa.cluster.local",
+            "api.shop.sa.other.domain",
+        ] {
+            assert_eq!(SpiffeId::from_sni(sni, "cluster.local"), None, "{sni}");
+        }
     }
 
     #[test]

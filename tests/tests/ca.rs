@@ -50,7 +50,7 @@ fn certify(
             .build()?;
         runtime.block_on(async move {
             let client = CaClient::new(addr, CA_SERVER_NAME, bundle)?;
-            Ok(client.certify(request).await)
+            Ok(client.certify(request).await.map_err(|e| e.to_string()))
         })
     })
 }

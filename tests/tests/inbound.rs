@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::ensure;
 use bytes::Bytes;
-use ferry_agent::tunnel::tls;
+use ferry_agent::{identity::tls, tunnel::wire::REASON_HEADER};
 use ferry_ca::issuer::{Issuer, LeafPolicy};
 use ferry_proto::SpiffeId;
 use ferry_tests::{
@@ -170,8 +170,8 @@ async fn ask_all(
     cases: &[(&str, Method, String, StatusCode, &str)],
 ) -> anyhow::Result<Vec<(StatusCode, String)>> {
     let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
-    let sni = ServerName::try_from(tls::sni_for(&expected))?;
-    let config = tls::client_config(&provider, certified, roots, expected)?;
+    let sni = ServerName::try_from(expected.sni())?;
+    let config = tls::client_config(&provider, certified, roots, expected.trust_domain())?;
     let tcp = tokio::net::TcpStream::connect(tunnel).await?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(sni, tcp)
@@ -189,7 +189,7 @@ async fn ask_all(
         let response = response.await?;
         let reason = response
             .headers()
-            .get(ferry_agent::tunnel::inbound::REASON_HEADER)
+            .get(REASON_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();

@@ -8,7 +8,9 @@
 //! restarting agent leaves pods captured; the new agent swaps its programs
 //! into the existing links instead of attaching a second copy.
 
+mod keeper;
 mod link;
+pub mod metrics;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,7 +34,9 @@ use ferry_agent_ebpf::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::workload::Workload;
+pub use keeper::{CAPTURE_RETRY, CaptureStatus, CaptureView, keep_captured, node_local_addresses};
+
+use crate::workload::{LocalNode, Workload};
 
 /// The capture programs, compiled by `build.rs` for `bpfel-unknown-none`.
 static CAPTURE_OBJECT: &[u8] =
@@ -93,6 +97,31 @@ pub struct Redirect {
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     pub port: u16,
+}
+
+/// The node has no address to redirect to.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "node {0} has no addresses in the workload source; the agent needs one to receive captured connections"
+)]
+pub struct NoNodeAddress(pub String);
+
+impl Redirect {
+    /// The node's first address of each family, at `port`.
+    pub fn for_node(node: &LocalNode, port: u16) -> Result<Self, NoNodeAddress> {
+        let ipv4 = node.addresses.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        let ipv6 = node.addresses.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        if ipv4.is_none() && ipv6.is_none() {
+            return Err(NoNodeAddress(node.name.clone()));
+        }
+        Ok(Self { ipv4, ipv6, port })
+    }
 }
 
 /// One pod cgroup with Ferry's programs on it.

@@ -9,7 +9,7 @@ use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::Certifier;
+use super::{Certifier, CertifyError};
 
 /// How long a Certify call may take, connection included.
 pub const CA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -49,15 +49,14 @@ impl CaClient {
 }
 
 impl Certifier for CaClient {
-    async fn certify(&self, request: CertifyRequest) -> Result<CertifyResponse, String> {
+    async fn certify(&self, request: CertifyRequest) -> Result<CertifyResponse, CertifyError> {
         let mut client = self.client.clone();
         match client.certify(request).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(format!(
-                "CA refused ({:?}): {}",
-                status.code(),
-                status.message()
-            )),
+            Err(status) => Err(CertifyError {
+                code: status.code(),
+                message: status.message().to_owned(),
+            }),
         }
     }
 }

@@ -12,17 +12,24 @@ use std::{
 use ferry_proto::{SpiffeId, identity::v1::CertifyRequest};
 use rcgen::{CertificateParams, KeyPair, PublicKeyData as _, SanType, string::Ia5String};
 use rustls::{
-    RootCertStore,
+    ClientConfig, RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, UnixTime},
     sign::CertifiedKey,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{Certifier, ca_client::read_roots, identity_of, renewal};
+use super::{
+    CertIdentityError, Certifier, CertifyError,
+    ca_client::read_roots,
+    identity_of,
+    metrics::{CaResult, IdentityMetrics},
+    renewal, tls,
+};
 use crate::{
     backoff::{Backoff, jitter_sample},
-    metrics::{CaResult, Metrics},
+    workload::WorkloadTable,
 };
 
 /// How long one attempt to get a certificate may take.
@@ -38,15 +45,70 @@ pub struct IdentityConfig {
     /// The agent's own ServiceAccount token (audience ferry-ca); re-read at each request.
     pub token_file: PathBuf,
     pub backoff: Backoff,
+    /// The crypto every certificate's TLS configs are built with.
+    pub provider: Arc<CryptoProvider>,
 }
 
-/// A certificate that passed every check, ready for TLS.
+/// Why one attempt to get a certificate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObtainError {
+    #[error("cannot read the agent's token {}: {source}", path.display())]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    UriSan(rcgen::Error),
+    #[error("cannot make a CSR: {0}")]
+    Csr(rcgen::Error),
+    #[error(transparent)]
+    Certify(#[from] CertifyError),
+    #[error("the CA did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    TrustBundle(std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] InvalidCertificate),
+}
+
+/// Why a certificate from the CA was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidCertificate {
+    #[error("the CA's certificate does not parse: {0}")]
+    Parse(webpki::Error),
+    #[error("the CA's certificate does not verify against the trust bundle: {0}")]
+    Untrusted(webpki::Error),
+    #[error(transparent)]
+    Identity(#[from] CertIdentityError),
+    #[error("the CA's certificate is for {presented}, not {expected}")]
+    WrongIdentity {
+        presented: Box<SpiffeId>,
+        expected: Box<SpiffeId>,
+    },
+    #[error(transparent)]
+    X509(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("the CA's certificate is not for this identity's key")]
+    WrongKey,
+    #[error("{0}")]
+    KeyEncoding(&'static str),
+    #[error("the identity's key is not usable for TLS: {0}")]
+    UnusableKey(rustls::Error),
+    #[error("cannot build the tunnel's TLS configs with the certificate: {0}")]
+    TlsConfig(rustls::Error),
+}
+
+/// A certificate that passed every check, with the TLS configs it is used
+/// in, built once when it was accepted.
 #[derive(Debug)]
 pub struct Issued {
     pub identity: SpiffeId,
     pub certified_key: Arc<CertifiedKey>,
     /// The roots peers must chain to, as of this certificate.
     pub roots: Arc<RootCertStore>,
+    /// Dials tunnels as this identity, expecting the identity SNI names.
+    pub client_config: Arc<ClientConfig>,
+    /// Accepts tunnels for this identity, verifying the client's chain.
+    pub server_config: Arc<ServerConfig>,
     pub leaf_pem: String,
     pub serial: String,
     pub issuer: String,
@@ -98,11 +160,11 @@ pub struct CertManager<C> {
     config: IdentityConfig,
     certifier: Arc<C>,
     slots: Mutex<BTreeMap<SpiffeId, Arc<Slot>>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IdentityMetrics>,
 }
 
 impl<C: Certifier> CertManager<C> {
-    pub fn new(config: IdentityConfig, certifier: C, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(config: IdentityConfig, certifier: C, metrics: Arc<IdentityMetrics>) -> Arc<Self> {
         Arc::new(Self {
             config,
             certifier: Arc::new(certifier),
@@ -113,6 +175,25 @@ impl<C: Certifier> CertManager<C> {
 
     pub fn trust_domain(&self) -> &str {
         &self.config.trust_domain
+    }
+
+    /// Keeps the identities in step with the ServiceAccounts of this node's
+    /// meshed pods as the workload table changes.
+    pub fn follow(self: &Arc<Self>, mut tables: watch::Receiver<Arc<WorkloadTable>>) {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let table = tables.borrow_and_update().clone();
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                manager.set_identities(&local_identities(&table, manager.trust_domain()));
+                drop(manager);
+                if tables.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Keeps exactly `wanted` certified: starts the new ones, and drops the
@@ -209,21 +290,19 @@ impl<C: Certifier> CertManager<C> {
     }
 
     /// One attempt: a CSR with this identity's key, `Certify`, and the checks.
-    async fn obtain(&self, identity: &SpiffeId, key: &KeyPair) -> Result<Issued, String> {
-        let token = std::fs::read_to_string(&self.config.token_file).map_err(|e| {
-            format!(
-                "cannot read the agent's token {}: {e}",
-                self.config.token_file.display()
-            )
+    async fn obtain(&self, identity: &SpiffeId, key: &KeyPair) -> Result<Issued, ObtainError> {
+        let token = std::fs::read_to_string(&self.config.token_file).map_err(|source| {
+            ObtainError::Token {
+                path: self.config.token_file.clone(),
+                source,
+            }
         })?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from(identity.to_string()).map_err(|e| e.to_string())?,
+            Ia5String::try_from(identity.to_string()).map_err(ObtainError::UriSan)?,
         )];
-        let csr = params
-            .serialize_request(key)
-            .map_err(|e| format!("cannot make a CSR: {e}"))?;
+        let csr = params.serialize_request(key).map_err(ObtainError::Csr)?;
         let request = CertifyRequest {
             identity: identity.to_string(),
             csr_der: csr.der().to_vec(),
@@ -235,35 +314,52 @@ impl<C: Certifier> CertManager<C> {
             Ok(Err(_)) => CaResult::Error,
             Err(_) => CaResult::Timeout,
         });
-        let response =
-            answer.map_err(|_| format!("the CA did not answer within {CERTIFY_TIMEOUT:?}"))??;
-        let roots = read_roots(&self.config.trust_bundle).map_err(|e| e.to_string())?;
-        validate(
+        let response = answer.map_err(|_| ObtainError::Timeout(CERTIFY_TIMEOUT))??;
+        let roots = read_roots(&self.config.trust_bundle).map_err(ObtainError::TrustBundle)?;
+        Ok(validate(
+            &self.config,
             identity,
             key,
             &response.leaf_der,
             &response.intermediates_der,
             roots,
-        )
+        )?)
     }
 }
 
+/// The identities this node's meshed pods run as.
+fn local_identities(table: &WorkloadTable, trust_domain: &str) -> BTreeSet<SpiffeId> {
+    table
+        .local_meshed()
+        .filter_map(
+            |pod| match SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account) {
+                Ok(identity) => Some(identity),
+                Err(error) => {
+                    tracing::error!(pod = %pod.key(), %error, "pod has no valid identity");
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
 /// Checks a certificate from the CA before anything uses it: it chains to
-/// the trust bundle, carries exactly `identity`, holds our key, and is valid now.
+/// the trust bundle, carries exactly `identity`, holds our key, and is valid
+/// now; then builds the TLS configs it will be used in.
 fn validate(
+    config: &IdentityConfig,
     identity: &SpiffeId,
     key: &KeyPair,
     leaf_der: &[u8],
     intermediates_der: &[Vec<u8>],
     roots: RootCertStore,
-) -> Result<Issued, String> {
+) -> Result<Issued, InvalidCertificate> {
     let leaf = CertificateDer::from(leaf_der.to_vec());
     let intermediates: Vec<CertificateDer<'static>> = intermediates_der
         .iter()
         .map(|der| CertificateDer::from(der.clone()))
         .collect();
-    let end_entity = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| format!("the CA's certificate does not parse: {e}"))?;
+    let end_entity = webpki::EndEntityCert::try_from(&leaf).map_err(InvalidCertificate::Parse)?;
     for usage in [
         webpki::KeyUsage::client_auth(),
         webpki::KeyUsage::server_auth(),
@@ -278,33 +374,54 @@ fn validate(
                 None,
                 None,
             )
-            .map_err(|e| {
-                format!("the CA's certificate does not verify against the trust bundle: {e}")
-            })?;
+            .map_err(InvalidCertificate::Untrusted)?;
     }
     let presented = identity_of(&leaf)?;
     if &presented != identity {
-        return Err(format!(
-            "the CA's certificate is for {presented}, not {identity}"
-        ));
+        return Err(InvalidCertificate::WrongIdentity {
+            presented: Box::new(presented),
+            expected: Box::new(identity.clone()),
+        });
     }
-    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| e.to_string())?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&leaf).map_err(InvalidCertificate::X509)?;
     if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err("the CA's certificate is not for this identity's key".to_owned());
+        return Err(InvalidCertificate::WrongKey);
     }
     let validity = parsed.validity();
     let not_before = system_time(validity.not_before.timestamp());
     let not_after = system_time(validity.not_after.timestamp());
-    let private = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
-    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&private)
-        .map_err(|e| format!("the identity's key is not usable for TLS: {e}"))?;
+    let private =
+        PrivateKeyDer::try_from(key.serialize_der()).map_err(InvalidCertificate::KeyEncoding)?;
+    let signing = config
+        .provider
+        .key_provider
+        .load_private_key(private)
+        .map_err(InvalidCertificate::UnusableKey)?;
     let mut chain = vec![leaf.clone()];
     chain.extend(intermediates);
     let leaf_pem = pem_encode(&leaf);
+    let certified_key = Arc::new(CertifiedKey::new(chain, signing));
+    let roots = Arc::new(roots);
+    let client_config = tls::client_config(
+        &config.provider,
+        Arc::clone(&certified_key),
+        Arc::clone(&roots),
+        &config.trust_domain,
+    )
+    .map_err(InvalidCertificate::TlsConfig)?;
+    let server_config = tls::server_config(
+        &config.provider,
+        Arc::clone(&certified_key),
+        Arc::clone(&roots),
+    )
+    .map_err(InvalidCertificate::TlsConfig)?;
     Ok(Issued {
         identity: identity.clone(),
-        certified_key: Arc::new(CertifiedKey::new(chain, signing)),
-        roots: Arc::new(roots),
+        certified_key,
+        roots,
+        client_config: Arc::new(client_config),
+        server_config: Arc::new(server_config),
         leaf_pem,
         serial: parsed.raw_serial_as_string().replace(':', ""),
         issuer: parsed.issuer().to_string(),
@@ -380,7 +497,7 @@ async fn keep_certified<C: Certifier>(
                 );
                 let mut status = slot.status.lock().expect("cert status lock");
                 status.failures = failures;
-                status.last_error = Some(error);
+                status.last_error = Some(error.to_string());
                 wait
             }
         };
@@ -437,30 +554,39 @@ mod tests {
     }
 
     impl Certifier for Arc<TestCa> {
-        async fn certify(&self, request: CertifyRequest) -> Result<CertifyResponse, String> {
+        async fn certify(&self, request: CertifyRequest) -> Result<CertifyResponse, CertifyError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.called_at
                 .lock()
                 .unwrap()
                 .push(tokio::time::Instant::now());
+            let refused = |code, message: String| CertifyError { code, message };
             if self.down.load(Ordering::SeqCst) {
-                return Err("connection refused".to_owned());
+                return Err(refused(
+                    tonic::Code::Unavailable,
+                    "connection refused".to_owned(),
+                ));
             }
-            let mut identity: SpiffeId = request.identity.parse().map_err(|e| format!("{e}"))?;
+            let invalid =
+                |e: &dyn std::fmt::Display| refused(tonic::Code::InvalidArgument, e.to_string());
+            let mut identity: SpiffeId = request.identity.parse().map_err(|e| invalid(&e))?;
             let checked =
-                ferry_ca::csr::check(&request.csr_der, &identity).map_err(|e| e.to_string())?;
+                ferry_ca::csr::check(&request.csr_der, &identity).map_err(|e| invalid(&e))?;
             if self.wrong_identity.load(Ordering::SeqCst) {
                 identity =
                     SpiffeId::new(identity.trust_domain(), identity.namespace(), "admin").unwrap();
             }
-            let leaf = self.issuer.sign_leaf(
-                &identity,
-                &checked.spki_der,
-                LeafPolicy {
-                    lifetime: LIFETIME,
-                    clock_skew: Duration::ZERO,
-                },
-            )?;
+            let leaf = self
+                .issuer
+                .sign_leaf(
+                    &identity,
+                    &checked.spki_der,
+                    LeafPolicy {
+                        lifetime: LIFETIME,
+                        clock_skew: Duration::ZERO,
+                    },
+                )
+                .map_err(|e| refused(tonic::Code::Internal, e))?;
             self.issued_at
                 .lock()
                 .unwrap()
@@ -477,7 +603,7 @@ mod tests {
     struct Setup {
         ca: Arc<TestCa>,
         manager: Arc<CertManager<Arc<TestCa>>>,
-        metrics: Arc<Metrics>,
+        metrics: crate::metrics::Metrics,
         _dir: TempDir,
     }
 
@@ -512,16 +638,17 @@ mod tests {
             down: AtomicBool::new(false),
             wrong_identity: AtomicBool::new(false),
         });
-        let metrics = Arc::new(Metrics::default());
+        let metrics = crate::metrics::Metrics::default();
         let manager = CertManager::new(
             IdentityConfig {
                 trust_domain: "cluster.local".to_owned(),
                 trust_bundle: written.trust_bundle,
                 token_file: dir.join("token"),
                 backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+                provider: Arc::new(rustls::crypto::ring::default_provider()),
             },
             Arc::clone(&ca),
-            Arc::clone(&metrics),
+            Arc::clone(&metrics.identity),
         );
         Setup {
             ca,
@@ -670,6 +797,56 @@ mod tests {
         assert_eq!(manager.view()[0].consecutive_failures, 0);
     }
 
+    /// A TLS handshake between `client`'s client config, asking for
+    /// `server_name`, and `server`'s server config, over an in-memory pipe.
+    async fn handshake(
+        client: &Issued,
+        server: &Issued,
+        server_name: &str,
+    ) -> Result<(), std::io::Error> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&server.server_config));
+        let accepting = tokio::spawn(async move { acceptor.accept(server_io).await.map(drop) });
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .expect("a valid server name");
+        let connected = tokio_rustls::TlsConnector::from(Arc::clone(&client.client_config))
+            .connect(name, client_io)
+            .await
+            .map(drop);
+        let _ = accepting.await;
+        connected
+    }
+
+    #[tokio::test]
+    async fn a_client_config_accepts_only_the_identity_its_server_name_asks_for() {
+        let Setup { manager, _dir, .. } = setup();
+        manager.set_identities(&[id("api"), id("web")].into());
+        for _ in 0..100 {
+            if manager.not_ready().is_empty() && manager.current(&id("web")).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let api = manager.current(&id("api")).expect("api certified");
+        let web = manager.current(&id("web")).expect("web certified");
+        handshake(&api, &web, &id("web").sni())
+            .await
+            .expect("the identity the server name asks for is accepted");
+        let other = handshake(&api, &web, &id("db").sni())
+            .await
+            .expect_err("a server presenting web for a request for db is refused")
+            .to_string();
+        assert!(
+            other.contains("peer presented spiffe://cluster.local/ns/shop/sa/web, expected spiffe://cluster.local/ns/shop/sa/db"),
+            "{other}"
+        );
+        let name = handshake(&api, &web, "web.example.com")
+            .await
+            .expect_err("a server name that names no identity is refused")
+            .to_string();
+        assert!(name.contains("names no workload identity"), "{name}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn refuses_a_certificate_for_another_identity() {
         let Setup {
@@ -733,13 +910,15 @@ mod tests {
             .unwrap();
         let roots = read_roots(Path::new(&manager.config.trust_bundle)).unwrap();
         let error = validate(
+            &manager.config,
             &id("api"),
             &key,
             &leaf.der,
             &[other.ca.issuer.cert_der.to_vec()],
             roots,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             error.contains("does not verify against the trust bundle"),
             "{error}"

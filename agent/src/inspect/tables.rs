@@ -117,7 +117,8 @@ pub fn connections_table(connections: &[ConnectionInfo], now_unix: u64) -> Strin
     }
     let rows: Vec<Vec<String>> = connections
         .iter()
-        .map(|c| {
+        .map(|connection| {
+            let c = &connection.meta;
             // The identity at the other end of the tunnel, as this agent knows it.
             let peer = if c.route == Route::InboundTunnel {
                 &c.source_identity
@@ -131,9 +132,9 @@ pub fn connections_table(connections: &[ConnectionInfo], now_unix: u64) -> Strin
                 or_dash(c.destination_pod.as_deref()),
                 route_name(c.route),
                 or_dash(peer.as_deref()),
-                bytes(c.bytes_sent),
-                bytes(c.bytes_received),
-                duration(now_unix.saturating_sub(c.opened_at_unix_ms / 1000)),
+                bytes(connection.bytes_sent),
+                bytes(connection.bytes_received),
+                duration(now_unix.saturating_sub(connection.opened_at_unix_ms / 1000)),
             ]
         })
         .collect();

@@ -1,8 +1,10 @@
 //! The live connections the agent carries, for `/config_dump` and
-//! `/connections`, and the connection metrics they update.
+//! `/connections`, the connection metrics they update, and the access-log
+//! line each writes when it ends.
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -18,13 +20,26 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::metrics::{ConnectionCounters, Metrics};
+use super::metrics::{ConnectionCounters, ProxyMetrics};
 
 /// One proxied connection, as an operator sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionInfo {
     pub id: u64,
+    pub opened_at_unix_ms: u64,
+    #[serde(flatten)]
+    pub meta: ConnectionMeta,
+    /// Bytes the client (the application that dialled) sent so far.
+    pub bytes_sent: u64,
+    /// Bytes the client received so far.
+    pub bytes_received: u64,
+}
+
+/// What the proxy knows of a connection when it starts carrying it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionMeta {
     /// `namespace/name` of the pod that dialled.
     pub source_pod: Option<String>,
     pub source: SocketAddr,
@@ -41,11 +56,6 @@ pub struct ConnectionInfo {
     pub destination_identity: Option<String>,
     /// How the agent carries it.
     pub route: Route,
-    pub opened_at_unix_ms: u64,
-    /// Bytes the client (the application that dialled) sent so far.
-    pub bytes_sent: u64,
-    /// Bytes the client received so far.
-    pub bytes_received: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,18 +75,20 @@ pub enum Route {
 pub struct Connections {
     next_id: AtomicU64,
     live: Mutex<BTreeMap<u64, Arc<Live>>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
 }
 
 /// One live connection: what it is and what it has moved so far.
 struct Live {
-    info: ConnectionInfo,
+    id: u64,
+    opened_at_unix_ms: u64,
+    meta: ConnectionMeta,
     sent: AtomicU64,
     received: AtomicU64,
 }
 
 impl Connections {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
         Self {
             next_id: AtomicU64::new(0),
             live: Mutex::default(),
@@ -84,21 +96,21 @@ impl Connections {
         }
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &ProxyMetrics {
         &self.metrics
     }
 
     /// Records a connection and counts it opened; it is forgotten (and no
     /// longer active) when the returned guard drops.
-    pub fn open(self: &Arc<Self>, mut info: ConnectionInfo) -> Tracked {
-        info.id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        info.opened_at_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let id = info.id;
-        let counters = self.metrics.connection_opened(info.route);
+    pub fn open(self: &Arc<Self>, meta: ConnectionMeta) -> Tracked {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let counters = self.metrics.connection_opened(meta.route);
         let live = Arc::new(Live {
-            info,
+            id,
+            opened_at_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            meta,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
@@ -120,9 +132,11 @@ impl Connections {
             .expect("connections lock")
             .values()
             .map(|live| ConnectionInfo {
+                id: live.id,
+                opened_at_unix_ms: live.opened_at_unix_ms,
+                meta: live.meta.clone(),
                 bytes_sent: live.sent.load(Ordering::Relaxed),
                 bytes_received: live.received.load(Ordering::Relaxed),
-                ..live.info.clone()
             })
             .collect()
     }
@@ -151,6 +165,20 @@ impl Tracked {
     /// was dialled): what is read from it the client received.
     pub fn server_end<S>(&self, stream: S) -> Counted<S> {
         self.counted(stream, false)
+    }
+
+    /// Waits for `relay` to end and writes the connection's one access-log
+    /// line at `info` (in the caller's span): its bytes each way, or the
+    /// error that reset it. The connection stops being listed here.
+    pub async fn finish(self, relay: impl Future<Output = io::Result<(u64, u64)>>) {
+        match relay.await {
+            Ok(_) => tracing::info!(
+                sent = self.live.sent.load(Ordering::Relaxed),
+                received = self.live.received.load(Ordering::Relaxed),
+                "connection closed"
+            ),
+            Err(error) => tracing::info!(%error, "connection reset"),
+        }
     }
 
     fn counted<S>(&self, inner: S, reads_are_sent: bool) -> Counted<S> {
@@ -263,9 +291,8 @@ mod tests {
 
     use super::*;
 
-    fn info(route: Route) -> ConnectionInfo {
-        ConnectionInfo {
-            id: 0,
+    fn meta(route: Route) -> ConnectionMeta {
+        ConnectionMeta {
             source_pod: Some("shop/web-0".to_owned()),
             source: "198.18.1.2:40000".parse().unwrap(),
             original_dst: "198.18.2.2:80".parse().unwrap(),
@@ -273,17 +300,14 @@ mod tests {
             source_identity: None,
             destination_identity: None,
             route,
-            opened_at_unix_ms: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
         }
     }
 
     #[tokio::test]
     async fn a_relay_end_counts_each_way_into_the_connection_and_the_metrics() {
-        let metrics = Arc::new(Metrics::default());
-        let connections = Arc::new(Connections::new(Arc::clone(&metrics)));
-        let tracked = connections.open(info(Route::Passthrough));
+        let metrics = crate::metrics::Metrics::default();
+        let connections = Arc::new(Connections::new(Arc::clone(&metrics.proxy)));
+        let tracked = connections.open(meta(Route::Passthrough));
         let (client_app, agent_side) = tokio::io::duplex(1024);
         let mut client_end = tracked.client_end(agent_side);
         let mut client_app = client_app;

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ferry_proto::{SpiffeId, TUNNEL_PORT};
 
+use super::Refused;
 use crate::{tunnel::pool::PoolKey, workload::WorkloadTable};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,24 @@ impl Decision {
             | Self::Tunnel { target, .. } => *target,
         }
     }
+
+    /// The identity the connection is sent with, if it is meshed.
+    pub fn source_identity(&self) -> Option<&SpiffeId> {
+        match self {
+            Self::Passthrough { .. } => None,
+            Self::Direct { source, .. } => Some(source),
+            Self::Tunnel { key, .. } => Some(&key.source),
+        }
+    }
+
+    /// The identity the destination must prove, if it is meshed.
+    pub fn destination_identity(&self) -> Option<&SpiffeId> {
+        match self {
+            Self::Passthrough { .. } => None,
+            Self::Direct { destination, .. } => Some(destination),
+            Self::Tunnel { key, .. } => Some(&key.destination),
+        }
+    }
 }
 
 /// Decides for a connection from `source` to `dialled`. `trust_domain` is
@@ -49,16 +68,15 @@ pub fn decide(
     dialled: SocketAddr,
     trust_domain: Option<&str>,
     choose: &mut dyn FnMut(&[SocketAddr]) -> usize,
-) -> Result<Decision, String> {
+) -> Result<Decision, Refused> {
     let target = match table.service_by_ip(dialled.ip()) {
         None => dialled,
         Some(service) => {
             let Some(port) = service.target_port(dialled.port()) else {
-                return Err(format!(
-                    "Service {} has no port {}",
-                    service.key(),
-                    dialled.port()
-                ));
+                return Err(Refused::NoServicePort {
+                    service: service.key(),
+                    port: dialled.port(),
+                });
             };
             let candidates: Vec<SocketAddr> = table
                 .endpoints(service, dialled.ip())
@@ -66,7 +84,7 @@ pub fn decide(
                 .map(|(_, ip)| SocketAddr::new(*ip, port))
                 .collect();
             if candidates.is_empty() {
-                return Err(format!("Service {} has no endpoints", service.key()));
+                return Err(Refused::NoEndpoints(service.key()));
             }
             candidates[choose(&candidates).min(candidates.len() - 1)]
         }
@@ -80,18 +98,13 @@ pub fn decide(
     let Some(client) = table.by_ip(source) else {
         // Captured, so it came from a meshed pod; if the table does not know
         // it yet, there is no identity to send it with.
-        return Err(format!("source {source} is not a known pod"));
+        return Err(Refused::UnknownSource(source));
     };
     let identity = |namespace: &str, service_account: &str| {
         SpiffeId::new(trust_domain, namespace, service_account)
     };
-    let (source_id, destination_id) = match (
-        identity(&client.namespace, &client.service_account),
-        identity(&destination.namespace, &destination.service_account),
-    ) {
-        (Ok(s), Ok(d)) => (s, d),
-        (Err(e), _) | (_, Err(e)) => return Err(e.to_string()),
-    };
+    let source_id = identity(&client.namespace, &client.service_account)?;
+    let destination_id = identity(&destination.namespace, &destination.service_account)?;
     let pod = destination.key();
     if destination.node == table.node.name {
         table.authorize(&source_id, destination)?;
@@ -103,10 +116,10 @@ pub fn decide(
         });
     }
     let Some(agent) = table.node_address(&destination.node, target.ip()) else {
-        return Err(format!(
-            "pod {pod} runs on node {}, whose address is unknown",
-            destination.node
-        ));
+        return Err(Refused::UnknownNode {
+            pod,
+            node: destination.node.clone(),
+        });
     };
     Ok(Decision::Tunnel {
         key: PoolKey {
@@ -185,7 +198,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
             &mut first,
         );
         assert!(
-            matches!(unknown_port, Err(ref r) if r.contains("no port 81")),
+            matches!(unknown_port, Err(ref r) if r.to_string().contains("no port 81")),
             "{unknown_port:?}"
         );
     }
@@ -240,7 +253,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
         );
         // shop/api's policy allows nobody.
         assert!(
-            matches!(decision, Err(ref reason) if reason.contains("policy for shop/api")),
+            matches!(decision, Err(ref reason) if reason.to_string().contains("policy for shop/api")),
             "{decision:?}"
         );
         let decision = decide(

@@ -1,54 +1,51 @@
-//! The outbound side of the tunnel: dial another agent with the source
+//! The client end of the tunnel: dial another agent with the source
 //! identity's certificate, then open one `CONNECT` stream per application
 //! connection on a pooled connection.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{Method, Request, StatusCode};
-use rustls::{crypto::CryptoProvider, pki_types::ServerName};
+use http::StatusCode;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
     Identities,
-    inbound::REASON_HEADER,
-    pool::{Checkout, Dial, Pool, PoolError, PoolKey},
+    pool::{Checkout, Dial, DialError, Pool, PoolError, PoolKey},
     stream::TunnelStream,
-    tls,
+    wire,
 };
 
 /// Dials tunnel connections: TCP to the destination agent, then TLS with the
-/// source's certificate, expecting the destination's identity.
+/// source's certificate, expecting the destination's identity (named in SNI).
 pub struct TlsDialer<I> {
     pub identities: Arc<I>,
-    pub provider: Arc<CryptoProvider>,
 }
 
 impl<I: Identities> Dial for TlsDialer<I> {
     type Io = TlsStream<TcpStream>;
 
-    async fn dial(&self, key: &PoolKey) -> Result<Self::Io, String> {
+    async fn dial(&self, key: &PoolKey) -> Result<Self::Io, DialError> {
         let issued = self
             .identities
             .current(&key.source)
-            .ok_or_else(|| format!("no certificate yet for {}", key.source))?;
-        let config = tls::client_config(
-            &self.provider,
-            Arc::clone(&issued.certified_key),
-            Arc::clone(&issued.roots),
-            key.destination.clone(),
-        )
-        .map_err(|e| format!("TLS client config: {e}"))?;
-        let sni = ServerName::try_from(tls::sni_for(&key.destination))
-            .map_err(|e| format!("SNI for {}: {e}", key.destination))?;
+            .ok_or_else(|| DialError::NoCertificate(key.source.clone()))?;
+        let sni = ServerName::try_from(key.destination.sni())
+            .map_err(|_| DialError::ServerName(key.destination.clone()))?;
         let tcp = TcpStream::connect(key.address)
             .await
-            .map_err(|e| format!("connect to {}: {e}", key.address))?;
+            .map_err(|source| DialError::Connect {
+                address: key.address,
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
-        TlsConnector::from(Arc::new(config))
+        TlsConnector::from(Arc::clone(&issued.client_config))
             .connect(sni, tcp)
             .await
-            .map_err(|e| format!("TLS handshake with {}: {e}", key.address))
+            .map_err(|source| DialError::Tls {
+                address: key.address,
+                source,
+            })
     }
 }
 
@@ -56,8 +53,11 @@ impl<I: Identities> Dial for TlsDialer<I> {
 pub enum OpenError {
     #[error(transparent)]
     Pool(#[from] PoolError),
-    #[error("tunnel stream to {target} failed: {error}")]
-    Stream { target: SocketAddr, error: String },
+    #[error("tunnel stream to {target} failed: {source}")]
+    Stream {
+        target: SocketAddr,
+        source: h2::Error,
+    },
     #[error("peer agent refused {target}: {status} {reason}")]
     Refused {
         target: SocketAddr,
@@ -78,13 +78,8 @@ pub async fn open<D: Dial>(
     loop {
         attempts += 1;
         let checkout = pool.checkout(key).await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(())
-            .expect("a CONNECT to an address is a valid request");
         let sent = match checkout.send.clone().ready().await {
-            Ok(mut send) => send.send_request(request, false),
+            Ok(mut send) => send.send_request(wire::connect_request(target), false),
             Err(error) => Err(error),
         };
         let (response, send_stream) = match sent {
@@ -94,29 +89,19 @@ pub async fn open<D: Dial>(
                 checkout.broken();
                 continue;
             }
-            Err(error) => {
+            Err(source) => {
                 checkout.broken();
-                return Err(OpenError::Stream {
-                    target,
-                    error: error.to_string(),
-                });
+                return Err(OpenError::Stream { target, source });
             }
         };
-        let response = response.await.map_err(|error| OpenError::Stream {
-            target,
-            error: error.to_string(),
-        })?;
+        let response = response
+            .await
+            .map_err(|source| OpenError::Stream { target, source })?;
         if response.status() != StatusCode::OK {
-            let reason = response
-                .headers()
-                .get(REASON_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
             return Err(OpenError::Refused {
                 target,
                 status: response.status(),
-                reason,
+                reason: wire::refusal_reason(&response),
             });
         }
         let stream = TunnelStream::new(send_stream, response.into_body());

@@ -1,12 +1,17 @@
-//! The mTLS tunnel between agents: HTTP/2 `CONNECT` streams (the HBONE
-//! convention, port 15008) over TLS 1.3 with client certificates, pooled per
-//! (source identity, destination identity, destination agent).
+//! The mTLS tunnel between agents, as it is on the wire: HTTP/2 `CONNECT`
+//! streams (the HBONE convention, port 15008) over TLS 1.3 with client
+//! certificates, pooled per (source identity, destination identity,
+//! destination agent). [`client`] dials and opens streams, [`server`]
+//! accepts connections, [`pool`] keeps the client's connections,
+//! [`stream`] is one stream as the relay uses it, [`wire`] holds the
+//! conventions both ends share. Deciding what to carry is the proxy's job.
 
 pub mod client;
-pub mod inbound;
+pub mod metrics;
 pub mod pool;
+pub mod server;
 pub mod stream;
-pub mod tls;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -15,8 +20,8 @@ use ferry_proto::SpiffeId;
 use crate::identity::{CertManager, Certifier, Issued};
 
 /// What the tunnel needs from the certificate manager: a local identity's
-/// current certificate, key and roots. Read at each handshake, so renewals
-/// reach new connections without disturbing live ones.
+/// current certificate with its ready TLS configs. Read at each handshake,
+/// so renewals reach new connections without disturbing live ones.
 pub trait Identities: Send + Sync + 'static {
     fn current(&self, identity: &SpiffeId) -> Option<Arc<Issued>>;
 }

@@ -27,10 +27,11 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{
-    backoff::{Backoff, jitter_sample},
-    metrics::{Metrics, PoolClose, PoolTotals, Side},
+use super::{
+    metrics::{PoolClose, PoolTotals, Side, TunnelMetrics},
+    wire,
 };
+use crate::backoff::{Backoff, jitter_sample};
 
 /// What one pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -64,9 +65,6 @@ pub struct PoolConfig {
     pub dial_timeout: Duration,
     /// Delay before a key whose dial failed is dialled again.
     pub backoff: Backoff,
-    /// HTTP/2 windows: large enough that one stream can fill a fast link.
-    pub stream_window: u32,
-    pub connection_window: u32,
 }
 
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 100;
@@ -83,8 +81,6 @@ impl Default for PoolConfig {
             keepalive_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(10),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
-            stream_window: 4 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
         }
     }
 }
@@ -93,36 +89,69 @@ impl Default for PoolConfig {
 /// with the source's certificate, checking the destination's identity.
 pub trait Dial: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn dial(&self, key: &PoolKey) -> impl Future<Output = Result<Self::Io, String>> + Send;
+    fn dial(&self, key: &PoolKey) -> impl Future<Output = Result<Self::Io, DialError>> + Send;
+}
+
+/// Why a key could not get a new connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("no certificate yet for {0}")]
+    NoCertificate(SpiffeId),
+    #[error("{0} has no valid TLS server name")]
+    ServerName(SpiffeId),
+    #[error("connect to {address}: {source}")]
+    Connect {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {address}: {source}")]
+    Tls {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 handshake: {0}")]
+    Http2(h2::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the dial was abandoned")]
+    Abandoned,
+    /// A new connection closed before it carried a stream: as good as a failed dial.
+    #[error("the peer closed a new connection: {0}")]
+    ClosedNew(String),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("tunnel to {key} failed: {error}")]
-    Dial { key: String, error: String },
+    Dial { key: String, error: Arc<DialError> },
+    #[error("tunnel to {key} failed: {vanished} new connections closed before carrying a stream")]
+    Vanished { key: String, vanished: usize },
     #[error("tunnel to {key} is backing off for {remaining:?} after: {last_error}")]
     BackingOff {
         key: String,
         remaining: Duration,
-        last_error: String,
+        last_error: Arc<DialError>,
     },
 }
+
+/// How the dial a caller waited on ended.
+type DialOutcome = Result<(), Arc<DialError>>;
 
 pub struct Pool<D: Dial> {
     config: PoolConfig,
     dialer: D,
     keys: Mutex<HashMap<PoolKey, KeyState>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<TunnelMetrics>,
 }
 
 #[derive(Default)]
 struct KeyState {
     connections: Vec<Connection>,
     /// Set while a dial for this key is in flight; callers wait on it.
-    dialing: Option<watch::Receiver<Option<Result<(), String>>>>,
+    dialing: Option<watch::Receiver<Option<DialOutcome>>>,
     failures: u32,
     retry_at: Option<Instant>,
-    last_error: Option<String>,
+    last_error: Option<Arc<DialError>>,
 }
 
 struct Connection {
@@ -214,7 +243,7 @@ pub struct ConnectionView {
 
 impl<D: Dial> Pool<D> {
     /// Creates the pool and its idle reaper, which ends when the pool is dropped.
-    pub fn new(config: PoolConfig, dialer: D, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(config: PoolConfig, dialer: D, metrics: Arc<TunnelMetrics>) -> Arc<Self> {
         let pool = Arc::new(Self {
             config,
             dialer,
@@ -250,13 +279,14 @@ impl<D: Dial> Pool<D> {
                         connection: connection.id,
                     });
                 }
-                if let Some(retry_at) = state.retry_at {
+                // A key backs off only after a failure, so both are set.
+                if let (Some(retry_at), Some(last_error)) = (state.retry_at, &state.last_error) {
                     let now = Instant::now();
                     if now < retry_at && state.dialing.is_none() {
                         return Err(PoolError::BackingOff {
                             key: key.to_string(),
                             remaining: retry_at - now,
-                            last_error: state.last_error.clone().unwrap_or_default(),
+                            last_error: Arc::clone(last_error),
                         });
                     }
                 }
@@ -274,7 +304,7 @@ impl<D: Dial> Pool<D> {
             };
             let outcome = match dial.wait_for(Option::is_some).await {
                 Ok(outcome) => outcome.clone().expect("waited for Some"),
-                Err(_) => Err("the dial was abandoned".to_owned()),
+                Err(_) => Err(Arc::new(DialError::Abandoned)),
             };
             if let Err(error) = outcome {
                 return Err(PoolError::Dial {
@@ -291,22 +321,20 @@ impl<D: Dial> Pool<D> {
             if gone {
                 vanished += 1;
                 if vanished >= MAX_DIAL_ROUNDS {
-                    return Err(PoolError::Dial {
+                    return Err(PoolError::Vanished {
                         key: key.to_string(),
-                        error: format!(
-                            "{vanished} new connections closed before carrying a stream"
-                        ),
+                        vanished,
                     });
                 }
             }
         }
     }
 
-    async fn dial(self: Arc<Self>, key: PoolKey, done: watch::Sender<Option<Result<(), String>>>) {
+    async fn dial(self: Arc<Self>, key: PoolKey, done: watch::Sender<Option<DialOutcome>>) {
         let outcome = match tokio::time::timeout(self.config.dial_timeout, self.connect(&key)).await
         {
             Ok(outcome) => outcome,
-            Err(_) => Err(format!("timed out after {:?}", self.config.dial_timeout)),
+            Err(_) => Err(DialError::Timeout(self.config.dial_timeout)),
         };
         let reported = {
             let mut keys = self.keys.lock().expect("pool lock");
@@ -326,17 +354,15 @@ impl<D: Dial> Pool<D> {
                     state.failures = 0;
                     state.retry_at = None;
                     state.last_error = None;
-                    self.metrics.tunnel_handshake(Side::Client, true);
+                    self.metrics.handshake(Side::Client, true);
                     self.metrics.pool_connection_opened();
                     tracing::info!(%key, connection = id, "tunnel connection open");
                     Ok(())
                 }
                 Err(error) => {
-                    state.failures = state.failures.saturating_add(1);
-                    let delay = self.config.backoff.delay(state.failures, jitter_sample());
-                    state.retry_at = Some(Instant::now() + delay);
-                    state.last_error = Some(error.clone());
-                    self.metrics.tunnel_handshake(Side::Client, false);
+                    let error = Arc::new(error);
+                    let delay = self.back_off(state, Arc::clone(&error));
+                    self.metrics.handshake(Side::Client, false);
                     tracing::warn!(%key, %error, retry_in = ?delay, "tunnel dial failed");
                     Err(error)
                 }
@@ -347,16 +373,19 @@ impl<D: Dial> Pool<D> {
 
     /// TLS through the dialer, then the HTTP/2 handshake; spawns the task that
     /// drives the connection and pings the peer.
-    async fn connect(self: &Arc<Self>, key: &PoolKey) -> Result<(u64, SendRequest<Bytes>), String> {
+    async fn connect(
+        self: &Arc<Self>,
+        key: &PoolKey,
+    ) -> Result<(u64, SendRequest<Bytes>), DialError> {
         let io = self.dialer.dial(key).await?;
         let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window)
-            .max_frame_size(64 * 1024)
-            .max_concurrent_reset_streams(1024)
+            .initial_window_size(wire::STREAM_WINDOW)
+            .initial_connection_window_size(wire::CONNECTION_WINDOW)
+            .max_frame_size(wire::MAX_FRAME_SIZE)
+            .max_concurrent_reset_streams(wire::MAX_CONCURRENT_RESET_STREAMS)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            .map_err(DialError::Http2)?;
         let id = NEXT_CONNECTION_ID.fetch_add(1, relaxed()) + 1;
         let mut ping_pong = connection.ping_pong().expect("ping_pong is taken once");
         let pool = Arc::downgrade(self);
@@ -393,11 +422,17 @@ impl<D: Dial> Pool<D> {
         self.metrics.pool_connection_closed(close);
         if removed.served == 0 {
             // Closed before it carried anything: as good as a failed dial.
-            state.failures = state.failures.saturating_add(1);
-            let delay = self.config.backoff.delay(state.failures, jitter_sample());
-            state.retry_at = Some(Instant::now() + delay);
-            state.last_error = Some(format!("the peer closed a new connection: {why}"));
+            self.back_off(state, Arc::new(DialError::ClosedNew(why.to_owned())));
         }
+    }
+
+    /// Counts a failure against the key and schedules its next dial; returns the delay.
+    fn back_off(&self, state: &mut KeyState, error: Arc<DialError>) -> Duration {
+        state.failures = state.failures.saturating_add(1);
+        let delay = self.config.backoff.delay(state.failures, jitter_sample());
+        state.retry_at = Some(Instant::now() + delay);
+        state.last_error = Some(error);
+        delay
     }
 
     /// Closes connections idle past the timeout; forgets keys with nothing left.
@@ -447,7 +482,7 @@ impl<D: Dial> Pool<D> {
                     .collect(),
                 dialing: state.dialing.is_some(),
                 failures: state.failures,
-                last_error: state.last_error.clone(),
+                last_error: state.last_error.as_ref().map(ToString::to_string),
                 retry_in_ms: state
                     .retry_at
                     .filter(|at| *at > now)
@@ -550,7 +585,7 @@ mod tests {
     impl Dial for Arc<PipeDialer> {
         type Io = DuplexStream;
 
-        async fn dial(&self, _: &PoolKey) -> Result<DuplexStream, String> {
+        async fn dial(&self, key: &PoolKey) -> Result<DuplexStream, DialError> {
             self.dials.fetch_add(1, Ordering::SeqCst);
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -558,7 +593,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
-                return Err("connection refused".to_owned());
+                return Err(DialError::Connect {
+                    address: key.address,
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                });
             }
             let (client, server) = tokio::io::duplex(64 * 1024);
             let goaway = self.goaway.load(Ordering::SeqCst);
@@ -727,7 +765,7 @@ mod tests {
     #[tokio::test]
     async fn the_shards_pools_show_as_one_with_distinct_connection_ids() {
         let dialer = Arc::new(PipeDialer::default());
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(TunnelMetrics::default());
         let shards = [
             Pool::new(config(), Arc::clone(&dialer), Arc::clone(&metrics)),
             Pool::new(config(), Arc::clone(&dialer), Arc::clone(&metrics)),

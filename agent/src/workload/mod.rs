@@ -120,6 +120,17 @@ impl Service {
     }
 }
 
+/// A policy governs the destination and allows no identity the source has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy for {destination} allows {allowed:?}; {identity} is not among them")]
+pub struct PolicyDenied {
+    /// `namespace/serviceAccount` of the destination.
+    pub destination: String,
+    pub allowed: Vec<String>,
+    /// The source's identity.
+    pub identity: SpiffeId,
+}
+
 impl WorkloadTable {
     /// Indexes a snapshot: the one constructor every source goes through.
     /// Where two workloads claim one IP (a pod that is going away and the new
@@ -198,7 +209,7 @@ impl WorkloadTable {
     /// Whether `source` may connect to `destination`: if a policy governs the
     /// destination, `source` must be allowed by one; otherwise any identity
     /// of the trust domain may.
-    pub fn authorize(&self, source: &SpiffeId, destination: &Workload) -> Result<(), String> {
+    pub fn authorize(&self, source: &SpiffeId, destination: &Workload) -> Result<(), PolicyDenied> {
         let governing: Vec<&file::PolicySpec> = self
             .policies
             .iter()
@@ -207,14 +218,11 @@ impl WorkloadTable {
         if governing.is_empty() || governing.iter().any(|p| p.allows(source)) {
             return Ok(());
         }
-        let allowed: Vec<&str> = governing
-            .iter()
-            .flat_map(|p| p.allow.iter().map(String::as_str))
-            .collect();
-        Err(format!(
-            "policy for {}/{} allows {allowed:?}; {source} is not among them",
-            destination.namespace, destination.service_account
-        ))
+        Err(PolicyDenied {
+            destination: format!("{}/{}", destination.namespace, destination.service_account),
+            allowed: governing.iter().flat_map(|p| p.allow.clone()).collect(),
+            identity: source.clone(),
+        })
     }
 
     /// Builds the table `node` sees from a checked workload file.
@@ -361,7 +369,8 @@ pods:
         );
         let denied = table
             .authorize(&id("spiffe://cluster.local/ns/shop/sa/b"), &c)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(denied.contains("policy for shop/c"), "{denied}");
         // No policy names shop/a: anyone of the trust domain may connect.
         assert!(

@@ -1,16 +1,18 @@
-//! TLS for the tunnel: TLS 1.3 only, client certificates always, and the
-//! peer's SPIFFE identity checked on both sides.
+//! The TLS configs a workload certificate is used in: TLS 1.3 only, client
+//! certificates always, and the peer's SPIFFE identity checked on both sides.
+//! The certificate manager builds both configs when it accepts a certificate,
+//! so dialers and acceptors only ever pick up a ready one.
 //!
-//! The client names the identity it expects in SNI
-//! (`<sa>.<ns>.sa.<trust domain>`), so the server can pick that
-//! ServiceAccount's certificate, and then refuses any server chain that does
-//! not end in the trust bundle *and* carry exactly that identity. The server
-//! verifies the client chain against the same bundle and reads the client's
-//! identity from it for authorization.
+//! The client names the identity it expects in SNI ([`SpiffeId::sni`]), so
+//! the server can pick that ServiceAccount's certificate; the client then
+//! refuses any server chain that does not end in the trust bundle *and*
+//! carry exactly the identity its SNI names. The server verifies the client
+//! chain against the same bundle and reads the client's identity from it
+//! for authorization.
 
 use std::{fmt, sync::Arc};
 
-use ferry_proto::SpiffeId;
+use ferry_proto::{SpiffeId, TUNNEL_ALPN};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
     RootCertStore, ServerConfig, SignatureScheme,
@@ -24,39 +26,18 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-/// ALPN of the tunnel: HTTP/2 only.
-pub const ALPN_H2: &[u8] = b"h2";
+use super::identity_of;
 
-/// The SNI a client sends to ask for `identity`'s certificate.
-pub fn sni_for(identity: &SpiffeId) -> String {
-    format!(
-        "{}.{}.sa.{}",
-        identity.service_account(),
-        identity.namespace(),
-        identity.trust_domain()
-    )
-}
-
-/// The identity of `trust_domain` an SNI of [`sni_for`]'s form asks for.
-/// Read from the right: a ServiceAccount name may contain dots, a namespace
-/// may not.
-pub fn identity_from_sni(sni: &str, trust_domain: &str) -> Option<SpiffeId> {
-    let rest = sni.strip_suffix(trust_domain)?.strip_suffix(".sa.")?;
-    let (service_account, namespace) = rest.rsplit_once('.')?;
-    SpiffeId::new(trust_domain, namespace, service_account).ok()
-}
-
-pub use crate::identity::identity_of;
-
-/// Client side: our certificate for `source`, and a verifier that wants `expected`.
+/// Client side: our certificate, and a verifier that wants the identity of
+/// `trust_domain` the connection's server name (SNI) names.
 pub fn client_config(
     provider: &Arc<CryptoProvider>,
     certified: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
-    expected: SpiffeId,
+    trust_domain: &str,
 ) -> Result<ClientConfig, Error> {
     let verifier = ExpectIdentity {
-        expected,
+        trust_domain: trust_domain.to_owned(),
         roots,
         provider: Arc::clone(provider),
     };
@@ -65,7 +46,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(FixedKey(certified)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     // Session resumption would skip the client's certificate on the wire but
     // not its check; it is not worth a ticket store per key yet.
     config.resumption = rustls::client::Resumption::disabled();
@@ -85,7 +66,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(FixedKey(certified)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     config.send_tls13_tickets = 0;
     Ok(config)
 }
@@ -111,42 +92,65 @@ impl ResolvesServerCert for FixedKey {
 }
 
 /// Accepts a server chain only if it ends in the trust bundle and carries
-/// exactly the expected SPIFFE id. The DNS name in SNI is not checked: it
-/// encodes the identity, which is checked instead.
+/// exactly the SPIFFE id the server name asks for. The server name is not
+/// checked as a DNS name: it encodes the identity, which is checked instead.
 #[derive(Debug)]
 struct ExpectIdentity {
-    expected: SpiffeId,
+    trust_domain: String,
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
 }
 
-#[derive(Debug)]
-struct WrongIdentity {
-    expected: SpiffeId,
-    presented: String,
+enum WrongIdentity {
+    /// The chain is for another identity than the one asked for.
+    Presented {
+        expected: SpiffeId,
+        presented: String,
+    },
+    /// The server name asks for no identity of the trust domain.
+    ServerName(String),
 }
 
 impl fmt::Display for WrongIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "peer presented {}, expected {}",
-            self.presented, self.expected
-        )
+        match self {
+            Self::Presented {
+                expected,
+                presented,
+            } => write!(f, "peer presented {presented}, expected {expected}"),
+            Self::ServerName(name) => {
+                write!(f, "server name {name:?} names no workload identity")
+            }
+        }
+    }
+}
+
+/// rustls shows the error with `Debug` ("invalid peer certificate: Other(…)"):
+/// the sentence reads better in the logs than the fields.
+impl fmt::Debug for WrongIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
 impl std::error::Error for WrongIdentity {}
+
+fn wrong_identity(wrong: WrongIdentity) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(wrong))))
+}
 
 impl ServerCertVerifier for ExpectIdentity {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        let name = server_name.to_str();
+        let expected = SpiffeId::from_sni(&name, &self.trust_domain)
+            .ok_or_else(|| wrong_identity(WrongIdentity::ServerName(name.into_owned())))?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -156,14 +160,12 @@ impl ServerCertVerifier for ExpectIdentity {
             self.provider.signature_verification_algorithms.all,
         )?;
         let presented = identity_of(end_entity);
-        if presented.as_ref() != Ok(&self.expected) {
-            let presented = presented.map_or_else(|e| e, |id| id.to_string());
-            return Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(WrongIdentity {
-                    expected: self.expected.clone(),
-                    presented,
-                })),
-            )));
+        if presented.as_ref().ok() != Some(&expected) {
+            let presented = presented.map_or_else(|e| e.to_string(), |id| id.to_string());
+            return Err(wrong_identity(WrongIdentity::Presented {
+                expected,
+                presented,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -204,36 +206,5 @@ impl ServerCertVerifier for ExpectIdentity {
 
     fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
         None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sni_round_trips_an_identity() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api".parse().unwrap();
-        assert_eq!(sni_for(&id), "api.shop.sa.cluster.local");
-        assert_eq!(identity_from_sni(&sni_for(&id), "cluster.local"), Some(id));
-        let dotted: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api.v2".parse().unwrap();
-        assert_eq!(
-            identity_from_sni(&sni_for(&dotted), "cluster.local"),
-            Some(dotted)
-        );
-    }
-
-    #[test]
-    fn sni_of_another_form_names_no_identity() {
-        for sni in [
-            "example.com",
-            "api.shop.svc.cluster.local",
-            "api.shop.sa",
-            "",
-            "shop.sa.cluster.local",
-            "api.shop.sa.other.domain",
-        ] {
-            assert_eq!(identity_from_sni(sni, "cluster.local"), None, "{sni}");
-        }
     }
 }

@@ -1,0 +1,200 @@
+//! The inbound proxy (port 15008): other agents open mTLS connections here
+//! and ask, one HTTP/2 `CONNECT` per application connection, to be
+//! connected to a pod on this node.
+//!
+//! Nothing here is an open relay: a `CONNECT` is honoured only for a meshed
+//! pod on this node, running as the identity whose certificate this end
+//! presented, and allowed by policy to hear from the client's verified
+//! identity. Every refusal is an HTTP status with a reason, a log line and a
+//! counter.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use ferry_proto::SpiffeId;
+use h2::server::SendResponse;
+use http::{Method, Request, Response};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
+
+use super::{
+    Error, ProxyInputs, Refused,
+    connections::{ConnectionMeta, Route},
+    metrics::Direction,
+    relay, upstream,
+};
+use crate::tunnel::{
+    Identities,
+    server::{Accepted, Server},
+    stream::TunnelStream,
+    wire,
+};
+
+pub struct Inbound<I> {
+    /// This node's name: only its pods are served.
+    pub node: String,
+    pub inputs: ProxyInputs,
+    pub server: Server<I>,
+}
+
+/// Who asked, over which tunnel connection: the same for each of its streams.
+#[derive(Clone)]
+struct Peer {
+    /// The identity the client's certificate proved.
+    client: SpiffeId,
+    /// The local identity this end presented.
+    local: SpiffeId,
+    /// The client agent's address.
+    address: SocketAddr,
+}
+
+impl<I: Identities> Inbound<I> {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        super::accept_forever(listener, "inbound tunnel", move |stream, peer| {
+            let this = Arc::clone(&self);
+            let span = tracing::info_span!("inbound", peer = %peer);
+            async move { this.serve_connection(stream, peer).await }.instrument(span)
+        })
+        .await;
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
+        let Accepted {
+            client,
+            local,
+            mut connection,
+        } = match self.server.accept(stream).await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "inbound tunnel connection refused");
+                return;
+            }
+        };
+        tracing::info!(client = %client, server = %local, "tunnel connection accepted");
+        let peer = Peer {
+            client,
+            local,
+            address,
+        };
+        while let Some(accepted) = connection.accept().await {
+            let (request, respond) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::info!(%error, client = %peer.client, "tunnel connection ended");
+                    return;
+                }
+            };
+            let this = Arc::clone(&self);
+            let peer = peer.clone();
+            tokio::spawn(async move { this.serve_stream(request, respond, peer).await });
+        }
+        tracing::debug!(client = %peer.client, "tunnel connection closed");
+    }
+
+    async fn serve_stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: Peer,
+    ) {
+        let (address, pod) = match self.admit(&request, &peer) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                self.inputs
+                    .connections
+                    .metrics()
+                    .inbound_refused(refused.inbound_reason());
+                tracing::warn!(
+                    client = %peer.client,
+                    authority = ?request.uri().authority().map(|a| a.as_str()),
+                    status = refused.status().as_u16(),
+                    reason = %refused,
+                    "tunnel request refused"
+                );
+                let refusal = wire::refusal(refused.status(), &refused.to_string());
+                let _ = respond.send_response(refusal, true);
+                return;
+            }
+        };
+        let span = tracing::info_span!("inbound", src.identity = %peer.client, dst.pod = %pod, dst.addr = %address);
+        async move {
+            let socket = match upstream::connect(address).await {
+                Ok(socket) => socket,
+                Err(error) => return self.upstream_failed(respond, &error),
+            };
+            let send = match respond.send_response(Response::new(()), false) {
+                Ok(send) => send,
+                Err(error) => {
+                    tracing::info!(%error, "client went away before the tunnel opened");
+                    return;
+                }
+            };
+            let tracked = self.inputs.connections.open(ConnectionMeta {
+                source_pod: None,
+                source: peer.address,
+                original_dst: address,
+                destination_pod: Some(pod),
+                source_identity: Some(peer.client.to_string()),
+                destination_identity: Some(peer.local.to_string()),
+                route: Route::InboundTunnel,
+            });
+            tracing::debug!(connection = tracked.id(), "tunnel stream accepted");
+            let tunnel = TunnelStream::new(send, request.into_body());
+            let relayed = relay::relay_tunnel(tracked.server_end(socket), tunnel);
+            tracked.finish(relayed).await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// The pod address (and `namespace/name`) a `CONNECT` may reach, or why not.
+    fn admit(
+        &self,
+        request: &Request<h2::RecvStream>,
+        peer: &Peer,
+    ) -> Result<(SocketAddr, String), Refused> {
+        if request.method() != Method::CONNECT {
+            return Err(Refused::Method(request.method().clone()));
+        }
+        let authority = request.uri().authority().ok_or(Refused::NoAuthority)?;
+        let address: SocketAddr = authority
+            .as_str()
+            .parse()
+            .map_err(|_| Refused::BadAuthority(authority.to_string()))?;
+        let table = self.inputs.workloads.borrow().clone();
+        let pod = table
+            .by_ip(address.ip())
+            .ok_or(Refused::NoPod(address.ip()))?;
+        if pod.node != self.node {
+            return Err(Refused::NotLocal {
+                pod: pod.key(),
+                node: pod.node.clone(),
+                local: self.node.clone(),
+            });
+        }
+        if !pod.meshed {
+            return Err(Refused::NotMeshed(pod.key()));
+        }
+        let local = &peer.local;
+        let runs_as = SpiffeId::new(local.trust_domain(), &pod.namespace, &pod.service_account)?;
+        if &runs_as != local {
+            return Err(Refused::WrongIdentity {
+                pod: pod.key(),
+                runs_as: Box::new(runs_as),
+                local: Box::new(local.clone()),
+            });
+        }
+        table.authorize(&peer.client, pod)?;
+        Ok((address, pod.key()))
+    }
+
+    /// The client's agent learns why (and resets its application's socket).
+    fn upstream_failed(&self, mut respond: SendResponse<Bytes>, error: &Error) {
+        self.inputs
+            .connections
+            .metrics()
+            .connection_failed(Direction::Inbound, error.reason());
+        tracing::warn!(%error, "cannot reach the destination pod");
+        let _ = respond.send_response(wire::refusal(error.status(), &error.to_string()), true);
+    }
+}

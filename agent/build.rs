@@ -1,8 +1,15 @@
 //! Builds the eBPF capture programs (`agent-ebpf`) for `bpfel-unknown-none`
 //! with aya-build and leaves the object in `OUT_DIR` for `include_bytes_aligned!`.
 //! A machine without the eBPF toolchain fails here, saying how to get it.
+//! The eBPF build's own output is shown only when it fails.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    fs::File,
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -18,9 +25,51 @@ fn main() -> anyhow::Result<()> {
         root_dir: ebpf_dir,
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::default()).with_context(|| {
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR is not set")?);
+    quietly(&out_dir.join("aya-build.stdout"), || {
+        aya_build::build_ebpf([package], aya_build::Toolchain::default())
+    })?
+    .with_context(|| {
         format!("building agent-ebpf failed (if the toolchain is incomplete, {SETUP_HINT})")
     })
+}
+
+/// Runs `build` with this script's stdout captured in `capture`, then passes
+/// cargo's directives on. aya-build forwards every line of the eBPF build
+/// (cargo's progress, the compiler's messages) as `cargo:warning=`, which
+/// cargo would print on every build of ferry-agent; those lines are passed
+/// on only if the build failed, so a good build is quiet and a failed one
+/// shows everything.
+fn quietly<T>(
+    capture: &Path,
+    build: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<anyhow::Result<T>> {
+    const STDOUT: i32 = 1;
+    let file =
+        File::create(capture).with_context(|| format!("cannot create {}", capture.display()))?;
+    std::io::stdout().flush()?;
+    // SAFETY: plain descriptor calls on descriptors this process owns; the
+    // duplicate of the real stdout is restored and closed below.
+    let saved = unsafe { libc::dup(STDOUT) };
+    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), STDOUT) } < 0 {
+        bail!("cannot redirect the eBPF build's output");
+    }
+    let result = build();
+    let _ = std::io::stdout().flush();
+    // SAFETY: as above; `saved` is the real stdout duplicated before.
+    unsafe {
+        libc::dup2(saved, STDOUT);
+        libc::close(saved);
+    }
+    let captured = std::fs::read_to_string(capture)
+        .with_context(|| format!("cannot read {}", capture.display()))?;
+    for line in captured.lines() {
+        let warning = line.starts_with("cargo:warning=") || line.starts_with("cargo::warning=");
+        if !warning || result.is_err() {
+            println!("{line}");
+        }
+    }
+    Ok(result)
 }
 
 /// bpf-linker on PATH and the nightly toolchain's `rust-src` (for `-Z build-std=core`).

@@ -56,7 +56,7 @@ pub fn setup() -> Result<()> {
     let started = Instant::now();
     ensure_root()?;
     ensure_debian_packages()?;
-    ensure_rust_src()?;
+    ensure_rust_components()?;
     ensure_bpf_linker()?;
     ensure_kubernetes_validate()?;
     ensure_bpffs()?;
@@ -135,30 +135,47 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
         .collect())
 }
 
-/// agent-ebpf is built with `-Z build-std=core`, which needs the library sources.
-fn ensure_rust_src() -> Result<()> {
-    cmd::step("checking the nightly toolchain's rust-src component");
+/// agent-ebpf is built with `-Z build-std=core`, which needs the library
+/// sources; `cargo xtask test` checks formatting and lints with the default
+/// toolchain's rustfmt and clippy.
+fn ensure_rust_components() -> Result<()> {
+    ensure_component("nightly", "rust-src")?;
+    ensure_component("stable", "rustfmt")?;
+    ensure_component("stable", "clippy")
+}
+
+fn ensure_component(toolchain: &str, component: &str) -> Result<()> {
+    cmd::step(&format!(
+        "checking the {toolchain} toolchain's {component} component"
+    ));
     let installed = cmd::output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        toolchain,
         "--installed",
     ]))
-    .context(
-        "cannot list the nightly toolchain's components: Ferry's eBPF programs build with nightly; \
-             install it with `rustup toolchain install nightly`",
-    )?;
+    .with_context(|| {
+        format!(
+            "cannot list the {toolchain} toolchain's components: Ferry builds with stable, and its \
+             eBPF programs with nightly; install it with `rustup toolchain install {toolchain}`"
+        )
+    })?;
+    let prefix = format!("{component}-");
     if installed
         .lines()
-        .any(|line| line == "rust-src" || line.starts_with("rust-src-"))
+        .any(|line| line == component || line.starts_with(&prefix))
     {
         cmd::note("installed");
         return Ok(());
     }
     cmd::note("missing");
-    cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .context("cannot add rust-src to the nightly toolchain: check access to static.rust-lang.org, then rerun")
+    cmd::run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))
+        .with_context(|| {
+            format!(
+                "cannot add {component} to the {toolchain} toolchain: check access to static.rust-lang.org, then rerun"
+            )
+        })
 }
 
 fn ensure_bpf_linker() -> Result<()> {

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the one command that says whether the workspace is
-//! good: setup, format check, build, `cargo test --workspace`, with leak
-//! checks around the suite because the end-to-end tests change the machine.
+//! good: setup, format check, clippy, build, `cargo test --workspace`, with
+//! leak checks around the suite because the end-to-end tests change the machine.
 
 use std::process::Command;
 
@@ -12,6 +12,7 @@ use crate::{cmd, leaks, setup, workspace};
 pub fn test(cargo_test_args: &[String]) -> Result<()> {
     setup::setup()?;
     check_formatting()?;
+    check_lints()?;
     workspace::build_binaries()?;
     leaks::remove_stale()?;
     let suite = run_suite(cargo_test_args);
@@ -27,6 +28,22 @@ fn check_formatting() -> Result<()> {
     cmd::step("checking formatting");
     cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))
         .context("the code is not formatted: run `cargo fmt --all`, then rerun")
+}
+
+/// Clippy on every target, warnings as errors: a lint is fixed when it
+/// appears, not collected.
+fn check_lints() -> Result<()> {
+    cmd::step("checking lints");
+    cmd::run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found problems: see its output above, fix them, then rerun")
 }
 
 /// The whole suite, unit and end-to-end tests, with backtraces on panics.

@@ -9,7 +9,6 @@ pub mod cgroup;
 pub mod http;
 pub mod inspect;
 pub mod kube_api;
-mod leftovers;
 pub mod netns;
 mod process;
 mod sim;
@@ -21,12 +20,15 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-pub use leftovers::{clean_leftovers, leftovers};
+/// What a test run may leave on the machine, found the way `cargo xtask
+/// test` finds it.
+pub use ferry_leftovers as leftovers;
 pub use process::Proc;
 pub use sim::{Agent, CgroupDriver, Cluster, Node, NodeId, Pod, PodId, PodOptions};
 
 /// The bpffs directory under which agents pin, in `<root>/<node name>/`:
-/// the agent's default, so pins of tests and of a manual run look alike.
+/// the agent's default, so pins of tests and of a manual run look alike
+/// (and where the leftover finder looks; a test below checks they agree).
 pub const BPFFS_ROOT: &str = ferry_agent::cli::DEFAULT_BPFFS_ROOT;
 
 /// The path of a workspace binary built in the same profile as the running
@@ -49,4 +51,12 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_leftover_finder_looks_where_agents_pin() {
+        assert_eq!(super::BPFFS_ROOT, ferry_leftovers::BPF_PINS);
+    }
 }

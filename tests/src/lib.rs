@@ -24,7 +24,9 @@ use anyhow::{Context as _, bail};
 /// test` finds it.
 pub use ferry_leftovers as leftovers;
 pub use process::Proc;
-pub use sim::{Agent, CgroupDriver, Cluster, Node, NodeId, Pod, PodId, PodOptions};
+pub use sim::{
+    Agent, AgentBuilder, AgentCa, CgroupDriver, Cluster, Node, NodeId, Pod, PodId, PodOptions,
+};
 
 /// The bpffs directory under which agents pin, in `<root>/<node name>/`:
 /// the agent's default, so pins of tests and of a manual run look alike

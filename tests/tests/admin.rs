@@ -38,8 +38,8 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let ca = cluster.start_ca()?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let _a2 = cluster.agent(n2).ca(&ca).start()?;
     let testapp = bin_path("ferry-testapp")?;
     let agent = bin_path("ferry-agent")?;
     let agent = agent.to_str().context("agent path is not UTF-8")?;

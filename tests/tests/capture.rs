@@ -148,7 +148,7 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
 
     for family in [Family::V4, Family::V6] {
         let before = captured_total(&cluster, n1)?;
@@ -237,7 +237,7 @@ fn unmeshed_pods_and_udp_are_not_redirected() -> anyhow::Result<()> {
     let meshed = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let plain = cluster.add_pod(n1, PodOptions::unmeshed("legacy", "legacy", "legacy"))?;
     let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "legacy", "server"))?;
-    let _agent = cluster.start_agent(n1)?;
+    let _agent = cluster.agent(n1).start()?;
 
     let to = pod_addr(&cluster, server, Family::V4, PORT);
     let before = captured_total(&cluster, n1)?;
@@ -304,7 +304,7 @@ fn excluded_ports_go_around_the_agent() -> anyhow::Result<()> {
         PodOptions::meshed("client", "shop", "client").excluding_ports(&[EXCLUDED]),
     )?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let _agent = cluster.start_agent(n1)?;
+    let _agent = cluster.agent(n1).start()?;
 
     let client_ip = IpAddr::from(cluster.pod(client).ipv4);
     let excluded = pod_addr(&cluster, server, Family::V4, EXCLUDED);
@@ -330,7 +330,7 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let mut agent = cluster.start_agent(n1)?;
+    let mut agent = cluster.agent(n1).start()?;
 
     let loaded = loaded_programs()?;
     for program in PROGRAMS {
@@ -403,7 +403,7 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
         .status()?;
     ensure!(created.success(), "bpftool could not pin {retired_path}");
 
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
     ensure!(
         !retired.exists(),
         "the restarted agent left the retired map {retired_path} pinned"
@@ -431,7 +431,7 @@ fn a_pod_removed_from_the_workloads_is_released() -> anyhow::Result<()> {
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "legacy", "server"))?;
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
     let cgroup = cluster.pod(client).cgroup.clone();
     ensure!(programs_on(&cgroup)? == expected_programs());
     let links = agent.pin_dir.join("links");
@@ -585,7 +585,7 @@ fn the_log_filter_changes_at_runtime_through_the_admin_endpoint() -> anyhow::Res
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
     let (status, body) = cluster.admin_get(n1, "/logging")?;
     ensure!(status == 200 && body.trim() == "info", "{status} {body}");
 
@@ -653,14 +653,14 @@ fn worker_threads_bound_the_agents_runtime() -> anyhow::Result<()> {
         }
         Ok(count)
     };
-    let default = cluster.start_agent(n1)?;
+    let default = cluster.agent(n1).start()?;
     let cpus = std::thread::available_parallelism()?.get();
     ensure!(
         workers(&default)? == cpus,
         "by default one shard per CPU ({cpus}), found {}",
         workers(&default)?
     );
-    let one = cluster.start_agent_with(n2, &["--worker-threads", "1"])?;
+    let one = cluster.agent(n2).worker_threads(1).start()?;
     ensure!(
         workers(&one)? == 1,
         "--worker-threads 1 gave {} shards",

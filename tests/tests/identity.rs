@@ -42,7 +42,7 @@ fn the_agent_gets_a_verified_24h_certificate_per_local_service_account() -> anyh
     cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let ca = cluster.start_ca()?;
     // Ready means: every local identity has a valid certificate.
-    let _agent = cluster.start_agent_with_ca(n1, &ca)?;
+    let _agent = cluster.agent(n1).ca(&ca).start()?;
 
     let certs = certs_of(&cluster, n1)?;
     let identities: Vec<&str> = certs

@@ -32,8 +32,8 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
     let cache = cluster.add_pod(n2, PodOptions::meshed("cache-0", "shop", "cache"))?;
     let legacy = cluster.add_pod(n2, PodOptions::unmeshed("old-0", "legacy", "old"))?;
     let ca = cluster.start_ca()?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let _a2 = cluster.agent(n2).ca(&ca).start()?;
     let testapp = bin_path("ferry-testapp")?;
     let listen = pod_addr(&cluster, db, Family::V4, PORT).to_string();
     let mut serve = cluster.spawn_in_pod(db, &testapp, &["serve", "--listen", &listen])?;

@@ -107,7 +107,7 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     api.apply(namespace("shop", false));
     api.apply(pod(&cluster, web));
     api.apply(pod(&cluster, old));
-    let mut agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+    let mut agent = cluster.agent(n1).kubernetes(&kubeconfig).start()?;
 
     // The agent says where it learns the workloads.
     let config = &admin_json(&cluster, n1, "/config_dump")?["config"];
@@ -133,7 +133,7 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     // instead of detaching pods it has not heard of yet and attaching anew.
     let before = link_ids(&agent, &cluster, web)?;
     agent.kill9();
-    let agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+    let agent = cluster.agent(n1).kubernetes(&kubeconfig).start()?;
     ensure!(
         link_ids(&agent, &cluster, web)? == before,
         "the restarted agent made new links for the web pod"
@@ -203,8 +203,8 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
         kubernetes: true,
         ..CaOptions::default()
     })?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let _a2 = cluster.agent(n2).ca(&ca).start()?;
     let api = ca.api.as_ref().context("no stand-in API server")?;
     for pod in [client, db0, db1] {
         ensure!(captured(&cluster, pod)?, "{}", cluster.pod(pod).name);

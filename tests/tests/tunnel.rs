@@ -28,13 +28,15 @@ struct TwoNodes {
 }
 
 fn two_nodes(name: &str) -> anyhow::Result<TwoNodes> {
-    two_nodes_with(name, &ferry_tests::ca::CaOptions::default(), &[])
+    two_nodes_with(name, &ferry_tests::ca::CaOptions::default(), None)
 }
 
+/// Two nodes with a CA of `ca_options`, their agents' pools closing idle
+/// connections after `pool_idle_timeout` (the agent's default if `None`).
 fn two_nodes_with(
     name: &str,
     ca_options: &ferry_tests::ca::CaOptions,
-    agent_args: &[&str],
+    pool_idle_timeout: Option<Duration>,
 ) -> anyhow::Result<TwoNodes> {
     let mut cluster = Cluster::new(name)?;
     let n1 = cluster.add_node()?;
@@ -43,8 +45,14 @@ fn two_nodes_with(
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let neighbour = cluster.add_pod(n1, PodOptions::meshed("cache-0", "shop", "cache"))?;
     let ca = cluster.start_ca_with(ca_options)?;
-    let a1 = cluster.start_agent_with_ca_and(n1, &ca, agent_args)?;
-    let a2 = cluster.start_agent_with_ca_and(n2, &ca, agent_args)?;
+    let mut agents = Vec::new();
+    for node in [n1, n2] {
+        let mut agent = cluster.agent(node).ca(&ca);
+        if let Some(idle) = pool_idle_timeout {
+            agent = agent.pool_idle_timeout(idle);
+        }
+        agents.push(agent.start()?);
+    }
     Ok(TwoNodes {
         cluster,
         n1,
@@ -52,7 +60,7 @@ fn two_nodes_with(
         client,
         server,
         neighbour,
-        agents: vec![a1, a2],
+        agents,
         _ca: ca,
     })
 }
@@ -168,7 +176,7 @@ fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> 
     let mut t = two_nodes_with(
         "tunnel-pool",
         &ferry_tests::ca::CaOptions::default(),
-        &["--pool-idle-timeout", "2"],
+        Some(Duration::from_secs(2)),
     )?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
     let _serve = start_server(&mut t.cluster, t.server, to, "1024")?;
@@ -218,7 +226,7 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
         clock_skew: Some("0s".to_owned()),
         ..Default::default()
     };
-    let mut t = two_nodes_with("tunnel-rotation", &options, &[])?;
+    let mut t = two_nodes_with("tunnel-rotation", &options, None)?;
     let serial = |cluster: &Cluster, node: NodeId| -> anyhow::Result<String> {
         let certs = admin_json(cluster, node, "/certs")?;
         certs[0]["serial"]
@@ -380,8 +388,8 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
         endpoints: vec!["db-0".to_owned(), "db-1".to_owned()],
     }]);
     let ca = cluster.start_ca()?;
-    let a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let a1 = cluster.agent(n1).ca(&ca).start()?;
+    let a2 = cluster.agent(n2).ca(&ca).start()?;
     let testapp = bin_path("ferry-testapp")?;
     let mut servers = Vec::new();
     for pod in [db0, db1] {
@@ -489,8 +497,8 @@ fn strict_pods_refuse_plaintext_from_off_the_node_and_permissive_ones_count_it()
     let permissive = cluster.add_pod(n2, PodOptions::meshed("cache-0", "open", "cache"))?;
     cluster.set_strict("shop");
     let ca = cluster.start_ca()?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let a2 = cluster.agent(n2).ca(&ca).start()?;
     let strict_to = pod_addr(&cluster, strict, Family::V4, PORT);
     let permissive_to = pod_addr(&cluster, permissive, Family::V4, PORT);
     let _s1 = start_server(&mut cluster, strict, strict_to, "1")?;

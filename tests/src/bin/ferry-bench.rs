@@ -321,10 +321,9 @@ impl Bench {
         let mesh_server = cluster.add_pod(n2, PodOptions::meshed("mesh-s", "mesh", "server"))?;
         let mesh_local = cluster.add_pod(n1, PodOptions::meshed("mesh-l", "mesh", "server"))?;
         let ca = cluster.start_ca()?;
-        let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agents = vec![
-            cluster.start_agent_with_ca_and(n1, &ca, &agent_args)?,
-            cluster.start_agent_with_ca_and(n2, &ca, &agent_args)?,
+            cluster.agent(n1).ca(&ca).args(agent_args).start()?,
+            cluster.agent(n2).ca(&ca).args(agent_args).start()?,
         ];
         let load = bin_path("ferry-load")?;
         let listen = format!("0.0.0.0:{SERVER_PORT}");

@@ -103,8 +103,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let ca = cluster.start_ca()?;
     say(&format!("ferry-ca serves Certify at {}", ca.addr));
     let agents = vec![
-        cluster.start_agent_with_ca(n1, &ca)?,
-        cluster.start_agent_with_ca(n2, &ca)?,
+        cluster.agent(n1).ca(&ca).start()?,
+        cluster.agent(n2).ca(&ca).start()?,
     ];
     say("both agents are ready: their pods are captured and certified");
 

@@ -1,6 +1,7 @@
-//! The nodes' agents: starting `ferry-agent run` on a node (with the
-//! workload file or the Kubernetes source) and waiting until it is ready,
-//! and its admin endpoint, which the tests read the way an operator does.
+//! The nodes' agents: one builder ([`Cluster::agent`]) that starts
+//! `ferry-agent run` on a node, with the workload file or the Kubernetes
+//! source, with or without a CA, and waits until it is ready; and the
+//! agent's admin endpoint, which the tests read the way an operator does.
 
 use std::{
     net::SocketAddr,
@@ -14,7 +15,7 @@ use anyhow::{Context as _, bail};
 use super::{Cluster, NodeId};
 use crate::{BPFFS_ROOT, bin_path, http, netns, process::Proc};
 
-/// How long [`Cluster::start_agent`] waits for `/healthz/ready`.
+/// How long [`AgentBuilder::start`] waits for `/healthz/ready`.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 const AGENT_READY_POLL: Duration = Duration::from_millis(100);
 
@@ -34,65 +35,41 @@ impl Agent {
     }
 }
 
+/// A CA an agent gets its certificates from; the tests' is
+/// [`CaFixture`](crate::ca::CaFixture).
+pub trait AgentCa {
+    /// The `ferry-agent run` arguments that point the agent of node `node`
+    /// at this CA; files they name (the agent's token) are written into `dir`.
+    fn agent_args(&self, node: &str, dir: &Path) -> anyhow::Result<Vec<String>>;
+
+    /// The kubeconfig of the API server this CA runs against, if it runs as
+    /// in a cluster: its agents then learn their workloads there too.
+    fn api_server(&self) -> Option<PathBuf>;
+}
+
+/// How the agent of one node is to be started; made by [`Cluster::agent`],
+/// started by [`start`](Self::start).
+#[must_use = "the agent starts only with .start()"]
+pub struct AgentBuilder<'a> {
+    cluster: &'a mut Cluster,
+    node: NodeId,
+    kubeconfig: Option<PathBuf>,
+    ca: Option<&'a dyn AgentCa>,
+    args: Vec<String>,
+}
+
 impl Cluster {
-    /// Writes the workload file, starts `ferry-agent run` for the node in its
-    /// namespace, and waits until `/healthz/ready` answers 200.
-    pub fn start_agent(&mut self, node: NodeId) -> anyhow::Result<Agent> {
-        self.start_agent_with(node, &[])
-    }
-
-    /// [`start_agent`](Self::start_agent) with more arguments for `ferry-agent run`.
-    pub fn start_agent_with(&mut self, node: NodeId, extra: &[&str]) -> anyhow::Result<Agent> {
-        let workloads = self.write_workloads()?;
-        let workloads = workloads.to_string_lossy().into_owned();
-        let source = ["--workloads", &workloads];
-        self.launch_agent(node, &source, extra)
-    }
-
-    /// Starts the node's agent with the Kubernetes workload source: the API
-    /// server named in `kubeconfig`, the node's addresses on the command line
-    /// and its pods' cgroups found under [`node_cgroup_root`](Self::node_cgroup_root).
-    pub fn start_agent_kubernetes(
-        &mut self,
-        node: NodeId,
-        kubeconfig: &Path,
-        extra: &[&str],
-    ) -> anyhow::Result<Agent> {
-        let host = &self.nodes[node.0];
-        let addresses = format!("{},{}", host.ipv4, host.ipv6);
-        let root = self.node_cgroup_root(node).to_string_lossy().into_owned();
-        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
-        let source = [
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-address",
-            &addresses,
-            "--cgroup-root",
-            &root,
-        ];
-        self.launch_agent(node, &source, extra)
-    }
-
-    fn launch_agent(
-        &mut self,
-        node: NodeId,
-        source: &[&str],
-        extra: &[&str],
-    ) -> anyhow::Result<Agent> {
-        let agent_bin = bin_path("ferry-agent")?;
-        let name = self.nodes[node.0].name.clone();
-        let args = ["run", "--node", &name, "--bpffs-root", BPFFS_ROOT];
-        let args: Vec<&str> = args.iter().chain(source).chain(extra).copied().collect();
-        let proc = self.spawn_on_node(node, &agent_bin, &args)?;
-        let mut agent = Agent {
-            proc,
+    /// The agent of `node`, to be started with [`AgentBuilder::start`]. By
+    /// default it reads the workload file and has no CA (so it has no
+    /// identities and carries every connection as passthrough).
+    pub fn agent(&mut self, node: NodeId) -> AgentBuilder<'_> {
+        AgentBuilder {
+            cluster: self,
             node,
-            pin_dir: self.nodes[node.0].pin_dir(),
-        };
-        self.wait_ready(&mut agent)
-            .with_context(|| format!("the agent of node {name} did not become ready"))?;
-        Ok(agent)
+            kubeconfig: None,
+            ca: None,
+            args: Vec::new(),
+        }
     }
 
     fn wait_ready(&self, agent: &mut Agent) -> anyhow::Result<()> {
@@ -121,18 +98,119 @@ impl Cluster {
 
     /// POSTs to `path` (no body) on the agent's admin endpoint; returns the status code and body.
     pub fn admin_post(&self, node: NodeId, path: &str) -> anyhow::Result<(u16, String)> {
-        let addr: SocketAddr = ferry_agent::cli::DEFAULT_ADMIN_ADDR.parse()?;
-        let node = &self.nodes[node.0];
-        netns::in_netns(&node.netns, || http::request(addr, "POST", path))
-            .with_context(|| format!("admin endpoint of node {}", node.name))
+        self.admin_request(node, "POST", path)
     }
 
     /// GETs `path` from the agent's admin endpoint (127.0.0.1:15000 in the
     /// node's namespace); returns the status code and body.
     pub fn admin_get(&self, node: NodeId, path: &str) -> anyhow::Result<(u16, String)> {
+        self.admin_request(node, "GET", path)
+    }
+
+    fn admin_request(
+        &self,
+        node: NodeId,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<(u16, String)> {
         let addr: SocketAddr = ferry_agent::cli::DEFAULT_ADMIN_ADDR.parse()?;
         let node = &self.nodes[node.0];
-        netns::in_netns(&node.netns, || http::get(addr, path))
+        netns::in_netns(&node.netns, || http::request(addr, method, path))
             .with_context(|| format!("admin endpoint of node {}", node.name))
     }
+}
+
+impl<'a> AgentBuilder<'a> {
+    /// Learn the workloads from the API server named in `kubeconfig`
+    /// instead of the workload file: the node's addresses go on the command
+    /// line, and its pods' cgroups are found under
+    /// [`node_cgroup_root`](Cluster::node_cgroup_root).
+    pub fn kubernetes(mut self, kubeconfig: &Path) -> Self {
+        self.kubeconfig = Some(kubeconfig.to_owned());
+        self
+    }
+
+    /// Get certificates from `ca`, with a token for this node's agent. A CA
+    /// that runs against an API server makes the agent use it too, unless
+    /// [`kubernetes`](Self::kubernetes) names another.
+    pub fn ca(mut self, ca: &'a dyn AgentCa) -> Self {
+        self.ca = Some(ca);
+        self
+    }
+
+    /// `--worker-threads`: how many shards (threads) the data plane runs on.
+    pub fn worker_threads(self, threads: usize) -> Self {
+        self.args(&["--worker-threads".to_owned(), threads.to_string()])
+    }
+
+    /// `--pool-idle-timeout`, in whole seconds: when the pool closes an idle
+    /// TLS connection.
+    pub fn pool_idle_timeout(self, idle: Duration) -> Self {
+        self.args(&["--pool-idle-timeout".to_owned(), idle.as_secs().to_string()])
+    }
+
+    /// More `ferry-agent run` arguments, as they are: for flags no test
+    /// varies often enough to deserve a setter.
+    pub fn args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.args
+            .extend(args.iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    /// Writes what the agent reads (the workload file, unless it uses the
+    /// Kubernetes source; its CA token), starts `ferry-agent run` in the
+    /// node's namespace, and waits until `/healthz/ready` answers 200.
+    pub fn start(self) -> anyhow::Result<Agent> {
+        let Self {
+            cluster,
+            node,
+            kubeconfig,
+            ca,
+            args: extra,
+        } = self;
+        let agent_bin = bin_path("ferry-agent")?;
+        let host = cluster.node(node).clone();
+        let mut args: Vec<String> = vec![
+            "run".to_owned(),
+            "--node".to_owned(),
+            host.name.clone(),
+            "--bpffs-root".to_owned(),
+            BPFFS_ROOT.to_owned(),
+        ];
+        match kubeconfig.or_else(|| ca.and_then(AgentCa::api_server)) {
+            None => {
+                let workloads = cluster.write_workloads()?;
+                args.extend(["--workloads".to_owned(), path_arg(&workloads)]);
+            }
+            Some(kubeconfig) => args.extend([
+                "--kubernetes".to_owned(),
+                "--kubeconfig".to_owned(),
+                path_arg(&kubeconfig),
+                "--node-address".to_owned(),
+                format!("{},{}", host.ipv4, host.ipv6),
+                "--cgroup-root".to_owned(),
+                path_arg(&cluster.node_cgroup_root(node)),
+            ]),
+        }
+        if let Some(ca) = ca {
+            args.extend(ca.agent_args(&host.name, cluster.tempdir())?);
+        }
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = cluster.spawn_on_node(node, &agent_bin, &args)?;
+        let mut agent = Agent {
+            proc,
+            node,
+            pin_dir: host.pin_dir(),
+        };
+        cluster
+            .wait_ready(&mut agent)
+            .with_context(|| format!("the agent of node {} did not become ready", host.name))?;
+        Ok(agent)
+    }
+}
+
+/// A path as a command-line argument.
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
 }

@@ -35,7 +35,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-pub use agent::Agent;
+pub use agent::{Agent, AgentBuilder, AgentCa};
 pub(crate) use topology::pod_address;
 pub use topology::{CgroupDriver, FABRIC_SERVICE_V4, Node, NodeId, Pod, PodId, PodOptions};
 

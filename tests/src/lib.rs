@@ -16,7 +16,7 @@ pub mod stream;
 pub mod testapp;
 pub mod wire;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 
@@ -32,6 +32,16 @@ pub use sim::{
 /// the agent's default, so pins of tests and of a manual run look alike
 /// (and where the leftover finder looks; a test below checks they agree).
 pub const BPFFS_ROOT: &str = ferry_agent::cli::DEFAULT_BPFFS_ROOT;
+
+/// The port the tests' servers (`ferry-testapp serve`) listen on; a test
+/// with more servers in one pod uses the ports after it.
+pub const PORT: u16 = 8080;
+/// How long a test waits for a workload or an agent to do what it should
+/// before it fails: generous, for slow machines running debug builds that
+/// carry 64 MiB through TLS; a hang still fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+/// A mebibyte, for byte counts.
+pub const MIB: u64 = 1 << 20;
 
 /// The path of a workspace binary built in the same profile as the running
 /// executable (`target/<profile>/<name>`, found from a test binary in

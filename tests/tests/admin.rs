@@ -5,20 +5,18 @@
 
 use std::{
     net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, ensure};
 use ferry_agent::inspect::parse_metrics;
 use ferry_tests::{
-    Cluster, PodOptions, bin_path, http,
+    Cluster, PORT, PodOptions, WAIT, bin_path, http,
     inspect::{admin_json, eventually, live_connection, metric_value as value, metrics},
     netns,
     testapp::{Family, event, pod_addr},
 };
 
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(60);
 const BYTES: u64 = 1 << 20;
 const CONNECTIONS: u64 = 3;
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    Cluster, MIB, NodeId, PORT, PodId, PodOptions, Proc, WAIT, bin_path,
     inspect::{
         MAPS, PROGRAMS, admin_json, captured_total, eventually, is_node_addr, live_connection,
         loaded_programs, metric_value, metrics, pinned_original_dsts, programs_on,
@@ -19,9 +19,6 @@ use ferry_tests::{
     testapp::{Family, event, json_lines, pod_addr, pod_ip, socket_addr},
 };
 
-const MIB: u64 = 1 << 20;
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 /// How soon both ends must notice that a relayed connection broke.
 const CLOSE_NOTICED: Duration = Duration::from_secs(5);
 

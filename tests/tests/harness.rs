@@ -7,20 +7,15 @@ use std::{
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context as _, ensure};
 use ferry_agent::workload::file::WorkloadFile;
 use ferry_tests::{
-    Cluster, PodId, PodOptions, bin_path, netns,
+    Cluster, MIB, PORT, PodId, PodOptions, WAIT, bin_path, netns,
     testapp::{Family, event, pod_addr, socket_addr},
 };
 use serde_json::Value;
-
-const MIB: u64 = 1 << 20;
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn pods_on_one_node_talk_over_ipv4_and_ipv6() -> anyhow::Result<()> {

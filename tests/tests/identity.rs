@@ -6,10 +6,8 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, ensure};
-use ferry_tests::{Cluster, PodOptions, inspect::admin_json};
+use ferry_tests::{Cluster, PodOptions, WAIT, inspect::admin_json};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn certs_of(cluster: &Cluster, node: ferry_tests::NodeId) -> anyhow::Result<Vec<Value>> {
     let certs = admin_json(cluster, node, "/certs")?;

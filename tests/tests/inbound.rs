@@ -11,7 +11,7 @@ use ferry_agent::tunnel::tls;
 use ferry_ca::issuer::{Issuer, LeafPolicy};
 use ferry_proto::SpiffeId;
 use ferry_tests::{
-    Cluster, PodOptions, bin_path,
+    Cluster, PORT, PodOptions, bin_path,
     ca::CaFixture,
     inspect::{metric_value, metrics},
     netns,
@@ -19,8 +19,6 @@ use ferry_tests::{
 };
 use http::{Method, Request, StatusCode};
 use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::ServerName, sign::CertifiedKey};
-
-const PORT: u16 = 8080;
 
 #[test]
 fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> {

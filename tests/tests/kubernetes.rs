@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
-    CgroupDriver, Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions, Proc, WAIT, bin_path,
     ca::CaOptions,
     inspect::{PROGRAMS, admin_json, eventually, live_connection, programs_on},
     kube_api::{FakeApiServer, namespace, pod},
@@ -21,9 +21,6 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde_json::Value;
-
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Whether the agent's capture programs are on the pod's cgroup (all of
 /// them) or not (none), failing on anything in between.

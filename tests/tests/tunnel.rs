@@ -5,15 +5,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    Cluster, MIB, NodeId, PORT, PodId, PodOptions, Proc, WAIT, bin_path,
     inspect::{admin_json, is_node_addr, live_connection, metric_value, metrics},
     testapp::{Family, event, json_lines, pod_addr, socket_addr},
     wire::{LinkCapture, contains, plaintext_marker},
 };
-
-const MIB: u64 = 1 << 20;
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(60);
 
 struct TwoNodes {
     cluster: Cluster,

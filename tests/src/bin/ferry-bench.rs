@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use ferry_tests::{
-    Cluster, PodId, PodOptions, Proc,
+    Cluster, MIB, PodId, PodOptions, Proc,
     bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
     bin_path,
     inspect::bpftool,
@@ -38,7 +38,6 @@ const STUNNEL_PORT: u16 = 7443;
 const STUNNEL_LOCAL_PORTS: [u16; 2] = [7001, 7002];
 const STUNNEL: &str = "/usr/bin/stunnel4";
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -295,7 +294,7 @@ fn record(samples: &mut Samples, scenario: &str, mode: &str, setup: &str, result
     match mode {
         "bulk" => add(
             "MiBPerSecond",
-            result["bytesPerSecond"].as_f64().map(|b| b / MIB),
+            result["bytesPerSecond"].as_f64().map(|b| b / MIB as f64),
         ),
         "rr" => {
             add("perSecond", result["perSecond"].as_f64());

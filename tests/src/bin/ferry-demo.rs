@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::Parser;
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    Cluster, MIB, NodeId, PORT, PodId, PodOptions, Proc, WAIT, bin_path,
     inspect::{
         admin_json, captured_total, is_node_addr, live_connection, pinned_original_dsts,
         programs_on,
@@ -29,9 +29,6 @@ use ferry_tests::{
 };
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use serde_json::Value;
-
-const SERVER_PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -161,10 +158,16 @@ impl Demo {
 
         heading("3. The client on node 1 talks to the server on node 2");
         let capture = LinkCapture::start(&mut self.cluster)?;
-        let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
+        let to = self.cluster.pod(self.server).addr_v4(PORT);
         let mut serve = self.spawn(
             self.server,
-            &["serve", "--listen", &to.to_string(), "--bytes", "1048576"],
+            &[
+                "serve",
+                "--listen",
+                &to.to_string(),
+                "--bytes",
+                &MIB.to_string(),
+            ],
         )?;
         serve.wait_for_line(event("listening"), WAIT)?;
         let done = self.connect(self.client, to)?;
@@ -194,7 +197,7 @@ impl Demo {
         ));
 
         heading("4. A live connection, as both agents see it");
-        let held_to = self.cluster.pod(self.server).addr_v4(SERVER_PORT + 1);
+        let held_to = self.cluster.pod(self.server).addr_v4(PORT + 1);
         let mut hold_server =
             self.spawn(self.server, &["serve", "--listen", &held_to.to_string()])?;
         hold_server.wait_for_line(event("listening"), WAIT)?;
@@ -254,7 +257,7 @@ impl Demo {
         held.wait_exit(WAIT)?;
 
         heading("5. The unmeshed pod is left alone");
-        let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
+        let to = self.cluster.pod(self.server).addr_v4(PORT);
         let captured_before = captured_total(&self.cluster, self.n1)?;
         let done = self.connect(self.legacy, to)?;
         let served = serve.wait_for_line(event("served"), WAIT)?;
@@ -283,7 +286,13 @@ impl Demo {
     fn connect(&mut self, pod: PodId, to: SocketAddr) -> anyhow::Result<Value> {
         let mut connect = self.spawn(
             pod,
-            &["connect", "--to", &to.to_string(), "--bytes", "1048576"],
+            &[
+                "connect",
+                "--to",
+                &to.to_string(),
+                "--bytes",
+                &MIB.to_string(),
+            ],
         )?;
         let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
         ensure!(status.success(), "connect failed: {stderr}");

@@ -1,6 +1,9 @@
 //! Reading what `ferry-testapp` prints: one JSON object per line, each with
 //! an `"event"` (`listening`, `connected`, `done`, `served`, `udp`, …).
 
+pub mod cli;
+pub mod events;
+
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context as _;

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use ferry_ca::jwt::{Minter, TokenRequest};
 
 use crate::{
-    AgentCa, Cluster, Proc, bin_path,
+    AgentCa, Cluster, Place, Proc, bin_path,
     kube_api::{FakeApiServer, TokenOwner},
     netns,
     sim::FABRIC_SERVICE_V4,
@@ -121,7 +121,7 @@ impl Cluster {
             args.extend(["--clock-skew".to_owned(), skew.clone()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = self.spawn_in_fabric(&ca_bin, &args)?;
+        let proc = self.spawn(Place::Fabric, &ca_bin, &args)?;
         let fabric = self.fabric_netns().to_owned();
         let deadline = Instant::now() + CA_READY_TIMEOUT;
         loop {

@@ -25,7 +25,8 @@ use anyhow::{Context as _, bail};
 pub use ferry_leftovers as leftovers;
 pub use process::Proc;
 pub use sim::{
-    Agent, AgentBuilder, AgentCa, CgroupDriver, Cluster, Node, NodeId, Pod, PodId, PodOptions,
+    Agent, AgentBuilder, AgentCa, CgroupDriver, Cluster, Node, NodeId, Place, Pod, PodId,
+    PodOptions,
 };
 
 /// The bpffs directory under which agents pin, in `<root>/<node name>/`:

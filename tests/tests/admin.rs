@@ -45,14 +45,14 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     // Real traffic: three connections through the tunnel, BYTES each way.
     let to = pod_addr(&cluster, server, Family::V4, PORT);
     let bytes = BYTES.to_string();
-    let mut serve = cluster.spawn_in_pod(
+    let mut serve = cluster.spawn(
         server,
         &testapp,
         &["serve", "--listen", &to.to_string(), "--bytes", &bytes],
     )?;
     serve.wait_for_line(event("listening"), WAIT)?;
     let repeat = CONNECTIONS.to_string();
-    let mut connect = cluster.spawn_in_pod(
+    let mut connect = cluster.spawn(
         client,
         &testapp,
         &[
@@ -209,9 +209,9 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
 
     let held = pod_addr(&cluster, server, Family::V4, PORT + 1);
     let mut hold_server =
-        cluster.spawn_in_pod(server, &testapp, &["serve", "--listen", &held.to_string()])?;
+        cluster.spawn(server, &testapp, &["serve", "--listen", &held.to_string()])?;
     hold_server.wait_for_line(event("listening"), WAIT)?;
-    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &held.to_string()])?;
+    let mut hold = cluster.spawn(client, &testapp, &["hold", "--to", &held.to_string()])?;
     hold.wait_for_line(event("connected"), WAIT)?;
     live_connection(&cluster, n1, held)?;
     live_connection(&cluster, n2, held)?;
@@ -259,7 +259,7 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
 
     // A policy that does not allow web: node 2 refuses, both agents count it.
     let small = pod_addr(&cluster, server, Family::V4, PORT + 2);
-    let mut small_server = cluster.spawn_in_pod(
+    let mut small_server = cluster.spawn(
         server,
         &testapp,
         &["serve", "--listen", &small.to_string(), "--bytes", "1"],
@@ -272,7 +272,7 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     }]);
     cluster.write_workloads()?;
     eventually(|| {
-        let mut connect = cluster.spawn_in_pod(
+        let mut connect = cluster.spawn(
             client,
             &testapp,
             &["connect", "--to", &small.to_string(), "--bytes", "1"],

@@ -50,14 +50,14 @@ fn exchange(
     )
     .to_string();
     let count = bytes.to_string();
-    let mut serve = cluster.spawn_in_pod(
+    let mut serve = cluster.spawn(
         server,
         &testapp,
         &["serve", "--listen", &listen, "--bytes", &count],
     )?;
     serve.wait_for_line(event("listening"), WAIT)?;
     let to_text = to.to_string();
-    let mut connect = cluster.spawn_in_pod(
+    let mut connect = cluster.spawn(
         client,
         &testapp,
         &["connect", "--to", &to_text, "--bytes", &count],
@@ -96,8 +96,7 @@ struct Held(Proc);
 impl Held {
     fn open(cluster: &mut Cluster, client: PodId, to: SocketAddr) -> anyhow::Result<Self> {
         let testapp = bin_path("ferry-testapp")?;
-        let mut hold =
-            cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &to.to_string()])?;
+        let mut hold = cluster.spawn(client, &testapp, &["hold", "--to", &to.to_string()])?;
         hold.wait_for_line(event("connected"), WAIT)?;
         Ok(Self(hold))
     }
@@ -112,7 +111,7 @@ impl Held {
 
 fn serve_forever(cluster: &mut Cluster, pod: PodId, listen: SocketAddr) -> anyhow::Result<Proc> {
     let testapp = bin_path("ferry-testapp")?;
-    let mut serve = cluster.spawn_in_pod(
+    let mut serve = cluster.spawn(
         pod,
         &testapp,
         &["serve", "--listen", &listen.to_string(), "--udp"],
@@ -258,7 +257,7 @@ fn unmeshed_pods_and_udp_are_not_redirected() -> anyhow::Result<()> {
     for family in [Family::V4, Family::V6] {
         let to = pod_addr(&cluster, server, family, PORT + 1);
         let mut serve = serve_forever(&mut cluster, server, to)?;
-        let mut udp = cluster.spawn_in_pod(meshed, &testapp, &["udp", "--to", &to.to_string()])?;
+        let mut udp = cluster.spawn(meshed, &testapp, &["udp", "--to", &to.to_string()])?;
         let (status, stdout, stderr) = udp.wait_exit(WAIT)?;
         ensure!(
             status.success(),
@@ -371,7 +370,7 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
         "programs left the cgroup when the agent died"
     );
     let testapp = bin_path("ferry-testapp")?;
-    let mut connect = cluster.spawn_in_pod(
+    let mut connect = cluster.spawn(
         client,
         &testapp,
         &["connect", "--to", &to.to_string(), "--bytes", "1"],
@@ -483,7 +482,7 @@ fn refused(cluster: &mut Cluster, node: NodeId, yaml: &str) -> anyhow::Result<St
     let file = path.to_str().context("path is not UTF-8")?.to_owned();
     let pins = cluster.tempdir().join("no-pins");
     let pins = pins.to_str().context("path is not UTF-8")?.to_owned();
-    let mut run = cluster.spawn_on_node(
+    let mut run = cluster.spawn(
         node,
         &agent,
         &[

@@ -66,14 +66,14 @@ fn exchange(
     let testapp = bin_path("ferry-testapp")?;
     let listen = pod_addr(cluster, server, family, PORT).to_string();
     let mib = MIB.to_string();
-    let mut serve = cluster.spawn_in_pod(
+    let mut serve = cluster.spawn(
         server,
         &testapp,
         &["serve", "--listen", &listen, "--bytes", &mib, "--udp"],
     )?;
     serve.wait_for_line(event("listening"), WAIT)?;
 
-    let mut connect = cluster.spawn_in_pod(
+    let mut connect = cluster.spawn(
         client,
         &testapp,
         &["connect", "--to", &listen, "--bytes", &mib],
@@ -120,7 +120,7 @@ fn exchange(
         served["peer"]
     );
 
-    let mut udp = cluster.spawn_in_pod(client, &testapp, &["udp", "--to", &listen])?;
+    let mut udp = cluster.spawn(client, &testapp, &["udp", "--to", &listen])?;
     let (status, stdout, stderr) = udp.wait_exit(WAIT)?;
     ensure!(
         status.success(),
@@ -135,7 +135,7 @@ fn exchange(
 fn repeat_quietly(cluster: &mut Cluster, client: PodId, server: PodId) -> anyhow::Result<()> {
     let testapp = bin_path("ferry-testapp")?;
     let listen = pod_addr(cluster, server, Family::V4, PORT + 1).to_string();
-    let mut serve = cluster.spawn_in_pod(
+    let mut serve = cluster.spawn(
         server,
         &testapp,
         &["serve", "--listen", &listen, "--bytes", "1000"],
@@ -144,7 +144,7 @@ fn repeat_quietly(cluster: &mut Cluster, client: PodId, server: PodId) -> anyhow
     let args = [
         "connect", "--to", &listen, "--bytes", "1000", "--repeat", "50", "--quiet",
     ];
-    let mut connect = cluster.spawn_in_pod(client, &testapp, &args)?;
+    let mut connect = cluster.spawn(client, &testapp, &args)?;
     let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
     ensure!(
         status.success(),
@@ -168,9 +168,9 @@ fn hold_until_stdin_closes(
 ) -> anyhow::Result<()> {
     let testapp = bin_path("ferry-testapp")?;
     let listen = pod_addr(cluster, server, Family::V6, PORT + 2).to_string();
-    let mut serve = cluster.spawn_in_pod(server, &testapp, &["serve", "--listen", &listen])?;
+    let mut serve = cluster.spawn(server, &testapp, &["serve", "--listen", &listen])?;
     serve.wait_for_line(event("listening"), WAIT)?;
-    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &listen])?;
+    let mut hold = cluster.spawn(client, &testapp, &["hold", "--to", &listen])?;
     let connected = hold.wait_for_line(event("connected"), WAIT)?;
     ensure!(connected["peer"] == listen.as_str(), "{connected}");
     ensure!(

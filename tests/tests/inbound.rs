@@ -34,7 +34,7 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
     let _a2 = cluster.agent(n2).ca(&ca).start()?;
     let testapp = bin_path("ferry-testapp")?;
     let listen = pod_addr(&cluster, db, Family::V4, PORT).to_string();
-    let mut serve = cluster.spawn_in_pod(db, &testapp, &["serve", "--listen", &listen])?;
+    let mut serve = cluster.spawn(db, &testapp, &["serve", "--listen", &listen])?;
     serve.wait_for_line(event("listening"), Duration::from_secs(30))?;
 
     let n2_ip = cluster.node(n2).ipv4;

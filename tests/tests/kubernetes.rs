@@ -214,7 +214,7 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
     // Pod to pod: through the tunnel, with the identities from the API server.
     let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&cluster, db0, Family::V4, PORT);
-    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &to.to_string()])?;
+    let mut hold = cluster.spawn(client, &testapp, &["hold", "--to", &to.to_string()])?;
     hold.wait_for_line(event("connected"), WAIT)?;
     let live = live_connection(&cluster, n1, to)?;
     ensure!(live["route"] == "tunnel", "{live}");
@@ -261,7 +261,7 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
             Ok(())
         })?;
         let (status, _, stderr) = cluster
-            .spawn_in_pod(
+            .spawn(
                 client,
                 &testapp,
                 &[
@@ -297,7 +297,7 @@ fn server_index(pod: PodId, first: PodId) -> usize {
 fn serve(cluster: &mut Cluster, pod: PodId) -> anyhow::Result<Proc> {
     let testapp = bin_path("ferry-testapp")?;
     let listen = pod_addr(cluster, pod, Family::V4, PORT).to_string();
-    let mut server = cluster.spawn_in_pod(
+    let mut server = cluster.spawn(
         pod,
         &testapp,
         &["serve", "--listen", &listen, "--bytes", "16"],

@@ -94,13 +94,13 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
 
     // A live connection, as both agents see it.
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
-    let mut serve =
-        t.cluster
-            .spawn_in_pod(t.server, &testapp, &["serve", "--listen", &to.to_string()])?;
+    let mut serve = t
+        .cluster
+        .spawn(t.server, &testapp, &["serve", "--listen", &to.to_string()])?;
     serve.wait_for_line(event("listening"), WAIT)?;
-    let mut hold =
-        t.cluster
-            .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
+    let mut hold = t
+        .cluster
+        .spawn(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
     hold.wait_for_line(event("connected"), WAIT)?;
     let outbound = live_connection(&t.cluster, t.n1, to)?;
     ensure!(outbound["route"] == "tunnel", "{outbound}");
@@ -142,7 +142,7 @@ fn start_server(
 ) -> anyhow::Result<Proc> {
     let testapp = bin_path("ferry-testapp")?;
     let listen = to.to_string();
-    let mut server = cluster.spawn_in_pod(
+    let mut server = cluster.spawn(
         pod,
         &testapp,
         &["serve", "--listen", &listen, "--bytes", bytes],
@@ -162,7 +162,7 @@ fn run_client(
     let to = to.to_string();
     let mut all = vec!["connect", "--to", &to];
     all.extend_from_slice(args);
-    let mut connect = cluster.spawn_in_pod(pod, &testapp, &all)?;
+    let mut connect = cluster.spawn(pod, &testapp, &all)?;
     let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
     Ok((status.success(), stdout, stderr))
 }
@@ -234,9 +234,9 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
     let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
     let _serve = start_server(&mut t.cluster, t.server, to, "1")?;
-    let mut hold =
-        t.cluster
-            .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
+    let mut hold = t
+        .cluster
+        .spawn(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
     hold.wait_for_line(event("connected"), WAIT)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while serial(&t.cluster, t.n2)? == first {
@@ -390,7 +390,7 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
     let mut servers = Vec::new();
     for pod in [db0, db1] {
         let listen = pod_addr(&cluster, pod, Family::V4, PORT).to_string();
-        let mut serve = cluster.spawn_in_pod(
+        let mut serve = cluster.spawn(
             pod,
             &testapp,
             &["serve", "--listen", &listen, "--bytes", "16"],
@@ -448,7 +448,7 @@ fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
     for (server, route) in [(t.server, "tunnel"), (t.neighbour, "direct")] {
         let to = pod_addr(&t.cluster, server, Family::V4, PORT);
         let listen = to.to_string();
-        let mut serve = t.cluster.spawn_in_pod(
+        let mut serve = t.cluster.spawn(
             server,
             &testapp,
             &["serve", "--listen", &listen, "--bytes", "1024", "--reset"],
@@ -514,8 +514,7 @@ fn strict_pods_refuse_plaintext_from_off_the_node_and_permissive_ones_count_it()
     // From the node itself (a kubelet probe): let in.
     let testapp = bin_path("ferry-testapp")?;
     let to = strict_to.to_string();
-    let mut probe =
-        cluster.spawn_on_node(n2, &testapp, &["connect", "--to", &to, "--bytes", "1"])?;
+    let mut probe = cluster.spawn(n2, &testapp, &["connect", "--to", &to, "--bytes", "1"])?;
     let (status, _, stderr) = probe.wait_exit(WAIT)?;
     ensure!(
         status.success(),

@@ -328,7 +328,7 @@ impl Bench {
         let listen = format!("0.0.0.0:{SERVER_PORT}");
         let mut servers = Vec::new();
         for pod in [plain_server, mesh_server, plain_local, mesh_local] {
-            let mut server = cluster.spawn_in_pod(pod, &load, &["serve", "--listen", &listen])?;
+            let mut server = cluster.spawn(pod, &load, &["serve", "--listen", &listen])?;
             server.wait_for_line(|l| l["event"] == "listening", Duration::from_secs(10))?;
             servers.push(server);
         }
@@ -395,7 +395,7 @@ impl Bench {
         let seconds = self.seconds.to_string();
         let mut all = args.to_vec();
         all.extend(["--seconds", &seconds]);
-        let mut proc = self.cluster.spawn_in_pod(pod, &load, &all)?;
+        let mut proc = self.cluster.spawn(pod, &load, &all)?;
         let (status, stdout, stderr) =
             proc.wait_exit(Duration::from_secs_f64(self.seconds + 60.0))?;
         ensure!(status.success(), "ferry-load {}: {stderr}", all.join(" "));
@@ -425,11 +425,9 @@ impl Bench {
             let before = [rss_kib(pids[0])?, rss_kib(pids[1])?];
             let load = bin_path("ferry-load")?;
             let count_text = count.to_string();
-            let mut idle = self.cluster.spawn_in_pod(
-                pod,
-                &load,
-                &["idle", "--to", &to, "--count", &count_text],
-            )?;
+            let mut idle =
+                self.cluster
+                    .spawn(pod, &load, &["idle", "--to", &to, "--count", &count_text])?;
             idle.wait_for_line(|l| l["open"].as_u64().is_some(), Duration::from_secs(120))
                 .with_context(|| format!("{count} idle connections over {setup}"))?;
             std::thread::sleep(Duration::from_secs(1));
@@ -563,8 +561,8 @@ fn start_stunnels(
         ),
     )?;
     let stunnel = PathBuf::from(STUNNEL);
-    let server_proc = cluster.spawn_in_pod(server, &stunnel, &[&server_conf.to_string_lossy()])?;
-    let client_proc = cluster.spawn_in_pod(client, &stunnel, &[&client_conf.to_string_lossy()])?;
+    let server_proc = cluster.spawn(server, &stunnel, &[&server_conf.to_string_lossy()])?;
+    let client_proc = cluster.spawn(client, &stunnel, &[&client_conf.to_string_lossy()])?;
     // stunnel says nothing on stdout; wait until both ends accept.
     for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORTS[pair])] {
         wait_listening(cluster, pod, port)?;

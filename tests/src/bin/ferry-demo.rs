@@ -279,7 +279,7 @@ impl Demo {
 
     fn spawn(&mut self, pod: PodId, args: &[&str]) -> anyhow::Result<Proc> {
         let testapp = self.testapp.clone();
-        self.cluster.spawn_in_pod(pod, &testapp, args)
+        self.cluster.spawn(pod, &testapp, args)
     }
 
     /// One 1 MiB exchange from `pod`; the client's "done" line.

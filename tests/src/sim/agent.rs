@@ -197,7 +197,7 @@ impl<'a> AgentBuilder<'a> {
         }
         args.extend(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = cluster.spawn_on_node(node, &agent_bin, &args)?;
+        let proc = cluster.spawn(node, &agent_bin, &args)?;
         let mut agent = Agent {
             proc,
             node,

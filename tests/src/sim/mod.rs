@@ -44,6 +44,30 @@ use crate::{
     process::{Placement, Proc, run_checked},
 };
 
+/// Where a process of the cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The namespace joining the nodes, at [`FABRIC_SERVICE_V4`]: where
+    /// cluster-wide services (the CA) run, and tcpdump sees every node's link.
+    Fabric,
+    /// A node's namespace, in no pod cgroup: its agent, a kubelet probe.
+    Node(NodeId),
+    /// A pod's namespace and cgroup, so the agent's capture applies to it.
+    Pod(PodId),
+}
+
+impl From<NodeId> for Place {
+    fn from(node: NodeId) -> Self {
+        Place::Node(node)
+    }
+}
+
+impl From<PodId> for Place {
+    fn from(pod: PodId) -> Self {
+        Place::Pod(pod)
+    }
+}
+
 /// A set of simulated nodes and pods, removed again on drop.
 pub struct Cluster {
     id: String,
@@ -131,64 +155,31 @@ impl Cluster {
         &self.fabric
     }
 
-    /// Starts `program` in the fabric namespace (at [`FABRIC_SERVICE_V4`]),
+    /// Starts `program` at `place` (a [`NodeId`] or [`PodId`] will do),
     /// stdout piped; killed with the cluster.
-    pub fn spawn_in_fabric(&mut self, program: &Path, args: &[&str]) -> anyhow::Result<Proc> {
-        let label = format!("fabric: {}", command_line(program, args));
-        let netns = self.fabric.clone();
-        self.spawn_placed(label, &netns, program, args)
-    }
-
-    /// Starts `program` in the pod's network namespace and cgroup (so the
-    /// agent's capture applies to it), stdout piped; killed with the cluster.
-    pub fn spawn_in_pod(
+    pub fn spawn(
         &mut self,
-        pod: PodId,
+        place: impl Into<Place>,
         program: &Path,
         args: &[&str],
     ) -> anyhow::Result<Proc> {
-        let pod = &self.pods[pod.0];
-        let label = format!(
-            "{}/{}: {}",
-            self.nodes[pod.node.0].name,
-            pod.name,
-            command_line(program, args)
-        );
-        let placement = Placement {
-            netns: &pod.netns,
-            cgroup: Some(&pod.cgroup),
+        let (host, placement) = match place.into() {
+            Place::Fabric => ("fabric".to_owned(), Placement::netns(&self.fabric)),
+            Place::Node(node) => {
+                let node = &self.nodes[node.0];
+                (node.name.clone(), Placement::netns(&node.netns))
+            }
+            Place::Pod(pod) => {
+                let pod = &self.pods[pod.0];
+                let host = format!("{}/{}", self.nodes[pod.node.0].name, pod.name);
+                let placement = Placement {
+                    netns: &pod.netns,
+                    cgroup: Some(&pod.cgroup),
+                };
+                (host, placement)
+            }
         };
-        let (proc, shared) = Proc::spawn(label, &placement, program, args)?;
-        self.made.procs.push(shared);
-        Ok(proc)
-    }
-
-    /// Starts `program` in the node's network namespace (in no pod cgroup),
-    /// stdout piped; killed with the cluster.
-    pub fn spawn_on_node(
-        &mut self,
-        node: NodeId,
-        program: &Path,
-        args: &[&str],
-    ) -> anyhow::Result<Proc> {
-        let node = &self.nodes[node.0];
-        let label = format!("{}: {}", node.name, command_line(program, args));
-        let netns = node.netns.clone();
-        self.spawn_placed(label, &netns, program, args)
-    }
-
-    /// Starts `program` in `netns` (in no pod cgroup) and kills it with the cluster.
-    fn spawn_placed(
-        &mut self,
-        label: String,
-        netns: &str,
-        program: &Path,
-        args: &[&str],
-    ) -> anyhow::Result<Proc> {
-        let placement = Placement {
-            netns,
-            cgroup: None,
-        };
+        let label = format!("{host}: {}", command_line(program, args));
         let (proc, shared) = Proc::spawn(label, &placement, program, args)?;
         self.made.procs.push(shared);
         Ok(proc)

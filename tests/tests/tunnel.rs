@@ -6,8 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
     Cluster, MIB, NodeId, PORT, PodId, PodOptions, Proc, WAIT, bin_path,
-    inspect::{admin_json, is_node_addr, live_connection, metric_value, metrics},
-    testapp::{Family, event, json_lines, pod_addr, socket_addr},
+    inspect::{admin_json, is_node_addr, live_connection, metric_value, metrics, socket_addr},
+    testapp::{Family, event, json_lines, pod_addr},
     wire::{LinkCapture, contains, plaintext_marker},
 };
 

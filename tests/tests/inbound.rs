@@ -11,11 +11,11 @@ use ferry_agent::tunnel::tls;
 use ferry_ca::issuer::{Issuer, LeafPolicy};
 use ferry_proto::SpiffeId;
 use ferry_tests::{
-    Cluster, PORT, PodOptions, bin_path,
+    Cluster, PORT, PodOptions,
     ca::CaFixture,
     inspect::{metric_value, metrics},
     netns,
-    testapp::{Family, event, pod_addr},
+    testapp::{Family, TestApp, pod_addr},
 };
 use http::{Method, Request, StatusCode};
 use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::ServerName, sign::CertifiedKey};
@@ -32,10 +32,8 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
     let ca = cluster.start_ca()?;
     let _a1 = cluster.agent(n1).ca(&ca).start()?;
     let _a2 = cluster.agent(n2).ca(&ca).start()?;
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(&cluster, db, Family::V4, PORT).to_string();
-    let mut serve = cluster.spawn(db, &testapp, &["serve", "--listen", &listen])?;
-    serve.wait_for_line(event("listening"), Duration::from_secs(30))?;
+    let listen = pod_addr(&cluster, db, Family::V4, PORT);
+    let _serve = TestApp::serve(listen).start(&mut cluster, db)?;
 
     let n2_ip = cluster.node(n2).ipv4;
     let tunnel = SocketAddr::from((n2_ip, ferry_proto::TUNNEL_PORT));

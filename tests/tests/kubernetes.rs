@@ -7,11 +7,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
-    CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions, Proc, WAIT, bin_path,
+    CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions, WAIT,
     ca::CaOptions,
     inspect::{PROGRAMS, admin_json, eventually, live_connection, programs_on},
     kube_api::{FakeApiServer, namespace, pod},
-    testapp::{Family, event, pod_addr},
+    testapp::{Family, Served, TestApp, pod_addr},
 };
 use k8s_openapi::{
     api::{
@@ -209,13 +209,12 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
 
     let mut servers = Vec::new();
     for pod in [db0, db1] {
-        servers.push(serve(&mut cluster, pod)?);
+        let listen = pod_addr(&cluster, pod, Family::V4, PORT);
+        servers.push(TestApp::serve(listen).bytes(16).start(&mut cluster, pod)?);
     }
     // Pod to pod: through the tunnel, with the identities from the API server.
-    let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&cluster, db0, Family::V4, PORT);
-    let mut hold = cluster.spawn(client, &testapp, &["hold", "--to", &to.to_string()])?;
-    hold.wait_for_line(event("connected"), WAIT)?;
+    let hold = TestApp::hold(to).start(&mut cluster, client)?;
     let live = live_connection(&cluster, n1, to)?;
     ensure!(live["route"] == "tunnel", "{live}");
     ensure!(
@@ -223,9 +222,8 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
             && live["destinationIdentity"] == "spiffe://cluster.local/ns/shop/sa/db",
         "{live}"
     );
-    hold.close_stdin();
-    hold.wait_exit(WAIT)?;
-    servers[0].wait_for_line(event("served"), WAIT)?;
+    hold.release()?;
+    servers[0].wait_for::<Served>(WAIT)?;
 
     // A Service whose named target port and endpoints come from its EndpointSlice.
     let cluster_ip = "198.18.255.20";
@@ -260,29 +258,22 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
             );
             Ok(())
         })?;
-        let (status, _, stderr) = cluster
-            .spawn(
-                client,
-                &testapp,
-                &[
-                    "connect",
-                    "--to",
-                    &service.to_string(),
-                    "--bytes",
-                    "16",
-                    "--repeat",
-                    "5",
-                ],
-            )?
-            .wait_exit(WAIT)?;
-        ensure!(status.success(), "through the Service to {name}: {stderr}");
+        let connect = TestApp::connect(service)
+            .bytes(16)
+            .repeat(5)
+            .run(&mut cluster, client)?;
+        ensure!(
+            connect.success(),
+            "through the Service to {name}: {}",
+            connect.stderr
+        );
         let (now_index, idle_index) = (server_index(now, db0), server_index(idle, db0));
         for _ in 0..5 {
-            servers[now_index].wait_for_line(event("served"), WAIT)?;
+            servers[now_index].wait_for::<Served>(WAIT)?;
         }
         ensure!(
             servers[idle_index]
-                .wait_for_line(event("served"), Duration::from_millis(300))
+                .wait_for::<Served>(Duration::from_millis(300))
                 .is_err(),
             "a pod that is not an endpoint of the Service got a connection"
         );
@@ -292,18 +283,6 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
 
 fn server_index(pod: PodId, first: PodId) -> usize {
     usize::from(pod != first)
-}
-
-fn serve(cluster: &mut Cluster, pod: PodId) -> anyhow::Result<Proc> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(cluster, pod, Family::V4, PORT).to_string();
-    let mut server = cluster.spawn(
-        pod,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", "16"],
-    )?;
-    server.wait_for_line(event("listening"), WAIT)?;
-    Ok(server)
 }
 
 fn meta(name: &str) -> ObjectMeta {

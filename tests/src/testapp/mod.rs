@@ -392,17 +392,3 @@ fn wait_for<E: Event>(proc: &mut Proc, timeout: Duration) -> anyhow::Result<E> {
     let line = proc.wait_for_line(|line| line["event"] == E::NAME, timeout)?;
     events::parse(&line).context("a line that was just matched")?
 }
-
-/// Matches the line of one event, for [`Proc::wait_for_line`](crate::Proc::wait_for_line).
-pub fn event(name: &'static str) -> impl Fn(&Value) -> bool {
-    move |line| line["event"] == name
-}
-
-/// Every line of a finished testapp's stdout.
-pub fn json_lines(stdout: &str) -> anyhow::Result<Vec<Value>> {
-    stdout
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("not JSON lines: {stdout}"))
-}

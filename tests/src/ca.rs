@@ -120,7 +120,6 @@ impl Cluster {
         if let Some(skew) = &options.clock_skew {
             args.extend(["--clock-skew".to_owned(), skew.clone()]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = self.spawn(Place::Fabric, &ca_bin, &args)?;
         let fabric = self.fabric_netns().to_owned();
         let deadline = Instant::now() + CA_READY_TIMEOUT;

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod http;
 pub mod inspect;
 pub mod kube_api;
+pub mod load;
 pub mod netns;
 mod process;
 mod sim;

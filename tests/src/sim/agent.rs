@@ -196,7 +196,6 @@ impl<'a> AgentBuilder<'a> {
             args.extend(ca.agent_args(&host.name, cluster.tempdir())?);
         }
         args.extend(extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = cluster.spawn(node, &agent_bin, &args)?;
         let mut agent = Agent {
             proc,

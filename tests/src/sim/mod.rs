@@ -157,12 +157,13 @@ impl Cluster {
 
     /// Starts `program` at `place` (a [`NodeId`] or [`PodId`] will do),
     /// stdout piped; killed with the cluster.
-    pub fn spawn(
+    pub fn spawn<S: AsRef<str>>(
         &mut self,
         place: impl Into<Place>,
         program: &Path,
-        args: &[&str],
+        args: &[S],
     ) -> anyhow::Result<Proc> {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let (host, placement) = match place.into() {
             Place::Fabric => ("fabric".to_owned(), Placement::netns(&self.fabric)),
             Place::Node(node) => {
@@ -179,8 +180,8 @@ impl Cluster {
                 (host, placement)
             }
         };
-        let label = format!("{host}: {}", command_line(program, args));
-        let (proc, shared) = Proc::spawn(label, &placement, program, args)?;
+        let label = format!("{host}: {}", command_line(program, &args));
+        let (proc, shared) = Proc::spawn(label, &placement, program, &args)?;
         self.made.procs.push(shared);
         Ok(proc)
     }

@@ -377,9 +377,7 @@ fn spawn(
     place: impl Into<Place>,
     command: &Command,
 ) -> anyhow::Result<Proc> {
-    let argv = command.argv();
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    cluster.spawn(place, &bin_path("ferry-testapp")?, &argv)
+    cluster.spawn(place, &bin_path("ferry-testapp")?, &command.argv())
 }
 
 /// Runs `ferry-testapp COMMAND` at `place` to its end.

@@ -304,17 +304,8 @@ fn garbage_on_the_tunnel_port_is_dropped_and_service_goes_on() -> anyhow::Result
         Ok(())
     })?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let _serve = TestApp::serve(to)
-        .bytes(1024)
-        .start(&mut t.cluster, t.server)?;
-    let connect = TestApp::connect(to)
-        .bytes(1024)
-        .run(&mut t.cluster, t.client)?;
-    ensure!(
-        connect.success(),
-        "after garbage, the tunnel no longer works: {}",
-        connect.stderr
-    );
+    exchange(&mut t.cluster, t.client, t.server, to, 1024)
+        .context("after garbage, the tunnel no longer works")?;
     let dump = admin_json(&t.cluster, t.n2, "/config_dump")?;
     ensure!(
         dump["totals"]["inboundRefused"].as_u64() >= Some(3),

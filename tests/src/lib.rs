@@ -2,6 +2,21 @@
 //! the running kernel (network namespaces, veths, bridges, cgroup v2
 //! directories; root needed), real `ferry-agent` processes on them, and
 //! `ferry-testapp` workloads in their pods. See [`Cluster`].
+//!
+//! - `sim/`: the [`Cluster`], split into `topology` (namespaces, veths,
+//!   addresses, routes, pod cgroups), `workload_file`, `agent` (one builder,
+//!   [`Cluster::agent`], and the admin endpoint) and `teardown` (everything
+//!   the cluster made, removed on drop, also on panic);
+//! - [`testapp`]: the typed driver of `ferry-testapp` ([`testapp::TestApp`],
+//!   the shared [`testapp::exchange`]), its command line and its lines;
+//! - [`load`]: the same for `ferry-load`, the benchmark's load generator;
+//! - [`ca`]: the CA fixture; [`kube_api`]: the stand-in Kubernetes API server;
+//! - [`inspect`]: bpftool and the admin endpoint, read as an operator reads
+//!   them; [`wire`]: tcpdump on the node link;
+//! - `process` ([`Proc`]), [`netns`], [`cgroup`], [`http`]: what they stand on;
+//! - [`leftovers`]: what a killed test may leave on the machine (the
+//!   `ferry-leftovers` crate, which `cargo xtask test` uses too);
+//! - [`PORT`], [`WAIT`], [`MIB`]: the constants every test shares.
 
 pub mod bench;
 pub mod ca;

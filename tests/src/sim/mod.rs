@@ -47,7 +47,7 @@ use crate::{
 /// Where a process of the cluster runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
-    /// The namespace joining the nodes, at [`FABRIC_SERVICE_V4`]: where
+    /// The namespace joining the nodes, at `FABRIC_SERVICE_V4`: where
     /// cluster-wide services (the CA) run, and tcpdump sees every node's link.
     Fabric,
     /// A node's namespace, in no pod cgroup: its agent, a kubelet probe.

@@ -1,6 +1,6 @@
 //! What `ferry-testapp` prints: one JSON object per line, each with an
 //! `"event"` naming which of these types the rest of the line is. The
-//! binary prints them with [`line`] and the harness reads them with
+//! binary prints them with [`line()`] and the harness reads them with
 //! [`parse`], so both sides share one definition of each line.
 
 use std::net::SocketAddr;

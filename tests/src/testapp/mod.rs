@@ -26,6 +26,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
+use self::cli::Command;
 pub use self::{
     cli::{Connect, Hold, Serve, Udp},
     events::{
@@ -33,7 +34,7 @@ pub use self::{
         UdpEcho,
     },
 };
-use crate::{Cluster, Place, PodId, Proc, WAIT, bin_path, testapp::cli::Command};
+use crate::{Cluster, Place, PodId, Proc, WAIT, bin_path};
 
 /// An address family, for tests that run the same thing over both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 use std::{
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use ferry_ca::jwt::{Minter, TokenRequest};
 
 use crate::{
-    Agent, Cluster, NodeId, Proc, bin_path,
+    AgentCa, Cluster, Place, Proc, bin_path,
     kube_api::{FakeApiServer, TokenOwner},
     netns,
     sim::FABRIC_SERVICE_V4,
@@ -120,8 +120,7 @@ impl Cluster {
         if let Some(skew) = &options.clock_skew {
             args.extend(["--clock-skew".to_owned(), skew.clone()]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = self.spawn_in_fabric(&ca_bin, &args)?;
+        let proc = self.spawn(Place::Fabric, &ca_bin, &args)?;
         let fabric = self.fabric_netns().to_owned();
         let deadline = Instant::now() + CA_READY_TIMEOUT;
         loop {
@@ -156,42 +155,30 @@ impl Cluster {
             api,
         })
     }
+}
 
-    /// Writes a token for `node`'s agent and starts the agent with the CA.
-    pub fn start_agent_with_ca(&mut self, node: NodeId, ca: &CaFixture) -> anyhow::Result<Agent> {
-        self.start_agent_with_ca_and(node, ca, &[])
+/// What an agent needs to get certificates from this CA:
+/// `cluster.agent(node).ca(&ca).start()`.
+impl AgentCa for CaFixture {
+    fn agent_args(&self, node: &str, dir: &Path) -> anyhow::Result<Vec<String>> {
+        let token_file = dir.join(format!("{node}.token"));
+        std::fs::write(&token_file, self.agent_token(node)?)
+            .with_context(|| format!("cannot write {}", token_file.display()))?;
+        Ok(vec![
+            "--ca-addr".to_owned(),
+            self.addr.to_string(),
+            "--ca-server-name".to_owned(),
+            CA_SERVER_NAME.to_owned(),
+            "--trust-bundle".to_owned(),
+            self.trust_bundle.to_string_lossy().into_owned(),
+            "--token-file".to_owned(),
+            token_file.to_string_lossy().into_owned(),
+        ])
     }
 
-    /// [`start_agent_with_ca`](Self::start_agent_with_ca) with more `ferry-agent run` arguments.
-    pub fn start_agent_with_ca_and(
-        &mut self,
-        node: NodeId,
-        ca: &CaFixture,
-        extra: &[&str],
-    ) -> anyhow::Result<Agent> {
-        let name = self.node(node).name.clone();
-        let token = ca.agent_token(&name)?;
-        let token_file = self.tempdir().join(format!("{name}.token"));
-        std::fs::write(&token_file, token)?;
-        let token_file = token_file.to_string_lossy().into_owned();
-        let addr = ca.addr.to_string();
-        let bundle = ca.trust_bundle.to_string_lossy().into_owned();
-        let mut args = vec![
-            "--ca-addr",
-            &addr,
-            "--ca-server-name",
-            CA_SERVER_NAME,
-            "--trust-bundle",
-            &bundle,
-            "--token-file",
-            &token_file,
-        ];
-        args.extend_from_slice(extra);
-        match &ca.api {
-            // As in a cluster: the agent, too, learns its workloads from the API server.
-            Some(_) => self.start_agent_kubernetes(node, &ca.kubeconfig(), &args),
-            None => self.start_agent_with(node, &args),
-        }
+    fn api_server(&self) -> Option<PathBuf> {
+        // As in a cluster: the agent, too, learns its workloads from the API server.
+        self.api.as_ref().map(|_| self.kubeconfig())
     }
 }
 

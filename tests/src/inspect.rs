@@ -191,6 +191,15 @@ pub fn live_connection(cluster: &Cluster, node: NodeId, to: SocketAddr) -> anyho
     })
 }
 
+/// A socket address in the agent's JSON (`"source"` of a connection).
+pub fn socket_addr(value: &Value) -> anyhow::Result<SocketAddr> {
+    let text = value
+        .as_str()
+        .with_context(|| format!("not an address: {value}"))?;
+    text.parse()
+        .with_context(|| format!("not an address: {text}"))
+}
+
 /// The node's agent's `/metrics`, parsed.
 pub fn metrics(cluster: &Cluster, node: NodeId) -> anyhow::Result<Vec<Sample>> {
     let (status, body) = cluster.admin_get(node, "/metrics")?;

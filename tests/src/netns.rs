@@ -1,7 +1,7 @@
 //! Named network namespaces (the `ip netns` kind: a file in `/run/netns`),
 //! and running code inside one.
 
-use std::{fs, io, path::Path, thread};
+use std::{fs, path::Path, thread};
 
 use anyhow::{Context as _, anyhow};
 use nix::sched::{CloneFlags, setns};
@@ -9,10 +9,10 @@ use nix::sched::{CloneFlags, setns};
 use crate::process::run_checked;
 
 /// Where `ip netns add NAME` puts the namespace's handle.
-pub const NETNS_DIR: &str = "/run/netns";
+pub const NETNS_DIR: &str = ferry_leftovers::NETNS_DIR;
 /// Every namespace the harness makes starts with this, so leftovers are easy
 /// to find and never confused with the machine's own.
-pub const NETNS_PREFIX: &str = "ferry-";
+pub const NETNS_PREFIX: &str = ferry_leftovers::NETNS_PREFIX;
 
 /// Runs `ip` with `args`; its stdout, or an error with its stderr.
 pub(crate) fn ip(args: &[&str]) -> anyhow::Result<String> {
@@ -63,26 +63,6 @@ pub(crate) fn set_sysctl(name: &str, key: &str, value: &str) -> anyhow::Result<(
         fs::write(&path, value)
             .with_context(|| format!("cannot write {value:?} to {} in {name}", path.display()))
     })
-}
-
-/// The names of all namespaces that look like the harness's.
-pub(crate) fn ours() -> anyhow::Result<Vec<String>> {
-    let entries = match fs::read_dir(NETNS_DIR) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(err).with_context(|| format!("cannot list {NETNS_DIR}")),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot list {NETNS_DIR}"))?;
-        if let Ok(name) = entry.file_name().into_string()
-            && name.starts_with(NETNS_PREFIX)
-        {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
 }
 
 /// Whether namespace `name` exists.

@@ -42,6 +42,16 @@ pub(crate) struct Placement<'a> {
     pub cgroup: Option<&'a Path>,
 }
 
+impl<'a> Placement<'a> {
+    /// In network namespace `netns`, in no pod cgroup.
+    pub fn netns(netns: &'a str) -> Self {
+        Self {
+            netns,
+            cgroup: None,
+        }
+    }
+}
+
 /// The part of a process both its [`Proc`] and its cluster hold.
 pub(crate) struct Shared {
     label: String,

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::ensure;
 
-use crate::{Cluster, Proc, stream};
+use crate::{Cluster, Place, Proc, stream};
 
 /// How long tcpdump may take to start capturing.
 const START: Duration = Duration::from_secs(30);
@@ -27,7 +27,8 @@ impl LinkCapture {
     pub fn start(cluster: &mut Cluster) -> anyhow::Result<Self> {
         let pcap = cluster.tempdir().join("link.pcap");
         let pcap_text = pcap.to_string_lossy().into_owned();
-        let tcpdump = cluster.spawn_in_fabric(
+        let tcpdump = cluster.spawn(
+            Place::Fabric,
             Path::new("/usr/bin/tcpdump"),
             &["-i", "fabric", "-U", "-s", "0", "-w", &pcap_text, "tcp"],
         )?;

@@ -5,20 +5,18 @@
 
 use std::{
     net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, ensure};
 use ferry_agent::inspect::parse_metrics;
 use ferry_tests::{
-    Cluster, PodOptions, bin_path, http,
+    Cluster, PORT, PodOptions, bin_path, http,
     inspect::{admin_json, eventually, live_connection, metric_value as value, metrics},
     netns,
-    testapp::{Family, event, pod_addr},
+    testapp::{Family, TestApp, pod_addr},
 };
 
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(60);
 const BYTES: u64 = 1 << 20;
 const CONNECTIONS: u64 = 3;
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -38,38 +36,22 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     let client = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let ca = cluster.start_ca()?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
-    let testapp = bin_path("ferry-testapp")?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let _a2 = cluster.agent(n2).ca(&ca).start()?;
     let agent = bin_path("ferry-agent")?;
     let agent = agent.to_str().context("agent path is not UTF-8")?;
 
     // Real traffic: three connections through the tunnel, BYTES each way.
     let to = pod_addr(&cluster, server, Family::V4, PORT);
-    let bytes = BYTES.to_string();
-    let mut serve = cluster.spawn_in_pod(
-        server,
-        &testapp,
-        &["serve", "--listen", &to.to_string(), "--bytes", &bytes],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let repeat = CONNECTIONS.to_string();
-    let mut connect = cluster.spawn_in_pod(
-        client,
-        &testapp,
-        &[
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--bytes",
-            &bytes,
-            "--repeat",
-            &repeat,
-            "--quiet",
-        ],
-    )?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
-    ensure!(status.success(), "{stderr}\n{stdout}");
+    let _serve = TestApp::serve(to)
+        .bytes(BYTES)
+        .start(&mut cluster, server)?;
+    let connect = TestApp::connect(to)
+        .bytes(BYTES)
+        .repeat(CONNECTIONS)
+        .quiet()
+        .run(&mut cluster, client)?;
+    ensure!(connect.success(), "{}\n{}", connect.stderr, connect.stdout);
 
     // The client's agent: opened, bytes both ways, handshakes, pool.
     let outbound = [("direction", "outbound"), ("route", "tunnel")];
@@ -210,11 +192,8 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     );
 
     let held = pod_addr(&cluster, server, Family::V4, PORT + 1);
-    let mut hold_server =
-        cluster.spawn_in_pod(server, &testapp, &["serve", "--listen", &held.to_string()])?;
-    hold_server.wait_for_line(event("listening"), WAIT)?;
-    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &held.to_string()])?;
-    hold.wait_for_line(event("connected"), WAIT)?;
+    let _hold_server = TestApp::serve(held).start(&mut cluster, server)?;
+    let hold = TestApp::hold(held).start(&mut cluster, client)?;
     live_connection(&cluster, n1, held)?;
     live_connection(&cluster, n2, held)?;
     let table = cluster.run_on_node(n1, agent, &["inspect", "connections"])?;
@@ -242,8 +221,7 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
         let out = cluster.run_on_node(n1, agent, &["inspect", view])?;
         ensure!(out.lines().count() >= 2, "inspect {view}:\n{out}");
     }
-    hold.close_stdin();
-    hold.wait_exit(WAIT)?;
+    hold.release()?;
 
     // Nothing listens: inspect says so.
     let error = cluster
@@ -261,12 +239,7 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
 
     // A policy that does not allow web: node 2 refuses, both agents count it.
     let small = pod_addr(&cluster, server, Family::V4, PORT + 2);
-    let mut small_server = cluster.spawn_in_pod(
-        server,
-        &testapp,
-        &["serve", "--listen", &small.to_string(), "--bytes", "1"],
-    )?;
-    small_server.wait_for_line(event("listening"), WAIT)?;
+    let _small_server = TestApp::serve(small).bytes(1).start(&mut cluster, server)?;
     cluster.set_policies(vec![ferry_agent::workload::file::PolicySpec {
         namespace: "shop".to_owned(),
         service_account: Some("db".to_owned()),
@@ -274,13 +247,8 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     }]);
     cluster.write_workloads()?;
     eventually(|| {
-        let mut connect = cluster.spawn_in_pod(
-            client,
-            &testapp,
-            &["connect", "--to", &small.to_string(), "--bytes", "1"],
-        )?;
-        let (status, _, _) = connect.wait_exit(WAIT)?;
-        ensure!(!status.success(), "the policy was not applied yet");
+        let connect = TestApp::connect(small).bytes(1).run(&mut cluster, client)?;
+        ensure!(!connect.success(), "the policy was not applied yet");
         Ok(())
     })?;
     let m2 = metrics(&cluster, n2)?;

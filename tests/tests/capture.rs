@@ -3,126 +3,20 @@
 //! pods talk through the agent without knowing it. Needs root; fails (never
 //! skips) when the machine cannot run simulated nodes.
 
-use std::{
-    io::Write as _,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{io::Write as _, net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    Cluster, MIB, NodeId, PORT, PodOptions, WAIT, bin_path,
     inspect::{
         MAPS, PROGRAMS, admin_json, captured_total, eventually, is_node_addr, live_connection,
-        loaded_programs, metric_value, metrics, pinned_original_dsts, programs_on,
+        loaded_programs, metric_value, metrics, pinned_original_dsts, programs_on, socket_addr,
     },
-    testapp::{Family, event, json_lines, pod_addr, pod_ip, socket_addr},
+    testapp::{Datagram, Ended, Family, Served, TestApp, UdpEcho, exchange, pod_addr, pod_ip},
 };
 
-const MIB: u64 = 1 << 20;
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 /// How soon both ends must notice that a relayed connection broke.
 const CLOSE_NOTICED: Duration = Duration::from_secs(5);
-
-/// What one client connection saw, and what the server saw of it.
-struct Exchange {
-    /// The client's `getpeername`.
-    client_peer: SocketAddr,
-    /// The server's `getpeername`: who connected to it.
-    server_peer: SocketAddr,
-}
-
-/// `bytes` each way from `client` to a fresh server in `server`, checked at
-/// both ends; the server sends its half only after the client half-closed.
-fn exchange(
-    cluster: &mut Cluster,
-    client: PodId,
-    server: PodId,
-    to: SocketAddr,
-    bytes: u64,
-) -> anyhow::Result<Exchange> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = SocketAddr::new(
-        if to.is_ipv4() {
-            cluster.pod(server).ipv4.into()
-        } else {
-            cluster.pod(server).ipv6.into()
-        },
-        to.port(),
-    )
-    .to_string();
-    let count = bytes.to_string();
-    let mut serve = cluster.spawn_in_pod(
-        server,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", &count],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let to_text = to.to_string();
-    let mut connect = cluster.spawn_in_pod(
-        client,
-        &testapp,
-        &["connect", "--to", &to_text, "--bytes", &count],
-    )?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
-    ensure!(
-        status.success(),
-        "connect to {to} failed ({status}): {stderr}\n{stdout}"
-    );
-    let lines = json_lines(&stdout)?;
-    let done = lines
-        .iter()
-        .find(|l| event("done")(l))
-        .with_context(|| format!("no done line: {stdout}"))?;
-    ensure!(
-        done["intact"] == true,
-        "client saw a damaged answer: {done}"
-    );
-    ensure!(done["received"] == bytes, "client got {done}");
-    let served = serve.wait_for_line(event("served"), WAIT)?;
-    ensure!(
-        served["intact"] == true,
-        "server saw a damaged stream: {served}"
-    );
-    ensure!(served["received"] == bytes, "server got {served}");
-    serve.kill();
-    Ok(Exchange {
-        client_peer: socket_addr(&done["peer"])?,
-        server_peer: socket_addr(&served["peer"])?,
-    })
-}
-
-/// A live client connection held open until dropped.
-struct Held(Proc);
-
-impl Held {
-    fn open(cluster: &mut Cluster, client: PodId, to: SocketAddr) -> anyhow::Result<Self> {
-        let testapp = bin_path("ferry-testapp")?;
-        let mut hold =
-            cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &to.to_string()])?;
-        hold.wait_for_line(event("connected"), WAIT)?;
-        Ok(Self(hold))
-    }
-
-    fn close(mut self) -> anyhow::Result<()> {
-        self.0.close_stdin();
-        let (status, _, stderr) = self.0.wait_exit(WAIT)?;
-        ensure!(status.success(), "hold failed ({status}): {stderr}");
-        Ok(())
-    }
-}
-
-fn serve_forever(cluster: &mut Cluster, pod: PodId, listen: SocketAddr) -> anyhow::Result<Proc> {
-    let testapp = bin_path("ferry-testapp")?;
-    let mut serve = cluster.spawn_in_pod(
-        pod,
-        &testapp,
-        &["serve", "--listen", &listen.to_string(), "--udp"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    Ok(serve)
-}
 
 /// `ferry_connection_bytes_total` of passthrough outbound connections,
 /// sent and received, from one look at `/metrics`.
@@ -148,7 +42,7 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
 
     for family in [Family::V4, Family::V6] {
         let before = captured_total(&cluster, n1)?;
@@ -170,15 +64,15 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
             Ok(())
         })?;
         ensure!(
-            seen.client_peer == to,
+            seen.done.peer == to,
             "{family:?}: the client's getpeername says {}, but it dialled {to}",
-            seen.client_peer
+            seen.done.peer
         );
         // The agent, not the client pod, opened the server's connection.
         ensure!(
-            is_node_addr(&cluster, n1, seen.server_peer.ip()),
+            is_node_addr(&cluster, n1, seen.served.peer.ip()),
             "{family:?}: the server saw {} connect, not the agent",
-            seen.server_peer,
+            seen.served.peer,
         );
         ensure!(
             captured_total(&cluster, n1)? == before + 1,
@@ -189,8 +83,8 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
     // A live connection, as the agent and bpftool show it.
     for family in [Family::V4, Family::V6] {
         let to = pod_addr(&cluster, server, family, PORT + 1);
-        let mut serve = serve_forever(&mut cluster, server, to)?;
-        let held = Held::open(&mut cluster, client, to)?;
+        let mut serve = TestApp::serve(to).udp().start(&mut cluster, server)?;
+        let held = TestApp::hold(to).start(&mut cluster, client)?;
         let entry = live_connection(&cluster, n1, to)?;
         ensure!(entry["sourcePod"] == "shop/client", "{family:?}: {entry}");
         ensure!(
@@ -208,10 +102,16 @@ fn meshed_client_reaches_server_through_the_agent_over_ipv4_and_ipv6() -> anyhow
             pinned.contains(&to),
             "{family:?}: bpftool map dump of orig_dst_tuple has no entry for {to}: {pinned:?}"
         );
-        held.close()?;
+        let hold = held.release()?;
+        ensure!(
+            hold.success(),
+            "hold failed ({}): {}",
+            hold.status,
+            hold.stderr
+        );
         // The server sees the client's close through the agent.
-        let served = serve.wait_for_line(event("served"), WAIT)?;
-        ensure!(served["intact"] == true, "{family:?}: {served}");
+        let served: Served = serve.wait_for(WAIT)?;
+        ensure!(served.intact, "{family:?}: {served:?}");
         eventually(|| {
             let live = admin_json(&cluster, n1, "/connections")?;
             ensure!(
@@ -237,15 +137,15 @@ fn unmeshed_pods_and_udp_are_not_redirected() -> anyhow::Result<()> {
     let meshed = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let plain = cluster.add_pod(n1, PodOptions::unmeshed("legacy", "legacy", "legacy"))?;
     let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "legacy", "server"))?;
-    let _agent = cluster.start_agent(n1)?;
+    let _agent = cluster.agent(n1).start()?;
 
     let to = pod_addr(&cluster, server, Family::V4, PORT);
     let before = captured_total(&cluster, n1)?;
     let seen = exchange(&mut cluster, plain, server, to, MIB)?;
     ensure!(
-        seen.server_peer.ip() == IpAddr::from(cluster.pod(plain).ipv4),
+        seen.served.peer.ip() == IpAddr::from(cluster.pod(plain).ipv4),
         "the unmeshed client reached the server as {}, not as itself",
-        seen.server_peer
+        seen.served.peer
     );
     ensure!(
         captured_total(&cluster, n1)? == before,
@@ -257,31 +157,28 @@ fn unmeshed_pods_and_udp_are_not_redirected() -> anyhow::Result<()> {
     );
 
     // A connected UDP socket in a meshed pod (what a DNS resolver does).
-    let testapp = bin_path("ferry-testapp")?;
     for family in [Family::V4, Family::V6] {
         let to = pod_addr(&cluster, server, family, PORT + 1);
-        let mut serve = serve_forever(&mut cluster, server, to)?;
-        let mut udp = cluster.spawn_in_pod(meshed, &testapp, &["udp", "--to", &to.to_string()])?;
-        let (status, stdout, stderr) = udp.wait_exit(WAIT)?;
+        let mut serve = TestApp::serve(to).udp().start(&mut cluster, server)?;
+        let udp = TestApp::udp(to).run(&mut cluster, meshed)?;
         ensure!(
-            status.success(),
-            "{family:?}: UDP from a meshed pod did not reach the server directly: {stderr}{stdout}"
+            udp.success(),
+            "{family:?}: UDP from a meshed pod did not reach the server directly: {}{}",
+            udp.stderr,
+            udp.stdout
         );
-        let sent = json_lines(&stdout)?
-            .into_iter()
-            .find(|l| event("udp")(l))
-            .with_context(|| format!("no udp line: {stdout}"))?;
+        let sent: UdpEcho = udp.event()?;
         ensure!(
-            socket_addr(&sent["peer"])? == to,
+            sent.peer == to,
             "{family:?}: the connected UDP socket's peer is {}, not {to}",
-            sent["peer"]
+            sent.peer
         );
-        let arrived = serve.wait_for_line(event("datagram"), WAIT)?;
+        let arrived: Datagram = serve.wait_for(WAIT)?;
         let meshed_ip = pod_ip(&cluster, meshed, family);
         ensure!(
-            socket_addr(&arrived["from"])?.ip().to_canonical() == meshed_ip,
+            arrived.from.ip().to_canonical() == meshed_ip,
             "{family:?}: the datagram came from {}, not from the meshed pod {meshed_ip}",
-            arrived["from"]
+            arrived.from
         );
         serve.kill();
     }
@@ -304,22 +201,22 @@ fn excluded_ports_go_around_the_agent() -> anyhow::Result<()> {
         PodOptions::meshed("client", "shop", "client").excluding_ports(&[EXCLUDED]),
     )?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let _agent = cluster.start_agent(n1)?;
+    let _agent = cluster.agent(n1).start()?;
 
     let client_ip = IpAddr::from(cluster.pod(client).ipv4);
     let excluded = pod_addr(&cluster, server, Family::V4, EXCLUDED);
     let seen = exchange(&mut cluster, client, server, excluded, MIB)?;
     ensure!(
-        seen.server_peer.ip() == client_ip,
+        seen.served.peer.ip() == client_ip,
         "port {EXCLUDED} is excluded, but the server saw {} connect",
-        seen.server_peer
+        seen.served.peer
     );
     let captured = pod_addr(&cluster, server, Family::V4, PORT);
     let seen = exchange(&mut cluster, client, server, captured, MIB)?;
     ensure!(
-        is_node_addr(&cluster, n1, seen.server_peer.ip()),
+        is_node_addr(&cluster, n1, seen.served.peer.ip()),
         "port {PORT} is not excluded, but the server saw {} connect",
-        seen.server_peer
+        seen.served.peer
     );
     Ok(())
 }
@@ -330,7 +227,7 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let mut agent = cluster.start_agent(n1)?;
+    let mut agent = cluster.agent(n1).start()?;
 
     let loaded = loaded_programs()?;
     for program in PROGRAMS {
@@ -347,23 +244,23 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
     }
 
     let to = pod_addr(&cluster, server, Family::V4, PORT);
-    let mut serve = serve_forever(&mut cluster, server, to)?;
-    let mut held = Held::open(&mut cluster, client, to)?;
+    let mut serve = TestApp::serve(to).udp().start(&mut cluster, server)?;
+    let mut held = TestApp::hold(to).start(&mut cluster, client)?;
     live_connection(&cluster, n1, to)?;
     agent.kill9();
 
     // A connection live across the crash was relayed by the dead process:
     // both ends see it closed at once, rather than hanging.
-    let ended = held.0.wait_for_line(event("ended"), CLOSE_NOTICED)?;
-    let (status, _, _) = held.0.wait_exit(WAIT)?;
+    let ended: Ended = held.wait_for(CLOSE_NOTICED)?;
+    let hold = held.wait_exit()?;
     ensure!(
-        !status.success(),
-        "the held connection broke ({ended}), but hold succeeded"
+        !hold.success(),
+        "the held connection broke ({ended:?}), but hold succeeded"
     );
-    let served = serve.wait_for_line(event("served"), CLOSE_NOTICED)?;
+    let served: Served = serve.wait_for(CLOSE_NOTICED)?;
     ensure!(
-        served["intact"] == true && served["received"] == 0,
-        "the server's side of the broken connection: {served}"
+        served.intact && served.received == 0,
+        "the server's side of the broken connection: {served:?}"
     );
 
     // While no agent runs, the pinned links keep the programs on the cgroup:
@@ -373,16 +270,12 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
         programs_on(&cgroup)? == expected_programs(),
         "programs left the cgroup when the agent died"
     );
-    let testapp = bin_path("ferry-testapp")?;
-    let mut connect = cluster.spawn_in_pod(
-        client,
-        &testapp,
-        &["connect", "--to", &to.to_string(), "--bytes", "1"],
-    )?;
-    let (status, _, stderr) = connect.wait_exit(WAIT)?;
+    let connect = TestApp::connect(to).bytes(1).run(&mut cluster, client)?;
     ensure!(
-        !status.success() && stderr.contains("refused"),
-        "with the agent down, a captured connect should be refused: {status} {stderr}"
+        !connect.success() && connect.stderr.contains("refused"),
+        "with the agent down, a captured connect should be refused: {} {}",
+        connect.status,
+        connect.stderr
     );
 
     // What an earlier build pinned and this one no longer uses goes at start.
@@ -403,7 +296,7 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
         .status()?;
     ensure!(created.success(), "bpftool could not pin {retired_path}");
 
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
     ensure!(
         !retired.exists(),
         "the restarted agent left the retired map {retired_path} pinned"
@@ -411,11 +304,11 @@ fn programs_are_visible_to_bpftool_and_survive_an_agent_restart() -> anyhow::Res
     let again = pod_addr(&cluster, server, Family::V4, PORT + 2);
     let seen = exchange(&mut cluster, client, server, again, MIB)?;
     ensure!(
-        is_node_addr(&cluster, n1, seen.server_peer.ip()),
+        is_node_addr(&cluster, n1, seen.served.peer.ip()),
         "after the restart the server saw {} connect, not the agent",
-        seen.server_peer
+        seen.served.peer
     );
-    ensure!(seen.client_peer == again);
+    ensure!(seen.done.peer == again);
     ensure!(
         programs_on(&cgroup)? == expected_programs(),
         "after a restart the cgroup carries {:?}",
@@ -431,7 +324,7 @@ fn a_pod_removed_from_the_workloads_is_released() -> anyhow::Result<()> {
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "legacy", "server"))?;
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
     let cgroup = cluster.pod(client).cgroup.clone();
     ensure!(programs_on(&cgroup)? == expected_programs());
     let links = agent.pin_dir.join("links");
@@ -467,7 +360,7 @@ fn a_pod_removed_from_the_workloads_is_released() -> anyhow::Result<()> {
     let to = pod_addr(&cluster, server, Family::V4, PORT);
     let seen = exchange(&mut cluster, client, server, to, MIB)?;
     ensure!(
-        seen.server_peer.ip() == IpAddr::from(cluster.pod(client).ipv4),
+        seen.served.peer.ip() == IpAddr::from(cluster.pod(client).ipv4),
         "a released pod's connection still went through the agent"
     );
     ensure!(
@@ -486,7 +379,7 @@ fn refused(cluster: &mut Cluster, node: NodeId, yaml: &str) -> anyhow::Result<St
     let file = path.to_str().context("path is not UTF-8")?.to_owned();
     let pins = cluster.tempdir().join("no-pins");
     let pins = pins.to_str().context("path is not UTF-8")?.to_owned();
-    let mut run = cluster.spawn_on_node(
+    let mut run = cluster.spawn(
         node,
         &agent,
         &[
@@ -585,7 +478,7 @@ fn the_log_filter_changes_at_runtime_through_the_admin_endpoint() -> anyhow::Res
     let n1 = cluster.add_node()?;
     let client = cluster.add_pod(n1, PodOptions::meshed("client", "shop", "client"))?;
     let server = cluster.add_pod(n1, PodOptions::meshed("server", "shop", "server"))?;
-    let agent = cluster.start_agent(n1)?;
+    let agent = cluster.agent(n1).start()?;
     let (status, body) = cluster.admin_get(n1, "/logging")?;
     ensure!(status == 200 && body.trim() == "info", "{status} {body}");
 
@@ -653,14 +546,14 @@ fn worker_threads_bound_the_agents_runtime() -> anyhow::Result<()> {
         }
         Ok(count)
     };
-    let default = cluster.start_agent(n1)?;
+    let default = cluster.agent(n1).start()?;
     let cpus = std::thread::available_parallelism()?.get();
     ensure!(
         workers(&default)? == cpus,
         "by default one shard per CPU ({cpus}), found {}",
         workers(&default)?
     );
-    let one = cluster.start_agent_with(n2, &["--worker-threads", "1"])?;
+    let one = cluster.agent(n2).worker_threads(1).start()?;
     ensure!(
         workers(&one)? == 1,
         "--worker-threads 1 gave {} shards",

@@ -3,24 +3,14 @@
 //! across nodes), and a dropped cluster leaves nothing behind. Needs root;
 //! fails (never skips) when the machine cannot run simulated nodes.
 
-use std::{
-    io::Write as _,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
 use ferry_agent::workload::file::WorkloadFile;
 use ferry_tests::{
-    Cluster, PodId, PodOptions, bin_path, netns,
-    testapp::{Family, event, pod_addr, socket_addr},
+    Cluster, MIB, PORT, PodId, PodOptions, WAIT, netns,
+    testapp::{Family, Served, Summary, TestApp, UdpEcho, pod_addr, pod_ip},
 };
-use serde_json::Value;
-
-const MIB: u64 = 1 << 20;
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn pods_on_one_node_talk_over_ipv4_and_ipv6() -> anyhow::Result<()> {
@@ -30,7 +20,7 @@ fn pods_on_one_node_talk_over_ipv4_and_ipv6() -> anyhow::Result<()> {
     let server = cluster.add_pod(n1, PodOptions::unmeshed("server", "plain", "server"))?;
 
     for family in [Family::V4, Family::V6] {
-        exchange(&mut cluster, client, server, family)?;
+        exchange_and_echo(&mut cluster, client, server, family)?;
     }
     repeat_quietly(&mut cluster, client, server)?;
     hold_until_stdin_closes(&mut cluster, client, server)?;
@@ -56,110 +46,78 @@ fn pods_on_two_nodes_talk_over_ipv4_and_ipv6() -> anyhow::Result<()> {
     let client = cluster.add_pod(n1, PodOptions::unmeshed("client", "plain", "client"))?;
     let server = cluster.add_pod(n2, PodOptions::unmeshed("server", "plain", "server"))?;
     for family in [Family::V4, Family::V6] {
-        exchange(&mut cluster, client, server, family)?;
+        exchange_and_echo(&mut cluster, client, server, family)?;
     }
     assert_removed_on_drop(cluster)
 }
 
-/// 1 MiB each way between the pods, checked at both ends, plus a UDP echo.
-fn exchange(
+/// 1 MiB each way between the pods, checked at both ends, plus a UDP echo
+/// from the same server.
+fn exchange_and_echo(
     cluster: &mut Cluster,
     client: PodId,
     server: PodId,
     family: Family,
 ) -> anyhow::Result<()> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(cluster, server, family, PORT).to_string();
-    let mib = MIB.to_string();
-    let mut serve = cluster.spawn_in_pod(
-        server,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", &mib, "--udp"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-
-    let mut connect = cluster.spawn_in_pod(
-        client,
-        &testapp,
-        &["connect", "--to", &listen, "--bytes", &mib],
-    )?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+    let listen = pod_addr(cluster, server, family, PORT);
+    let mut serve = TestApp::serve(listen)
+        .bytes(MIB)
+        .udp()
+        .start(cluster, server)?;
+    let seen = serve
+        .exchange(cluster, client, listen)
+        .with_context(|| format!("{family:?}"))?;
     ensure!(
-        status.success(),
-        "{family:?} connect failed ({status}): {stderr}\n{stdout}"
+        seen.connected.peer == listen,
+        "{family:?}: {:?}",
+        seen.connected
     );
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("connect printed non-JSON: {stdout}"))?;
-    let connected = lines
-        .iter()
-        .find(|l| event("connected")(l))
-        .context("no connected line")?;
+    let client_ip = pod_ip(cluster, client, family);
     ensure!(
-        connected["peer"] == listen.as_str(),
-        "{family:?}: {connected}"
-    );
-    let done = lines
-        .iter()
-        .find(|l| event("done")(l))
-        .context("no done line")?;
-    ensure!(
-        done["intact"] == true && done["received"] == MIB,
-        "{family:?}: {done}"
-    );
-
-    let served = serve.wait_for_line(event("served"), WAIT)?;
-    ensure!(
-        served["intact"] == true && served["received"] == MIB,
-        "{family:?}: {served}"
-    );
-    let client_ip: IpAddr = match family {
-        Family::V4 => cluster.pod(client).ipv4.into(),
-        Family::V6 => cluster.pod(client).ipv6.into(),
-    };
-    ensure!(
-        socket_addr(&served["peer"])?.ip() == client_ip,
+        seen.served.peer.ip() == client_ip,
         "{family:?}: the server saw {} instead of the client pod's {client_ip}",
-        served["peer"]
+        seen.served.peer
     );
 
-    let mut udp = cluster.spawn_in_pod(client, &testapp, &["udp", "--to", &listen])?;
-    let (status, stdout, stderr) = udp.wait_exit(WAIT)?;
+    let udp = TestApp::udp(listen).run(cluster, client)?;
     ensure!(
-        status.success(),
-        "{family:?} udp failed ({status}): {stderr}\n{stdout}"
+        udp.success(),
+        "{family:?} udp failed ({}): {}\n{}",
+        udp.status,
+        udp.stderr,
+        udp.stdout
     );
-    ensure!(stdout.contains(r#""echoed":true"#), "{family:?}: {stdout}");
+    let echo: UdpEcho = udp.event()?;
+    ensure!(echo.echoed, "{family:?}: {echo:?}");
     serve.kill();
     Ok(())
 }
 
 /// `connect --repeat --quiet` prints one summary line.
 fn repeat_quietly(cluster: &mut Cluster, client: PodId, server: PodId) -> anyhow::Result<()> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(cluster, server, Family::V4, PORT + 1).to_string();
-    let mut serve = cluster.spawn_in_pod(
-        server,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", "1000"],
-    )?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let args = [
-        "connect", "--to", &listen, "--bytes", "1000", "--repeat", "50", "--quiet",
-    ];
-    let mut connect = cluster.spawn_in_pod(client, &testapp, &args)?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
+    let listen = pod_addr(cluster, server, Family::V4, PORT + 1);
+    let mut serve = TestApp::serve(listen).bytes(1000).start(cluster, server)?;
+    let connect = TestApp::connect(listen)
+        .bytes(1000)
+        .repeat(50)
+        .quiet()
+        .run(cluster, client)?;
     ensure!(
-        status.success(),
-        "repeat failed ({status}): {stderr}\n{stdout}"
+        connect.success(),
+        "repeat failed ({}): {}\n{}",
+        connect.status,
+        connect.stderr,
+        connect.stdout
     );
-    let summary: Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("expected one summary line, got: {stdout}"))?;
     ensure!(
-        summary["event"] == "summary" && summary["connections"] == 50 && summary["failed"] == 0,
-        "{summary}"
+        connect.lines()?.len() == 1,
+        "expected one summary line, got: {}",
+        connect.stdout
+    );
+    let summary: Summary = connect.event()?;
+    ensure!(
+        summary.connections == 50 && summary.failed == 0,
+        "{summary:?}"
     );
     serve.kill();
     Ok(())
@@ -171,25 +129,24 @@ fn hold_until_stdin_closes(
     client: PodId,
     server: PodId,
 ) -> anyhow::Result<()> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(cluster, server, Family::V6, PORT + 2).to_string();
-    let mut serve = cluster.spawn_in_pod(server, &testapp, &["serve", "--listen", &listen])?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &listen])?;
-    let connected = hold.wait_for_line(event("connected"), WAIT)?;
-    ensure!(connected["peer"] == listen.as_str(), "{connected}");
+    let listen = pod_addr(cluster, server, Family::V6, PORT + 2);
+    let mut serve = TestApp::serve(listen).start(cluster, server)?;
+    let mut hold = TestApp::hold(listen).start(cluster, client)?;
+    ensure!(hold.connected().peer == listen, "{:?}", hold.connected());
     ensure!(
-        hold.has_exited()?.is_none(),
+        hold.is_running()?,
         "hold must keep running until stdin has a line"
     );
-    hold.stdin()?.write_all(b"\n")?;
-    let (status, _, stderr) = hold.wait_exit(WAIT)?;
-    ensure!(status.success(), "hold failed ({status}): {stderr}");
-    let served = serve.wait_for_line(event("served"), WAIT)?;
+    hold.send_line()?;
+    let exit = hold.wait_exit()?;
     ensure!(
-        served["received"] == 0 && served["intact"] == true,
-        "{served}"
+        exit.success(),
+        "hold failed ({}): {}",
+        exit.status,
+        exit.stderr
     );
+    let served: Served = serve.wait_for(WAIT)?;
+    ensure!(served.received == 0 && served.intact, "{served:?}");
     serve.kill();
     Ok(())
 }

@@ -6,10 +6,8 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, ensure};
-use ferry_tests::{Cluster, PodOptions, inspect::admin_json};
+use ferry_tests::{Cluster, PodOptions, WAIT, inspect::admin_json};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn certs_of(cluster: &Cluster, node: ferry_tests::NodeId) -> anyhow::Result<Vec<Value>> {
     let certs = admin_json(cluster, node, "/certs")?;
@@ -42,7 +40,7 @@ fn the_agent_gets_a_verified_24h_certificate_per_local_service_account() -> anyh
     cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let ca = cluster.start_ca()?;
     // Ready means: every local identity has a valid certificate.
-    let _agent = cluster.start_agent_with_ca(n1, &ca)?;
+    let _agent = cluster.agent(n1).ca(&ca).start()?;
 
     let certs = certs_of(&cluster, n1)?;
     let identities: Vec<&str> = certs

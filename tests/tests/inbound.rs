@@ -11,16 +11,14 @@ use ferry_agent::{identity::tls, tunnel::wire::REASON_HEADER};
 use ferry_ca::issuer::{Issuer, LeafPolicy};
 use ferry_proto::SpiffeId;
 use ferry_tests::{
-    Cluster, PodOptions, bin_path,
+    Cluster, PORT, PodOptions,
     ca::CaFixture,
     inspect::{metric_value, metrics},
     netns,
-    testapp::{Family, event, pod_addr},
+    testapp::{Family, TestApp, pod_addr},
 };
 use http::{Method, Request, StatusCode};
 use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::ServerName, sign::CertifiedKey};
-
-const PORT: u16 = 8080;
 
 #[test]
 fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> {
@@ -32,12 +30,10 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
     let cache = cluster.add_pod(n2, PodOptions::meshed("cache-0", "shop", "cache"))?;
     let legacy = cluster.add_pod(n2, PodOptions::unmeshed("old-0", "legacy", "old"))?;
     let ca = cluster.start_ca()?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(&cluster, db, Family::V4, PORT).to_string();
-    let mut serve = cluster.spawn_in_pod(db, &testapp, &["serve", "--listen", &listen])?;
-    serve.wait_for_line(event("listening"), Duration::from_secs(30))?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let _a2 = cluster.agent(n2).ca(&ca).start()?;
+    let listen = pod_addr(&cluster, db, Family::V4, PORT);
+    let _serve = TestApp::serve(listen).start(&mut cluster, db)?;
 
     let n2_ip = cluster.node(n2).ipv4;
     let tunnel = SocketAddr::from((n2_ip, ferry_proto::TUNNEL_PORT));

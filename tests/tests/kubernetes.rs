@@ -7,11 +7,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
-    CgroupDriver, Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions, WAIT,
     ca::CaOptions,
     inspect::{PROGRAMS, admin_json, eventually, live_connection, programs_on},
     kube_api::{FakeApiServer, namespace, pod},
-    testapp::{Family, event, pod_addr},
+    testapp::{Family, Served, TestApp, pod_addr},
 };
 use k8s_openapi::{
     api::{
@@ -21,9 +21,6 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde_json::Value;
-
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Whether the agent's capture programs are on the pod's cgroup (all of
 /// them) or not (none), failing on anything in between.
@@ -107,7 +104,7 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     api.apply(namespace("shop", false));
     api.apply(pod(&cluster, web));
     api.apply(pod(&cluster, old));
-    let mut agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+    let mut agent = cluster.agent(n1).kubernetes(&kubeconfig).start()?;
 
     // The agent says where it learns the workloads.
     let config = &admin_json(&cluster, n1, "/config_dump")?["config"];
@@ -133,7 +130,7 @@ fn the_agent_follows_labels_pod_churn_and_lost_watches() -> anyhow::Result<()> {
     // instead of detaching pods it has not heard of yet and attaching anew.
     let before = link_ids(&agent, &cluster, web)?;
     agent.kill9();
-    let agent = cluster.start_agent_kubernetes(n1, &kubeconfig, &[])?;
+    let agent = cluster.agent(n1).kubernetes(&kubeconfig).start()?;
     ensure!(
         link_ids(&agent, &cluster, web)? == before,
         "the restarted agent made new links for the web pod"
@@ -203,8 +200,8 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
         kubernetes: true,
         ..CaOptions::default()
     })?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let _a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let _a2 = cluster.agent(n2).ca(&ca).start()?;
     let api = ca.api.as_ref().context("no stand-in API server")?;
     for pod in [client, db0, db1] {
         ensure!(captured(&cluster, pod)?, "{}", cluster.pod(pod).name);
@@ -212,13 +209,12 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
 
     let mut servers = Vec::new();
     for pod in [db0, db1] {
-        servers.push(serve(&mut cluster, pod)?);
+        let listen = pod_addr(&cluster, pod, Family::V4, PORT);
+        servers.push(TestApp::serve(listen).bytes(16).start(&mut cluster, pod)?);
     }
     // Pod to pod: through the tunnel, with the identities from the API server.
-    let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&cluster, db0, Family::V4, PORT);
-    let mut hold = cluster.spawn_in_pod(client, &testapp, &["hold", "--to", &to.to_string()])?;
-    hold.wait_for_line(event("connected"), WAIT)?;
+    let hold = TestApp::hold(to).start(&mut cluster, client)?;
     let live = live_connection(&cluster, n1, to)?;
     ensure!(live["route"] == "tunnel", "{live}");
     ensure!(
@@ -226,9 +222,8 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
             && live["destinationIdentity"] == "spiffe://cluster.local/ns/shop/sa/db",
         "{live}"
     );
-    hold.close_stdin();
-    hold.wait_exit(WAIT)?;
-    servers[0].wait_for_line(event("served"), WAIT)?;
+    hold.release()?;
+    servers[0].wait_for::<Served>(WAIT)?;
 
     // A Service whose named target port and endpoints come from its EndpointSlice.
     let cluster_ip = "198.18.255.20";
@@ -263,29 +258,22 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
             );
             Ok(())
         })?;
-        let (status, _, stderr) = cluster
-            .spawn_in_pod(
-                client,
-                &testapp,
-                &[
-                    "connect",
-                    "--to",
-                    &service.to_string(),
-                    "--bytes",
-                    "16",
-                    "--repeat",
-                    "5",
-                ],
-            )?
-            .wait_exit(WAIT)?;
-        ensure!(status.success(), "through the Service to {name}: {stderr}");
+        let connect = TestApp::connect(service)
+            .bytes(16)
+            .repeat(5)
+            .run(&mut cluster, client)?;
+        ensure!(
+            connect.success(),
+            "through the Service to {name}: {}",
+            connect.stderr
+        );
         let (now_index, idle_index) = (server_index(now, db0), server_index(idle, db0));
         for _ in 0..5 {
-            servers[now_index].wait_for_line(event("served"), WAIT)?;
+            servers[now_index].wait_for::<Served>(WAIT)?;
         }
         ensure!(
             servers[idle_index]
-                .wait_for_line(event("served"), Duration::from_millis(300))
+                .wait_for::<Served>(Duration::from_millis(300))
                 .is_err(),
             "a pod that is not an endpoint of the Service got a connection"
         );
@@ -295,18 +283,6 @@ fn pods_found_through_the_api_server_talk_over_mtls_and_services_follow_their_en
 
 fn server_index(pod: PodId, first: PodId) -> usize {
     usize::from(pod != first)
-}
-
-fn serve(cluster: &mut Cluster, pod: PodId) -> anyhow::Result<Proc> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = pod_addr(cluster, pod, Family::V4, PORT).to_string();
-    let mut server = cluster.spawn_in_pod(
-        pod,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", "16"],
-    )?;
-    server.wait_for_line(event("listening"), WAIT)?;
-    Ok(server)
 }
 
 fn meta(name: &str) -> ObjectMeta {

@@ -5,15 +5,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    Cluster, MIB, NodeId, PORT, PodId, PodOptions, WAIT,
     inspect::{admin_json, is_node_addr, live_connection, metric_value, metrics},
-    testapp::{Family, event, json_lines, pod_addr, socket_addr},
+    testapp::{Connected, Family, Reset, Served, TestApp, exchange, pod_addr},
     wire::{LinkCapture, contains, plaintext_marker},
 };
-
-const MIB: u64 = 1 << 20;
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(60);
 
 struct TwoNodes {
     cluster: Cluster,
@@ -28,13 +24,15 @@ struct TwoNodes {
 }
 
 fn two_nodes(name: &str) -> anyhow::Result<TwoNodes> {
-    two_nodes_with(name, &ferry_tests::ca::CaOptions::default(), &[])
+    two_nodes_with(name, &ferry_tests::ca::CaOptions::default(), None)
 }
 
+/// Two nodes with a CA of `ca_options`, their agents' pools closing idle
+/// connections after `pool_idle_timeout` (the agent's default if `None`).
 fn two_nodes_with(
     name: &str,
     ca_options: &ferry_tests::ca::CaOptions,
-    agent_args: &[&str],
+    pool_idle_timeout: Option<Duration>,
 ) -> anyhow::Result<TwoNodes> {
     let mut cluster = Cluster::new(name)?;
     let n1 = cluster.add_node()?;
@@ -43,8 +41,14 @@ fn two_nodes_with(
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let neighbour = cluster.add_pod(n1, PodOptions::meshed("cache-0", "shop", "cache"))?;
     let ca = cluster.start_ca_with(ca_options)?;
-    let a1 = cluster.start_agent_with_ca_and(n1, &ca, agent_args)?;
-    let a2 = cluster.start_agent_with_ca_and(n2, &ca, agent_args)?;
+    let mut agents = Vec::new();
+    for node in [n1, n2] {
+        let mut agent = cluster.agent(node).ca(&ca);
+        if let Some(idle) = pool_idle_timeout {
+            agent = agent.pool_idle_timeout(idle);
+        }
+        agents.push(agent.start()?);
+    }
     Ok(TwoNodes {
         cluster,
         n1,
@@ -52,7 +56,7 @@ fn two_nodes_with(
         client,
         server,
         neighbour,
-        agents: vec![a1, a2],
+        agents,
         _ca: ca,
     })
 }
@@ -60,44 +64,23 @@ fn two_nodes_with(
 #[test]
 fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
     let mut t = two_nodes("tunnel")?;
-    let testapp = bin_path("ferry-testapp")?;
     for family in Family::BOTH {
         let to = pod_addr(&t.cluster, t.server, family, PORT);
-        let bytes = (64 * MIB).to_string();
-        let mut serve = start_server(&mut t.cluster, t.server, to, &bytes)?;
-        let (ok, stdout, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", &bytes])?;
-        ensure!(ok, "{family:?}: {stderr}\n{stdout}");
-        let lines = json_lines(&stdout)?;
-        let done = lines.iter().find(|l| event("done")(l)).context("no done")?;
-        ensure!(
-            done["intact"] == true && done["received"] == 64 * MIB,
-            "{done}"
-        );
-        ensure!(socket_addr(&done["peer"])? == to, "getpeername: {done}");
-        let served = serve.wait_for_line(event("served"), WAIT)?;
-        ensure!(
-            served["intact"] == true && served["received"] == 64 * MIB,
-            "{served}"
-        );
+        let seen = exchange(&mut t.cluster, t.client, t.server, to, 64 * MIB)
+            .with_context(|| format!("{family:?}"))?;
+        ensure!(seen.done.peer == to, "getpeername: {:?}", seen.done);
         // The destination node's agent opened the server's connection.
-        let peer = socket_addr(&served["peer"])?;
+        let peer = seen.served.peer;
         ensure!(
             is_node_addr(&t.cluster, t.n2, peer.ip()),
             "{family:?}: the server saw {peer}, not node 2's agent"
         );
-        serve.kill();
     }
 
     // A live connection, as both agents see it.
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
-    let mut serve =
-        t.cluster
-            .spawn_in_pod(t.server, &testapp, &["serve", "--listen", &to.to_string()])?;
-    serve.wait_for_line(event("listening"), WAIT)?;
-    let mut hold =
-        t.cluster
-            .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
-    hold.wait_for_line(event("connected"), WAIT)?;
+    let _serve = TestApp::serve(to).start(&mut t.cluster, t.server)?;
+    let hold = TestApp::hold(to).start(&mut t.cluster, t.client)?;
     let outbound = live_connection(&t.cluster, t.n1, to)?;
     ensure!(outbound["route"] == "tunnel", "{outbound}");
     ensure!(
@@ -114,8 +97,7 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
         inbound["sourceIdentity"] == "spiffe://cluster.local/ns/shop/sa/web",
         "{inbound}"
     );
-    hold.close_stdin();
-    hold.wait_exit(WAIT)?;
+    hold.release()?;
     // Node 2's access log line for the connection names the client.
     ferry_tests::inspect::eventually(|| {
         let log = t.agents[1].proc.stderr_tail();
@@ -129,56 +111,23 @@ fn pods_on_two_nodes_talk_through_an_mtls_tunnel() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `ferry-testapp serve` in `pod`, answering each connection with `bytes`.
-fn start_server(
-    cluster: &mut Cluster,
-    pod: PodId,
-    to: SocketAddr,
-    bytes: &str,
-) -> anyhow::Result<Proc> {
-    let testapp = bin_path("ferry-testapp")?;
-    let listen = to.to_string();
-    let mut server = cluster.spawn_in_pod(
-        pod,
-        &testapp,
-        &["serve", "--listen", &listen, "--bytes", bytes],
-    )?;
-    server.wait_for_line(event("listening"), WAIT)?;
-    Ok(server)
-}
-
-/// Runs `ferry-testapp connect` in `pod` to completion: its exit status and stdout.
-fn run_client(
-    cluster: &mut Cluster,
-    pod: PodId,
-    to: SocketAddr,
-    args: &[&str],
-) -> anyhow::Result<(bool, String, String)> {
-    let testapp = bin_path("ferry-testapp")?;
-    let to = to.to_string();
-    let mut all = vec!["connect", "--to", &to];
-    all.extend_from_slice(args);
-    let mut connect = cluster.spawn_in_pod(pod, &testapp, &all)?;
-    let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
-    Ok((status.success(), stdout, stderr))
-}
-
 #[test]
 fn short_connections_share_a_few_pooled_tls_connections() -> anyhow::Result<()> {
     let mut t = two_nodes_with(
         "tunnel-pool",
         &ferry_tests::ca::CaOptions::default(),
-        &["--pool-idle-timeout", "2"],
+        Some(Duration::from_secs(2)),
     )?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let _serve = start_server(&mut t.cluster, t.server, to, "1024")?;
-    let (ok, stdout, stderr) = run_client(
-        &mut t.cluster,
-        t.client,
-        to,
-        &["--bytes", "1024", "--repeat", "200", "--quiet"],
-    )?;
-    ensure!(ok, "{stderr}\n{stdout}");
+    let _serve = TestApp::serve(to)
+        .bytes(1024)
+        .start(&mut t.cluster, t.server)?;
+    let connect = TestApp::connect(to)
+        .bytes(1024)
+        .repeat(200)
+        .quiet()
+        .run(&mut t.cluster, t.client)?;
+    ensure!(connect.success(), "{}\n{}", connect.stderr, connect.stdout);
     let pool = admin_json(&t.cluster, t.n1, "/pool")?;
     let handshakes = pool["totals"]["handshakes"]
         .as_u64()
@@ -218,7 +167,7 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
         clock_skew: Some("0s".to_owned()),
         ..Default::default()
     };
-    let mut t = two_nodes_with("tunnel-rotation", &options, &[])?;
+    let mut t = two_nodes_with("tunnel-rotation", &options, None)?;
     let serial = |cluster: &Cluster, node: NodeId| -> anyhow::Result<String> {
         let certs = admin_json(cluster, node, "/certs")?;
         certs[0]["serial"]
@@ -227,13 +176,11 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
             .context("no serial")
     };
     let first = serial(&t.cluster, t.n2)?;
-    let testapp = bin_path("ferry-testapp")?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let _serve = start_server(&mut t.cluster, t.server, to, "1")?;
-    let mut hold =
-        t.cluster
-            .spawn_in_pod(t.client, &testapp, &["hold", "--to", &to.to_string()])?;
-    hold.wait_for_line(event("connected"), WAIT)?;
+    let _serve = TestApp::serve(to)
+        .bytes(1)
+        .start(&mut t.cluster, t.server)?;
+    let hold = TestApp::hold(to).start(&mut t.cluster, t.client)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while serial(&t.cluster, t.n2)? == first {
         ensure!(
@@ -246,11 +193,12 @@ fn renewed_certificates_serve_new_connections_while_live_ones_go_on() -> anyhow:
     live_connection(&t.cluster, t.n1, to)?;
     live_connection(&t.cluster, t.n2, to)?;
     // ...and new connections work with the renewed certificates.
-    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1"])?;
-    ensure!(ok, "after renewal: {stderr}");
-    hold.close_stdin();
-    let (status, _, stderr) = hold.wait_exit(WAIT)?;
-    ensure!(status.success(), "the held connection broke: {stderr}");
+    let connect = TestApp::connect(to)
+        .bytes(1)
+        .run(&mut t.cluster, t.client)?;
+    ensure!(connect.success(), "after renewal: {}", connect.stderr);
+    let hold = hold.release()?;
+    ensure!(hold.success(), "the held connection broke: {}", hold.stderr);
     Ok(())
 }
 
@@ -260,9 +208,13 @@ fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Re
     let capture = LinkCapture::start(&mut t.cluster)?;
 
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let _serve = start_server(&mut t.cluster, t.server, to, "1048576")?;
-    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1048576"])?;
-    ensure!(ok, "{stderr}");
+    let _serve = TestApp::serve(to)
+        .bytes(MIB)
+        .start(&mut t.cluster, t.server)?;
+    let connect = TestApp::connect(to)
+        .bytes(MIB)
+        .run(&mut t.cluster, t.client)?;
+    ensure!(connect.success(), "{}", connect.stderr);
     let captured = capture.finish()?;
     ensure!(
         captured.len() > 1_048_576,
@@ -293,11 +245,15 @@ fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Re
         }]);
     t.cluster.write_workloads()?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
-    let _small = start_server(&mut t.cluster, t.server, to, "1")?;
+    let _small = TestApp::serve(to)
+        .bytes(1)
+        .start(&mut t.cluster, t.server)?;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (ok, _, _) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1"])?;
-        if !ok {
+        let connect = TestApp::connect(to)
+            .bytes(1)
+            .run(&mut t.cluster, t.client)?;
+        if !connect.success() {
             break;
         }
         ensure!(
@@ -348,9 +304,8 @@ fn garbage_on_the_tunnel_port_is_dropped_and_service_goes_on() -> anyhow::Result
         Ok(())
     })?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT);
-    let _serve = start_server(&mut t.cluster, t.server, to, "1024")?;
-    let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1024"])?;
-    ensure!(ok, "after garbage, the tunnel no longer works: {stderr}");
+    exchange(&mut t.cluster, t.client, t.server, to, 1024)
+        .context("after garbage, the tunnel no longer works")?;
     let dump = admin_json(&t.cluster, t.n2, "/config_dump")?;
     ensure!(
         dump["totals"]["inboundRefused"].as_u64() >= Some(3),
@@ -380,49 +335,37 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
         endpoints: vec!["db-0".to_owned(), "db-1".to_owned()],
     }]);
     let ca = cluster.start_ca()?;
-    let a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
-    let testapp = bin_path("ferry-testapp")?;
+    let a1 = cluster.agent(n1).ca(&ca).start()?;
+    let a2 = cluster.agent(n2).ca(&ca).start()?;
     let mut servers = Vec::new();
     for pod in [db0, db1] {
-        let listen = pod_addr(&cluster, pod, Family::V4, PORT).to_string();
-        let mut serve = cluster.spawn_in_pod(
-            pod,
-            &testapp,
-            &["serve", "--listen", &listen, "--bytes", "16"],
-        )?;
-        serve.wait_for_line(event("listening"), WAIT)?;
-        servers.push(serve);
+        let listen = pod_addr(&cluster, pod, Family::V4, PORT);
+        servers.push(TestApp::serve(listen).bytes(16).start(&mut cluster, pod)?);
     }
     let service = SocketAddr::new(cluster_ip, 80);
-    let to = service.to_string();
-    let (ok, stdout, stderr) = run_client(
-        &mut cluster,
-        client,
-        service,
-        &["--bytes", "16", "--repeat", "40"],
-    )?;
+    let connect = TestApp::connect(service)
+        .bytes(16)
+        .repeat(40)
+        .run(&mut cluster, client)?;
     ensure!(
-        ok,
-        "{stderr}\nnode 1 agent:\n{}\nnode 2 agent:\n{}",
+        connect.success(),
+        "{}\nnode 1 agent:\n{}\nnode 2 agent:\n{}",
+        connect.stderr,
         a1.proc.stderr_tail(),
         a2.proc.stderr_tail()
     );
-    let lines = json_lines(&stdout)?;
     ensure!(
-        lines
+        connect
+            .events::<Connected>()?
             .iter()
-            .filter(|l| event("connected")(l))
-            .all(|l| l["peer"] == to),
-        "getpeername should give the ClusterIP: {stdout}"
+            .all(|c| c.peer == service),
+        "getpeername should give the ClusterIP: {}",
+        connect.stdout
     );
     let mut counts = Vec::new();
     for serve in &mut servers {
         let mut served = 0;
-        while serve
-            .wait_for_line(event("served"), Duration::from_millis(500))
-            .is_ok()
-        {
+        while serve.wait_for::<Served>(Duration::from_millis(500)).is_ok() {
             served += 1;
         }
         counts.push(served);
@@ -438,18 +381,14 @@ fn a_service_ip_spreads_connections_over_its_endpoints() -> anyhow::Result<()> {
 #[test]
 fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
     let mut t = two_nodes("tunnel-reset")?;
-    let testapp = bin_path("ferry-testapp")?;
     // Through the tunnel, and through the agent's in-kernel splice on the
     // client's node.
     for (server, route) in [(t.server, "tunnel"), (t.neighbour, "direct")] {
         let to = pod_addr(&t.cluster, server, Family::V4, PORT);
-        let listen = to.to_string();
-        let mut serve = t.cluster.spawn_in_pod(
-            server,
-            &testapp,
-            &["serve", "--listen", &listen, "--bytes", "1024", "--reset"],
-        )?;
-        serve.wait_for_line(event("listening"), WAIT)?;
+        let mut serve = TestApp::serve(to)
+            .bytes(1024)
+            .reset()
+            .start(&mut t.cluster, server)?;
         let opened = |cluster: &Cluster| -> anyhow::Result<f64> {
             let labels = [("direction", "outbound"), ("route", route)];
             let samples = metrics(cluster, t.n1)?;
@@ -460,13 +399,16 @@ fn a_reset_travels_back_through_the_tunnel_as_a_reset() -> anyhow::Result<()> {
             ))
         };
         let before = opened(&t.cluster)?;
-        let (ok, _, stderr) = run_client(&mut t.cluster, t.client, to, &["--bytes", "1024"])?;
-        let reset = serve.wait_for_line(event("reset"), WAIT)?;
-        ensure!(reset["ok"] == true, "{route}: {reset}");
+        let connect = TestApp::connect(to)
+            .bytes(1024)
+            .run(&mut t.cluster, t.client)?;
+        let reset: Reset = serve.wait_for(WAIT)?;
+        ensure!(reset.ok, "{route}: {reset:?}");
         // The server aborted: the client must see a reset, not a clean end of stream.
         ensure!(
-            !ok && stderr.contains("Connection reset by peer"),
-            "{route}: the client did not see the server's reset: {stderr}"
+            !connect.success() && connect.stderr.contains("Connection reset by peer"),
+            "{route}: the client did not see the server's reset: {}",
+            connect.stderr
         );
         ensure!(
             opened(&t.cluster)? == before + 1.0,
@@ -489,37 +431,51 @@ fn strict_pods_refuse_plaintext_from_off_the_node_and_permissive_ones_count_it()
     let permissive = cluster.add_pod(n2, PodOptions::meshed("cache-0", "open", "cache"))?;
     cluster.set_strict("shop");
     let ca = cluster.start_ca()?;
-    let _a1 = cluster.start_agent_with_ca(n1, &ca)?;
-    let a2 = cluster.start_agent_with_ca(n2, &ca)?;
+    let _a1 = cluster.agent(n1).ca(&ca).start()?;
+    let a2 = cluster.agent(n2).ca(&ca).start()?;
     let strict_to = pod_addr(&cluster, strict, Family::V4, PORT);
     let permissive_to = pod_addr(&cluster, permissive, Family::V4, PORT);
-    let _s1 = start_server(&mut cluster, strict, strict_to, "1")?;
-    let _s2 = start_server(&mut cluster, permissive, permissive_to, "1")?;
-    let quick = ["--bytes", "1", "--connect-timeout", "2"];
+    let _s1 = TestApp::serve(strict_to)
+        .bytes(1)
+        .start(&mut cluster, strict)?;
+    let _s2 = TestApp::serve(permissive_to)
+        .bytes(1)
+        .start(&mut cluster, permissive)?;
+    let quick = |to| {
+        TestApp::connect(to)
+            .bytes(1)
+            .connect_timeout(Duration::from_secs(2))
+    };
 
     // Through the mesh: fine.
-    let (ok, _, stderr) = run_client(&mut cluster, client, strict_to, &quick)?;
-    ensure!(ok, "meshed client to the strict pod: {stderr}");
-    // Plaintext from another node's unmeshed pod: refused in the kernel.
-    let (ok, _, stderr) = run_client(&mut cluster, legacy, strict_to, &quick)?;
-    ensure!(!ok, "plaintext reached the strict pod");
+    let connect = quick(strict_to).run(&mut cluster, client)?;
     ensure!(
-        stderr.contains("timed out") || stderr.contains("refused"),
-        "{stderr}"
+        connect.success(),
+        "meshed client to the strict pod: {}",
+        connect.stderr
+    );
+    // Plaintext from another node's unmeshed pod: refused in the kernel.
+    let connect = quick(strict_to).run(&mut cluster, legacy)?;
+    ensure!(!connect.success(), "plaintext reached the strict pod");
+    ensure!(
+        connect.stderr.contains("timed out") || connect.stderr.contains("refused"),
+        "{}",
+        connect.stderr
     );
     // From the node itself (a kubelet probe): let in.
-    let testapp = bin_path("ferry-testapp")?;
-    let to = strict_to.to_string();
-    let mut probe =
-        cluster.spawn_on_node(n2, &testapp, &["connect", "--to", &to, "--bytes", "1"])?;
-    let (status, _, stderr) = probe.wait_exit(WAIT)?;
+    let probe = TestApp::connect(strict_to).bytes(1).run(&mut cluster, n2)?;
     ensure!(
-        status.success(),
-        "a probe from the node was refused: {stderr}"
+        probe.success(),
+        "a probe from the node was refused: {}",
+        probe.stderr
     );
     // Permissive: plaintext gets in, and is counted.
-    let (ok, _, stderr) = run_client(&mut cluster, legacy, permissive_to, &quick)?;
-    ensure!(ok, "plaintext to the permissive pod: {stderr}");
+    let connect = quick(permissive_to).run(&mut cluster, legacy)?;
+    ensure!(
+        connect.success(),
+        "plaintext to the permissive pod: {}",
+        connect.stderr
+    );
 
     let strict_counts =
         ferry_tests::inspect::plaintext_counts(&a2.pin_dir, &cluster.pod(strict).cgroup)?;

@@ -44,7 +44,7 @@ enum Task {
     /// Run setup, check formatting, build, and run the whole test suite.
     ///
     /// Leftovers of earlier runs (ferry-* network namespaces, ferry-sim
-    /// cgroups, pins under /sys/fs/bpf/ferry, ferry-agent/ferry-testapp
+    /// cgroups, pins under /sys/fs/bpf/ferry, ferry-agent/ferry-testapp/ferry-load
     /// processes) are removed first; any the suite leaves behind fail the run.
     /// Example: `cargo xtask test -- -p ferry-tests two_nodes -- --nocapture`.
     Test {

@@ -16,6 +16,7 @@
 
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command as Process, ExitCode},
     time::Duration,
@@ -24,10 +25,10 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use ferry_tests::{
-    Cluster, PodId, PodOptions, Proc,
+    Cluster, MIB, PodId, PodOptions, Proc,
     bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
-    bin_path,
     inspect::bpftool,
+    load::{self, Measured, Mode},
 };
 use serde_json::{Value, json};
 
@@ -38,7 +39,6 @@ const STUNNEL_PORT: u16 = 7443;
 const STUNNEL_LOCAL_PORTS: [u16; 2] = [7001, 7002];
 const STUNNEL: &str = "/usr/bin/stunnel4";
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,12 +80,12 @@ struct Args {
 
 /// Timed scenarios: name, `ferry-load` mode, and whether the server pod is on
 /// the client's node. The memory scenario `idle` runs after them.
-const TIMED: [(&str, &str, bool); 5] = [
-    ("bulk", "bulk", false),
-    ("rr", "rr", false),
-    ("crr", "crr", false),
-    ("same-node-bulk", "bulk", true),
-    ("same-node-rr", "rr", true),
+const TIMED: [(&str, Mode, bool); 5] = [
+    ("bulk", Mode::Bulk, false),
+    ("rr", Mode::Rr, false),
+    ("crr", Mode::Crr, false),
+    ("same-node-bulk", Mode::Bulk, true),
+    ("same-node-rr", Mode::Rr, true),
 ];
 
 fn scenario_names() -> clap::builder::PossibleValuesParser {
@@ -118,7 +118,7 @@ struct Bench {
     _ca: ferry_tests::ca::CaFixture,
     /// Per setup, in [`SETUPS`] order: the client pod and where it connects,
     /// across nodes (`[0]`) and on the client's node (`[1]`).
-    targets: [[(PodId, String); 3]; 2],
+    targets: [[(PodId, SocketAddr); 3]; 2],
     seconds: f64,
 }
 
@@ -199,9 +199,8 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
                 if !args.over(setup) {
                     continue;
                 }
-                let (pod, to) = bench.targets[usize::from(same_node)][i].clone();
-                let result = bench
-                    .client(pod, &[mode, "--to", &to])
+                let (pod, to) = bench.targets[usize::from(same_node)][i];
+                let result = load::measure(&mut bench.cluster, pod, mode, to, bench.seconds)
                     .with_context(|| format!("{scenario} over {setup}"))?;
                 println!("round {} {scenario:>14} {setup:>8}: {result}", round + 1);
                 record(&mut samples, scenario, mode, setup, &result);
@@ -286,25 +285,18 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     Ok((samples, checks, extra))
 }
 
-fn record(samples: &mut Samples, scenario: &str, mode: &str, setup: &str, result: &Value) {
-    let mut add = |metric: &str, value: Option<f64>| {
-        if let Some(value) = value {
-            samples.add(&format!("{scenario}.{metric}"), setup, value);
-        }
+fn record(samples: &mut Samples, scenario: &str, mode: Mode, setup: &str, result: &Measured) {
+    let mut add = |metric: &str, value: f64| {
+        samples.add(&format!("{scenario}.{metric}"), setup, value);
     };
-    match mode {
-        "bulk" => add(
-            "MiBPerSecond",
-            result["bytesPerSecond"].as_f64().map(|b| b / MIB),
-        ),
-        "rr" => {
-            add("perSecond", result["perSecond"].as_f64());
-            add("p50Micros", result["p50Micros"].as_f64());
-            add("p99Micros", result["p99Micros"].as_f64());
-        }
-        _ => {
-            add("perSecond", result["perSecond"].as_f64());
-            add("p99Micros", result["p99Micros"].as_f64());
+    match result {
+        Measured::Throughput(bulk) => add("MiBPerSecond", bulk.bytes_per_second / MIB as f64),
+        Measured::Latencies(latencies) => {
+            add("perSecond", latencies.per_second);
+            if mode == Mode::Rr {
+                add("p50Micros", latencies.p50_micros);
+            }
+            add("p99Micros", latencies.p99_micros);
         }
     }
 }
@@ -321,18 +313,14 @@ impl Bench {
         let mesh_server = cluster.add_pod(n2, PodOptions::meshed("mesh-s", "mesh", "server"))?;
         let mesh_local = cluster.add_pod(n1, PodOptions::meshed("mesh-l", "mesh", "server"))?;
         let ca = cluster.start_ca()?;
-        let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agents = vec![
-            cluster.start_agent_with_ca_and(n1, &ca, &agent_args)?,
-            cluster.start_agent_with_ca_and(n2, &ca, &agent_args)?,
+            cluster.agent(n1).ca(&ca).args(agent_args).start()?,
+            cluster.agent(n2).ca(&ca).args(agent_args).start()?,
         ];
-        let load = bin_path("ferry-load")?;
-        let listen = format!("0.0.0.0:{SERVER_PORT}");
+        let listen = SocketAddr::from(([0, 0, 0, 0], SERVER_PORT));
         let mut servers = Vec::new();
         for pod in [plain_server, mesh_server, plain_local, mesh_local] {
-            let mut server = cluster.spawn_in_pod(pod, &load, &["serve", "--listen", &listen])?;
-            server.wait_for_line(|l| l["event"] == "listening", Duration::from_secs(10))?;
-            servers.push(server);
+            servers.push(load::serve(&mut cluster, pod, listen)?);
         }
         // Thousands of connect/close a second leave the closing side's ports
         // in TIME_WAIT; without reuse, later rounds of `crr` measure the
@@ -365,17 +353,11 @@ impl Bench {
         let targets = [(plain_server, mesh_server, 0), (plain_local, mesh_local, 1)].map(
             |(plain, meshed, pair)| {
                 [
+                    (plain_client, cluster.pod(plain).addr_v4(SERVER_PORT)),
+                    (mesh_client, cluster.pod(meshed).addr_v4(SERVER_PORT)),
                     (
                         plain_client,
-                        format!("{}:{SERVER_PORT}", cluster.pod(plain).ipv4),
-                    ),
-                    (
-                        mesh_client,
-                        format!("{}:{SERVER_PORT}", cluster.pod(meshed).ipv4),
-                    ),
-                    (
-                        plain_client,
-                        format!("127.0.0.1:{}", STUNNEL_LOCAL_PORTS[pair]),
+                        SocketAddr::from(([127, 0, 0, 1], STUNNEL_LOCAL_PORTS[pair])),
                     ),
                 ]
             },
@@ -389,19 +371,6 @@ impl Bench {
             targets,
             seconds,
         })
-    }
-
-    /// Runs `ferry-load ARGS --seconds …` in `pod` and parses its one line.
-    fn client(&mut self, pod: PodId, args: &[&str]) -> anyhow::Result<Value> {
-        let load = bin_path("ferry-load")?;
-        let seconds = self.seconds.to_string();
-        let mut all = args.to_vec();
-        all.extend(["--seconds", &seconds]);
-        let mut proc = self.cluster.spawn_in_pod(pod, &load, &all)?;
-        let (status, stdout, stderr) =
-            proc.wait_exit(Duration::from_secs_f64(self.seconds + 60.0))?;
-        ensure!(status.success(), "ferry-load {}: {stderr}", all.join(" "));
-        serde_json::from_str(stdout.trim()).with_context(|| format!("not JSON: {stdout}"))
     }
 
     /// Agent RSS idle, then what `count` idle connections add to each side:
@@ -422,22 +391,14 @@ impl Bench {
             let (pod, to) = SETUPS
                 .iter()
                 .position(|s| *s == setup)
-                .map(|i| self.targets[0][i].clone())
+                .map(|i| self.targets[0][i])
                 .context("no target")?;
             let before = [rss_kib(pids[0])?, rss_kib(pids[1])?];
-            let load = bin_path("ferry-load")?;
-            let count_text = count.to_string();
-            let mut idle = self.cluster.spawn_in_pod(
-                pod,
-                &load,
-                &["idle", "--to", &to, "--count", &count_text],
-            )?;
-            idle.wait_for_line(|l| l["open"].as_u64().is_some(), Duration::from_secs(120))
+            let idle = load::open_idle(&mut self.cluster, pod, to, count)
                 .with_context(|| format!("{count} idle connections over {setup}"))?;
             std::thread::sleep(Duration::from_secs(1));
             let after = [rss_kib(pids[0])?, rss_kib(pids[1])?];
-            idle.close_stdin();
-            idle.wait_exit(Duration::from_secs(30))?;
+            load::close_idle(idle)?;
             let per = |i: usize| (after[i] - before[i]) / count as f64;
             println!("{setup}: RSS {before:?} KiB → {after:?} KiB with {count} idle connections");
             out.push(("idle.clientSideKiBPerConn", setup, per(0)));
@@ -565,8 +526,8 @@ fn start_stunnels(
         ),
     )?;
     let stunnel = PathBuf::from(STUNNEL);
-    let server_proc = cluster.spawn_in_pod(server, &stunnel, &[&server_conf.to_string_lossy()])?;
-    let client_proc = cluster.spawn_in_pod(client, &stunnel, &[&client_conf.to_string_lossy()])?;
+    let server_proc = cluster.spawn(server, &stunnel, &[&server_conf.to_string_lossy()])?;
+    let client_proc = cluster.spawn(client, &stunnel, &[&client_conf.to_string_lossy()])?;
     // stunnel says nothing on stdout; wait until both ends accept.
     for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORTS[pair])] {
         wait_listening(cluster, pod, port)?;

@@ -10,7 +10,6 @@
 //! Everything is removed again when the demo ends.
 
 use std::{
-    net::SocketAddr,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -19,19 +18,15 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::Parser;
 use ferry_tests::{
-    Cluster, NodeId, PodId, PodOptions, Proc, bin_path,
+    Cluster, MIB, NodeId, PORT, PodId, PodOptions,
     inspect::{
         admin_json, captured_total, is_node_addr, live_connection, pinned_original_dsts,
         programs_on,
     },
-    testapp::event,
+    testapp::TestApp,
     wire::{LinkCapture, contains, plaintext_marker},
 };
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-use serde_json::Value;
-
-const SERVER_PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,7 +57,6 @@ struct Demo {
     client: PodId,
     server: PodId,
     legacy: PodId,
-    testapp: std::path::PathBuf,
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -103,8 +97,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let ca = cluster.start_ca()?;
     say(&format!("ferry-ca serves Certify at {}", ca.addr));
     let agents = vec![
-        cluster.start_agent_with_ca(n1, &ca)?,
-        cluster.start_agent_with_ca(n2, &ca)?,
+        cluster.agent(n1).ca(&ca).start()?,
+        cluster.agent(n2).ca(&ca).start()?,
     ];
     say("both agents are ready: their pods are captured and certified");
 
@@ -115,7 +109,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
         client,
         server,
         legacy,
-        testapp: bin_path("ferry-testapp")?,
     };
     demo.prove()?;
 
@@ -161,26 +154,23 @@ impl Demo {
 
         heading("3. The client on node 1 talks to the server on node 2");
         let capture = LinkCapture::start(&mut self.cluster)?;
-        let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
-        let mut serve = self.spawn(
-            self.server,
-            &["serve", "--listen", &to.to_string(), "--bytes", "1048576"],
-        )?;
-        serve.wait_for_line(event("listening"), WAIT)?;
-        let done = self.connect(self.client, to)?;
-        let served = serve.wait_for_line(event("served"), WAIT)?;
+        let to = self.cluster.pod(self.server).addr_v4(PORT);
+        let mut serve = TestApp::serve(to)
+            .bytes(MIB)
+            .start(&mut self.cluster, self.server)?;
+        let seen = serve.exchange(&mut self.cluster, self.client, to)?;
         say(&format!(
             "client dialled {to}; its getpeername() says {}",
-            done["peer"].as_str().unwrap_or("?")
+            seen.done.peer
         ));
-        let server_peer: SocketAddr = served["peer"].as_str().unwrap_or("").parse()?;
+        let server_peer = seen.served.peer;
         ensure!(is_node_addr(&self.cluster, self.n2, server_peer.ip()));
         say(&format!(
             "server saw the connection from {server_peer}: node 2's agent, at the end of the tunnel"
         ));
         say(&format!(
             "1 MiB each way arrived intact: client {}, server {}",
-            done["intact"], served["intact"]
+            seen.done.intact, seen.served.intact
         ));
         let captured = capture.finish()?;
         let plaintext = contains(&captured, &plaintext_marker());
@@ -194,12 +184,9 @@ impl Demo {
         ));
 
         heading("4. A live connection, as both agents see it");
-        let held_to = self.cluster.pod(self.server).addr_v4(SERVER_PORT + 1);
-        let mut hold_server =
-            self.spawn(self.server, &["serve", "--listen", &held_to.to_string()])?;
-        hold_server.wait_for_line(event("listening"), WAIT)?;
-        let mut held = self.spawn(self.client, &["hold", "--to", &held_to.to_string()])?;
-        held.wait_for_line(event("connected"), WAIT)?;
+        let held_to = self.cluster.pod(self.server).addr_v4(PORT + 1);
+        let _hold_server = TestApp::serve(held_to).start(&mut self.cluster, self.server)?;
+        let held = TestApp::hold(held_to).start(&mut self.cluster, self.client)?;
         for node in [self.n1, self.n2] {
             // The client's connect returns before the agents have opened the
             // tunnel stream; wait until each agent lists it.
@@ -250,48 +237,27 @@ impl Demo {
                 pin_dir.display()
             ));
         }
-        held.close_stdin();
-        held.wait_exit(WAIT)?;
+        held.release()?;
 
         heading("5. The unmeshed pod is left alone");
-        let to = self.cluster.pod(self.server).addr_v4(SERVER_PORT);
+        let to = self.cluster.pod(self.server).addr_v4(PORT);
         let captured_before = captured_total(&self.cluster, self.n1)?;
-        let done = self.connect(self.legacy, to)?;
-        let served = serve.wait_for_line(event("served"), WAIT)?;
-        let legacy_peer: SocketAddr = served["peer"].as_str().unwrap_or("").parse()?;
+        let seen = serve.exchange(&mut self.cluster, self.legacy, to)?;
+        let legacy_peer = seen.served.peer;
         let captured_after = captured_total(&self.cluster, self.n1)?;
         ensure!(
             legacy_peer.ip() == self.cluster.pod(self.legacy).ipv4
                 && captured_after == captured_before
-                && done["intact"] == true,
+                && seen.done.intact,
             "the unmeshed pod's connection was touched: server saw {legacy_peer}, \
-             captured {captured_before} -> {captured_after}, client {done}"
+             captured {captured_before} -> {captured_after}, client {:?}",
+            seen.done
         );
         say(&format!(
             "legacy pod dialled {to}; the server saw it as {legacy_peer} (its own address, plain TCP); \
              node 1's captured counter stays at {captured_after}"
         ));
         Ok(())
-    }
-
-    fn spawn(&mut self, pod: PodId, args: &[&str]) -> anyhow::Result<Proc> {
-        let testapp = self.testapp.clone();
-        self.cluster.spawn_in_pod(pod, &testapp, args)
-    }
-
-    /// One 1 MiB exchange from `pod`; the client's "done" line.
-    fn connect(&mut self, pod: PodId, to: SocketAddr) -> anyhow::Result<Value> {
-        let mut connect = self.spawn(
-            pod,
-            &["connect", "--to", &to.to_string(), "--bytes", "1048576"],
-        )?;
-        let (status, stdout, stderr) = connect.wait_exit(WAIT)?;
-        ensure!(status.success(), "connect failed: {stderr}");
-        stdout
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|line| line["event"] == "done")
-            .context("the client printed no result")
     }
 
     fn explain_how_to_look_around(&self) {

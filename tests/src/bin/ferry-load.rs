@@ -7,7 +7,8 @@
 //! connection: `B` read to EOF, then answer the byte count (bulk); `R` echo
 //! fixed-size messages (request/response, and idle connections, which make
 //! one round trip so they are known to reach the server, then wait).
-//! Each client prints one JSON line with what it measured.
+//! Each client prints one JSON line with what it measured. Its command
+//! line and those lines are defined in `ferry_tests::load`, which drives it.
 
 use std::{
     io::{self, BufRead as _, Read, Write},
@@ -18,69 +19,17 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
-use serde_json::json;
+use clap::Parser as _;
+use ferry_tests::{
+    load::{Cli, Command, Exchange, Latencies, Open, Throughput},
+    testapp::events::{self, Listening},
+};
+use serde::Serialize;
 
 const BULK: u8 = b'B';
 const ECHO: u8 = b'R';
 const BULK_CHUNK: usize = 256 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Parser)]
-#[command(name = "ferry-load", about = "Load generator for Ferry's benchmarks")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve every mode on `listen` until killed.
-    Serve {
-        #[arg(long)]
-        listen: SocketAddr,
-    },
-    /// One connection, as many bytes as fit in `seconds`: throughput.
-    Bulk(Run),
-    /// One connection, `size`-byte request then response, repeated: round
-    /// trips per second and latency percentiles.
-    Rr(Exchange),
-    /// Connect, one `size`-byte request/response, close, repeated: new
-    /// connections per second.
-    Crr(Exchange),
-    /// Open `count` connections, each checked with one round trip, print
-    /// `{"open": count}`, and hold them until stdin closes.
-    Idle {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1000)]
-        count: usize,
-    },
-}
-
-/// Where to, and for how long.
-#[derive(Debug, clap::Args)]
-struct Run {
-    #[arg(long)]
-    to: SocketAddr,
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
-}
-
-impl Run {
-    fn duration(&self) -> Duration {
-        Duration::from_secs_f64(self.seconds.max(0.1))
-    }
-}
-
-/// A run of request/response exchanges of `size` bytes each way.
-#[derive(Debug, clap::Args)]
-struct Exchange {
-    #[command(flatten)]
-    run: Run,
-    #[arg(long, default_value_t = 1024)]
-    size: usize,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -103,10 +52,7 @@ fn main() -> ExitCode {
 fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    println!(
-        "{}",
-        json!({ "event": "listening", "addr": listen.to_string() })
-    );
+    println!("{}", events::line(&Listening { addr: listen }));
     io::stdout().flush()?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
@@ -181,7 +127,11 @@ fn bulk(to: SocketAddr, duration: Duration) -> anyhow::Result<()> {
     if received != sent {
         bail!("sent {sent} bytes, the server counted {received}");
     }
-    report(&json!({ "bytes": sent, "seconds": elapsed, "bytesPerSecond": sent as f64 / elapsed }))
+    report(&Throughput {
+        bytes: sent,
+        seconds: elapsed,
+        bytes_per_second: sent as f64 / elapsed,
+    })
 }
 
 /// Starts an echo conversation of `size`-byte messages on `stream`.
@@ -233,19 +183,19 @@ fn exchanges(exchange: &Exchange, connection_each: bool) -> anyhow::Result<()> {
     report(&latency_report(latencies, elapsed))
 }
 
-fn latency_report(mut latencies: Vec<Duration>, elapsed: f64) -> serde_json::Value {
+fn latency_report(mut latencies: Vec<Duration>, elapsed: f64) -> Latencies {
     latencies.sort();
     let percentile = |p: f64| {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
         latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
-    json!({
-        "count": latencies.len(),
-        "seconds": elapsed,
-        "perSecond": latencies.len() as f64 / elapsed,
-        "p50Micros": percentile(0.50),
-        "p99Micros": percentile(0.99),
-    })
+    Latencies {
+        count: latencies.len(),
+        seconds: elapsed,
+        per_second: latencies.len() as f64 / elapsed,
+        p50_micros: percentile(0.50),
+        p99_micros: percentile(0.99),
+    }
 }
 
 fn idle(to: SocketAddr, count: usize) -> anyhow::Result<()> {
@@ -258,7 +208,7 @@ fn idle(to: SocketAddr, count: usize) -> anyhow::Result<()> {
             .with_context(|| format!("connection {i} of {count}"))?;
         held.push(stream);
     }
-    report(&json!({ "open": held.len() }))?;
+    report(&Open { open: held.len() })?;
     // Hold until the bench closes stdin.
     let mut line = String::new();
     while io::stdin().lock().read_line(&mut line)? > 0 {
@@ -267,8 +217,8 @@ fn idle(to: SocketAddr, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{value}");
+fn report(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
     io::stdout().flush()?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! `ferry-testapp`: the workload the end-to-end tests run inside simulated
 //! pods. It knows nothing of Ferry: a plain TCP/UDP client and server that
 //! checks every byte (deterministic streams, see `ferry_tests::stream`) and
-//! reports each connection as one JSON line on stdout, which the harness
-//! reads (`Proc::wait_for_line`).
+//! reports each connection as one JSON line on stdout. Its command line
+//! (`ferry_tests::testapp::cli`) and its lines (`ferry_tests::testapp::events`)
+//! live in the harness library, which drives it (`ferry_tests::testapp`).
 
 use std::{
     io::{self, BufRead as _, Read, Write},
@@ -13,12 +14,17 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
-use ferry_tests::stream::{SEED_A, SEED_B, Stream, Verifier};
-use serde_json::{Value, json};
-
-/// How long a connect may take before it counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use clap::Parser as _;
+use ferry_tests::{
+    stream::{SEED_A, SEED_B, Stream, Verifier},
+    testapp::{
+        cli::{CONNECT_TIMEOUT, Cli, Command, Connect, Hold, Serve, Udp},
+        events::{
+            self, Closed, Connected, Datagram, Done, Ended, Event, Failed, Listening, Reset,
+            Served, Summary, UdpEcho,
+        },
+    },
+};
 /// How long a connection may stay silent before it counts as failed; a test
 /// gets an error instead of a hang when bytes stop flowing.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,85 +33,12 @@ const UDP_ECHO_TIMEOUT: Duration = Duration::from_secs(3);
 const UDP_PROBE: &[u8] = b"ferry-udp-probe";
 const CHUNK: usize = 64 * 1024;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "ferry-testapp",
-    about = "Test workload for Ferry's end-to-end tests"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Accept TCP connections: check that stream A arrives, answer with stream B.
-    Serve {
-        #[arg(long)]
-        listen: SocketAddr,
-        /// Bytes of stream B to send back on each connection.
-        #[arg(long, default_value_t = 0)]
-        bytes: u64,
-        /// Also echo UDP datagrams on the same address (event `datagram` with the sender).
-        #[arg(long)]
-        udp: bool,
-        /// After reading stream A, abort the connection (RST) instead of answering.
-        #[arg(long)]
-        reset: bool,
-    },
-    /// Connect, send stream A, half-close, check that stream B comes back.
-    Connect {
-        #[arg(long)]
-        to: SocketAddr,
-        /// Bytes to send, and to expect back.
-        #[arg(long)]
-        bytes: u64,
-        /// Connections to make, one after the other.
-        #[arg(long, default_value_t = 1)]
-        repeat: u64,
-        /// Print only a final summary line.
-        #[arg(long)]
-        quiet: bool,
-        /// Seconds a connect may take before it counts as failed.
-        #[arg(long, default_value_t = CONNECT_TIMEOUT.as_secs())]
-        connect_timeout: u64,
-    },
-    /// Send one datagram on a connected UDP socket and wait for its echo.
-    Udp {
-        #[arg(long)]
-        to: SocketAddr,
-    },
-    /// Connect and keep the connection open until stdin has a line or ends;
-    /// fails (event `ended`) if the other end closes it first.
-    Hold {
-        #[arg(long)]
-        to: SocketAddr,
-    },
-}
-
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Serve {
-            listen,
-            bytes,
-            udp,
-            reset,
-        } => serve(listen, bytes, udp, reset),
-        Command::Connect {
-            to,
-            bytes,
-            repeat,
-            quiet,
-            connect_timeout,
-        } => connect_repeatedly(
-            to,
-            bytes,
-            repeat,
-            quiet,
-            Duration::from_secs(connect_timeout),
-        ),
-        Command::Udp { to } => udp_probe(to),
-        Command::Hold { to } => hold(to),
+        Command::Serve(options) => serve(&options),
+        Command::Connect(connect) => connect_repeatedly(&connect),
+        Command::Udp(Udp { to }) => udp_probe(to),
+        Command::Hold(Hold { to }) => hold(to),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,14 +51,22 @@ fn main() -> ExitCode {
 
 /// Prints one event as a JSON line and flushes it: the harness reads stdout
 /// through a pipe while the process runs.
-fn emit(event: &Value) {
+fn emit<E: Event>(event: &E) {
+    let line = events::line(event);
     let mut out = io::stdout().lock();
     // A closed stdout (harness gone) must not kill a server mid-test.
-    let _ = writeln!(out, "{event}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-fn serve(listen: SocketAddr, bytes: u64, udp: bool, reset: bool) -> anyhow::Result<()> {
+fn serve(
+    &Serve {
+        listen,
+        bytes,
+        udp,
+        reset,
+    }: &Serve,
+) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(listen).with_context(|| format!("cannot listen on TCP {listen}"))?;
     let bound = listener.local_addr()?;
@@ -133,16 +74,15 @@ fn serve(listen: SocketAddr, bytes: u64, udp: bool, reset: bool) -> anyhow::Resu
         let socket = UdpSocket::bind(bound).with_context(|| format!("cannot bind UDP {bound}"))?;
         thread::spawn(move || echo_datagrams(&socket));
     }
-    emit(&json!({"event": "listening", "addr": bound.to_string()}));
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                thread::spawn(move || serve_connection(stream, bytes, reset));
+    emit(&Listening { addr: bound });
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                thread::spawn(move || serve_connection(stream, peer, bytes, reset));
             }
             Err(err) => eprintln!("ferry-testapp: accept on {bound}: {err}"),
         }
     }
-    Ok(())
 }
 
 fn echo_datagrams(socket: &UdpSocket) {
@@ -150,7 +90,7 @@ fn echo_datagrams(socket: &UdpSocket) {
     loop {
         match socket.recv_from(&mut buf) {
             Ok((len, from)) => {
-                emit(&json!({"event": "datagram", "from": from.to_string(), "bytes": len}));
+                emit(&Datagram { from, bytes: len });
                 if let Err(err) = socket.send_to(&buf[..len], from) {
                     eprintln!("ferry-testapp: UDP echo to {from}: {err}");
                 }
@@ -160,11 +100,16 @@ fn echo_datagrams(socket: &UdpSocket) {
     }
 }
 
-/// One server connection: read stream A to EOF, answer with `bytes` of
-/// stream B (or, with `reset`, abort the connection with an RST).
-fn serve_connection(mut stream: TcpStream, bytes: u64, reset: bool) {
-    let peer = display_addr(stream.peer_addr());
-    let local = display_addr(stream.local_addr());
+/// One server connection from `peer`: read stream A to EOF, answer with
+/// `bytes` of stream B (or, with `reset`, abort the connection with an RST).
+fn serve_connection(mut stream: TcpStream, peer: SocketAddr, bytes: u64, reset: bool) {
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(err) => {
+            eprintln!("ferry-testapp: the connection from {peer} has no local address: {err}");
+            return;
+        }
+    };
     let result = stream
         .set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
@@ -181,7 +126,10 @@ fn serve_connection(mut stream: TcpStream, bytes: u64, reset: bool) {
             l_linger: 0,
         };
         let result = nix::sys::socket::setsockopt(&stream, linger, &zero);
-        emit(&json!({"event": "reset", "peer": peer, "ok": result.is_ok()}));
+        emit(&Reset {
+            peer,
+            ok: result.is_ok(),
+        });
         drop(stream);
         return;
     }
@@ -191,18 +139,14 @@ fn serve_connection(mut stream: TcpStream, bytes: u64, reset: bool) {
             Err(err) => error = Some(format!("send: {err}")),
         }
     }
-    let mut event = json!({
-        "event": "served",
-        "peer": peer,
-        "local": local,
-        "received": verifier.as_ref().map_or(0, Verifier::received),
-        "intact": error.is_none() && verifier.as_ref().is_some_and(Verifier::intact),
-        "sent": sent,
+    emit(&Served {
+        peer,
+        local,
+        received: verifier.as_ref().map_or(0, Verifier::received),
+        intact: error.is_none() && verifier.as_ref().is_some_and(Verifier::intact),
+        sent,
+        error,
     });
-    if let Some(error) = error {
-        event["error"] = error.into();
-    }
-    emit(&event);
 }
 
 /// Reads to EOF, checking the bytes against the stream seeded with `seed`.
@@ -233,32 +177,45 @@ fn send(stream: &mut TcpStream, seed: u64, bytes: u64) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
-fn display_addr(addr: io::Result<SocketAddr>) -> String {
-    addr.map_or_else(|err| format!("unknown ({err})"), |addr| addr.to_string())
+/// A client connection's peer (its `getpeername`) and local address.
+fn addresses(stream: &TcpStream, to: SocketAddr) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let peer = stream
+        .peer_addr()
+        .with_context(|| format!("the connection to {to} has no peer address"))?;
+    let local = stream
+        .local_addr()
+        .with_context(|| format!("the connection to {to} has no local address"))?;
+    Ok((peer, local))
 }
 
-fn connect_repeatedly(
-    to: SocketAddr,
-    bytes: u64,
-    repeat: u64,
-    quiet: bool,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+fn connect_repeatedly(connect: &Connect) -> anyhow::Result<()> {
+    let &Connect {
+        to,
+        bytes,
+        repeat,
+        quiet,
+        connect_timeout,
+    } = connect;
+    let timeout = Duration::from_secs(connect_timeout);
     let mut failed = 0u64;
     let mut first_error = None;
     for _ in 0..repeat {
         if let Err(err) = connect_once(to, bytes, quiet, timeout) {
             failed += 1;
             if !quiet {
-                emit(
-                    &json!({"event": "failed", "to": to.to_string(), "error": format!("{err:#}")}),
-                );
+                emit(&Failed {
+                    to,
+                    error: format!("{err:#}"),
+                });
             }
             first_error.get_or_insert(err);
         }
     }
     if quiet {
-        emit(&json!({"event": "summary", "connections": repeat, "failed": failed}));
+        emit(&Summary {
+            connections: repeat,
+            failed,
+        });
     }
     match first_error {
         None => Ok(()),
@@ -274,23 +231,21 @@ fn connect_once(to: SocketAddr, bytes: u64, quiet: bool, timeout: Duration) -> a
         .with_context(|| format!("cannot connect to {to}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let peer = display_addr(stream.peer_addr());
-    let local = display_addr(stream.local_addr());
+    let (peer, local) = addresses(&stream, to)?;
     if !quiet {
-        emit(&json!({"event": "connected", "peer": peer, "local": local}));
+        emit(&Connected { peer, local });
     }
     send(&mut stream, SEED_A, bytes).with_context(|| format!("sending to {to}"))?;
     let verifier = receive(&mut stream, SEED_B).with_context(|| format!("receiving from {to}"))?;
     let intact = verifier.intact() && verifier.received() == bytes;
     if !quiet {
-        emit(&json!({
-            "event": "done",
-            "peer": peer,
-            "local": local,
-            "sent": bytes,
-            "received": verifier.received(),
-            "intact": intact,
-        }));
+        emit(&Done {
+            peer,
+            local,
+            sent: bytes,
+            received: verifier.received(),
+            intact,
+        });
     }
     if !intact {
         bail!(
@@ -316,14 +271,16 @@ fn udp_probe(to: SocketAddr) -> anyhow::Result<()> {
     socket
         .connect(to)
         .with_context(|| format!("cannot connect the UDP socket to {to}"))?;
-    let peer = display_addr(socket.peer_addr());
+    let peer = socket
+        .peer_addr()
+        .with_context(|| format!("the UDP socket connected to {to} has no peer"))?;
     socket
         .send(UDP_PROBE)
         .with_context(|| format!("cannot send to {to}"))?;
     socket.set_read_timeout(Some(UDP_ECHO_TIMEOUT))?;
     let mut buf = [0; 512];
     let echoed = matches!(socket.recv(&mut buf), Ok(len) if &buf[..len] == UDP_PROBE);
-    emit(&json!({"event": "udp", "peer": peer, "echoed": echoed}));
+    emit(&UdpEcho { peer, echoed });
     if !echoed {
         bail!("no echo from {to} within {UDP_ECHO_TIMEOUT:?}");
     }
@@ -341,11 +298,8 @@ enum HoldEnd {
 fn hold(to: SocketAddr) -> anyhow::Result<()> {
     let stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
         .with_context(|| format!("cannot connect to {to}"))?;
-    emit(&json!({
-        "event": "connected",
-        "peer": display_addr(stream.peer_addr()),
-        "local": display_addr(stream.local_addr()),
-    }));
+    let (peer, local) = addresses(&stream, to)?;
+    emit(&Connected { peer, local });
     let (tx, rx) = std::sync::mpsc::channel();
     let released = tx.clone();
     thread::spawn(move || {
@@ -372,7 +326,7 @@ fn hold(to: SocketAddr) -> anyhow::Result<()> {
         HoldEnd::Released => {
             // The watcher's clone keeps the socket open: shut it down for both.
             let _ = stream.shutdown(Shutdown::Both);
-            emit(&json!({"event": "closed"}));
+            emit(&Closed {});
             Ok(())
         }
         HoldEnd::PeerEnded(end) => {
@@ -380,7 +334,10 @@ fn hold(to: SocketAddr) -> anyhow::Result<()> {
                 Ok(()) => "closed by the peer".to_owned(),
                 Err(err) => format!("failed: {err}"),
             };
-            emit(&json!({"event": "ended", "peer": to.to_string(), "how": how}));
+            emit(&Ended {
+                peer: to,
+                how: how.clone(),
+            });
             bail!("the held connection to {to} ended before it was released: {how}")
         }
     }

@@ -2,7 +2,7 @@
 //! a test says what a workload does and where, and gets back what it
 //! reported, parsed.
 //!
-//! ```ignore
+//! ```text
 //! let mut server = TestApp::serve(to).bytes(MIB).start(&mut cluster, db)?;
 //! let exit = TestApp::connect(to).bytes(MIB).run(&mut cluster, web)?;
 //! let done: Done = exit.event()?;

@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -167,11 +166,11 @@ impl Tracked {
         self.counted(stream, false)
     }
 
-    /// Waits for `relay` to end and writes the connection's one access-log
-    /// line at `info` (in the caller's span): its bytes each way, or the
+    /// Writes the connection's one access-log line at `info` (in the
+    /// caller's span) for how its relay ended: its bytes each way, or the
     /// error that reset it. The connection stops being listed here.
-    pub async fn finish(self, relay: impl Future<Output = io::Result<(u64, u64)>>) {
-        match relay.await {
+    pub fn finish(self, relayed: io::Result<(u64, u64)>) {
+        match relayed {
             Ok(_) => tracing::info!(
                 sent = self.live.sent.load(Ordering::Relaxed),
                 received = self.live.received.load(Ordering::Relaxed),

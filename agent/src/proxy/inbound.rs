@@ -140,8 +140,8 @@ impl<I: Identities> Inbound<I> {
             });
             tracing::debug!(connection = tracked.id(), "tunnel stream accepted");
             let tunnel = TunnelStream::new(send, request.into_body());
-            let relayed = relay::relay_tunnel(tracked.server_end(socket), tunnel);
-            tracked.finish(relayed).await;
+            let relayed = relay::relay_tunnel(tracked.server_end(socket), tunnel).await;
+            tracked.finish(relayed);
         }
         .instrument(span)
         .await;

@@ -24,8 +24,7 @@ use crate::{
     identity::{CertManager, ca_client::CaClient},
     tunnel::{
         client::{self, TlsDialer},
-        pool::{Checkout, Pool},
-        stream::TunnelStream,
+        pool::Pool,
     },
 };
 
@@ -44,14 +43,6 @@ pub struct Outbound {
     pub mesh: Option<Mesh>,
     /// Shared by every shard: it counts this agent's connections per endpoint.
     pub balancer: Arc<Balancer>,
-}
-
-/// Where a connection's bytes go once the agent has opened its far end.
-// Moved once, on one connection's task; boxing would allocate per connection.
-#[allow(clippy::large_enum_variant)]
-enum Upstream {
-    Tunnel(TunnelStream, Checkout<Dialer>),
-    Socket(TcpStream),
 }
 
 impl Outbound {
@@ -77,7 +68,7 @@ impl Outbound {
         let trust_domain = self.mesh.as_ref().map(|m| m.identities.trust_domain());
         // Only connections to a Service's endpoints feed the balancer.
         let mut balanced = false;
-        let decided = route::decide(
+        let decision = match route::decide(
             &table,
             peer.ip(),
             original_dst,
@@ -86,8 +77,7 @@ impl Outbound {
                 balanced = true;
                 self.balancer.choose(candidates)
             },
-        );
-        let decision = match decided {
+        ) {
             Ok(decision) => decision,
             Err(refused) => {
                 tracing::warn!(src.addr = %peer, dst.addr = %original_dst, reason = %refused, "connection refused");
@@ -124,46 +114,48 @@ impl Outbound {
         async move {
             tracing::debug!(connection = tracked.id(), "captured connection");
             let _ = client.set_nodelay(true);
-            match self.open_upstream(decision).await {
-                Ok(Upstream::Tunnel(stream, checkout)) => {
-                    tracing::debug!(connection = checkout.connection_id(), "tunnel stream open");
-                    let relayed = relay::relay_tunnel(tracked.client_end(client), stream);
-                    tracked.finish(relayed).await;
-                    drop(checkout);
+            // Each arm opens its far end and relays, so no value of one
+            // arm's kind is held across the other's relay (this future is
+            // part of every connection's memory).
+            let relayed = match decision {
+                Decision::Tunnel { key, .. } => {
+                    let mesh = self
+                        .mesh
+                        .as_ref()
+                        .expect("a tunnel decision needs the mesh");
+                    match client::open(&mesh.pool, &key, target).await {
+                        Ok((stream, checkout)) => {
+                            tracing::debug!(
+                                connection = checkout.connection_id(),
+                                "tunnel stream open"
+                            );
+                            let relayed =
+                                relay::relay_tunnel(tracked.client_end(client), stream).await;
+                            drop(checkout);
+                            relayed
+                        }
+                        Err(error) => return self.upstream_failed(&client, &error.into()),
+                    }
                 }
-                Ok(Upstream::Socket(socket)) => {
-                    let relayed = relay::relay(tracked.client_end(client), socket);
-                    tracked.finish(relayed).await;
+                Decision::Passthrough { .. } | Decision::Direct { .. } => {
+                    match upstream::connect(target).await {
+                        Ok(socket) => relay::relay(tracked.client_end(client), socket).await,
+                        Err(error) => return self.upstream_failed(&client, &error),
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(
-                        %error,
-                        "cannot reach the original destination; resetting the client"
-                    );
-                    self.fail(&client, &error);
-                }
-            }
+            };
+            tracked.finish(relayed);
         }
         .instrument(span)
         .await;
     }
 
-    /// Opens the far end the decision names: a tunnel stream, or a socket.
-    async fn open_upstream(&self, decision: Decision) -> Result<Upstream, Error> {
-        let target = decision.target();
-        match decision {
-            Decision::Tunnel { key, .. } => {
-                let mesh = self
-                    .mesh
-                    .as_ref()
-                    .expect("a tunnel decision needs the mesh");
-                let (stream, checkout) = client::open(&mesh.pool, &key, target).await?;
-                Ok(Upstream::Tunnel(stream, checkout))
-            }
-            Decision::Passthrough { .. } | Decision::Direct { .. } => {
-                Ok(Upstream::Socket(upstream::connect(target).await?))
-            }
-        }
+    fn upstream_failed(&self, client: &TcpStream, error: &Error) {
+        tracing::warn!(
+            %error,
+            "cannot reach the original destination; resetting the client"
+        );
+        self.fail(client, error);
     }
 
     /// Counts the failure; the client sees it as a reset, never a hang.

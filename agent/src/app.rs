@@ -28,7 +28,7 @@ use crate::{
         pool::{self, Pool, PoolView},
         server::Server,
     },
-    workload::{FileSource, KubeSource, LocalNode, Source, WorkloadTable},
+    workload::{FileSource, KubeSource, LocalNode, PolicySettings, Source, WorkloadTable},
 };
 
 /// Runs the agent until SIGINT or SIGTERM. Pinned capture stays in place when
@@ -225,8 +225,12 @@ fn try_clone_all(
 /// to keep it current.
 async fn load_workloads(args: &RunArgs) -> anyhow::Result<(Source, WorkloadTable)> {
     let source = &args.source;
+    let settings = PolicySettings {
+        trust_domain: args.identity.trust_domain.clone(),
+        cluster_default: args.default_inbound_policy,
+    };
     if let Some(path) = &source.workloads {
-        let (file, table) = FileSource::load(path.clone(), args.node.clone())?;
+        let (file, table) = FileSource::load(path.clone(), args.node.clone(), settings)?;
         return Ok((Source::File(file), table));
     }
     let client = crate::workload::kube_source::client(source.kubeconfig.as_deref())
@@ -237,7 +241,8 @@ async fn load_workloads(args: &RunArgs) -> anyhow::Result<(Source, WorkloadTable
         addresses: source.node_addresses.clone(),
     };
     tracing::info!(node = %node.name, "listing namespaces, pods, services and endpointslices");
-    let (kube, table) = KubeSource::start(client, node, source.cgroup_root.clone()).await?;
+    let (kube, table) =
+        KubeSource::start(client, node, source.cgroup_root.clone(), settings).await?;
     Ok((Source::Kubernetes(kube), table))
 }
 

@@ -59,6 +59,16 @@ pub struct RunArgs {
     /// tested here); fewer keeps the agent's share of a busy node down.
     #[arg(long, env = "FERRY_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
+    /// What a destination that no AuthorizationPolicy selects admits, unless
+    /// its namespace's `ferry.dev/default-inbound-policy` annotation says:
+    /// all-unauthenticated (any mesh identity, and plaintext where the
+    /// namespace is permissive), all-authenticated, same-namespace or deny.
+    #[arg(
+        long,
+        env = "FERRY_DEFAULT_INBOUND_POLICY",
+        default_value = "all-unauthenticated"
+    )]
+    pub default_inbound_policy: ferry_proto::policy::DefaultPolicy,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]

@@ -5,6 +5,7 @@
 
 use std::{fmt, str::FromStr};
 
+pub mod policy;
 pub mod workload_file;
 
 /// The generated gRPC code of `identity.proto`.

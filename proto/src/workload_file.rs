@@ -18,6 +18,11 @@
 //!     ips: [198.18.1.2, "2001:2:0:1::2"]
 //!     cgroup: /sys/fs/cgroup/kubepods/pod1234   # required for pods on the agent's node
 //!     excludedPorts: [22]
+//!     labels: { app: web }
+//! policies:                   # AuthorizationPolicy objects: name, namespace, spec
+//!   - name: web-clients
+//!     namespace: shop
+//!     spec: { selector: { matchLabels: { app: web } }, from: [{ namespace: shop }] }
 //! ```
 
 use std::{
@@ -29,7 +34,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{is_dns_label, is_dns_subdomain};
+use crate::{is_dns_label, is_dns_subdomain, policy::AuthorizationPolicySpec};
 
 /// The namespace label that opts a namespace's pods into the mesh.
 pub const MESH_LABEL: &str = "ferry.dev/mesh";
@@ -52,8 +57,9 @@ pub struct WorkloadFile {
     /// Services: virtual IPs the agent resolves to one of their endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceSpec>,
-    /// Who may connect to whom; a destination no policy names accepts any
-    /// identity of the trust domain.
+    /// Who may connect to whom: `AuthorizationPolicy` objects (see
+    /// [`crate::policy`]); a destination no policy selects gets its
+    /// namespace's default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicySpec>,
 }
@@ -82,39 +88,14 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
 }
 
-/// Which source identities may connect to the pods of one namespace (or of
-/// one ServiceAccount in it).
+/// An `AuthorizationPolicy` as the workload file writes it: the object's
+/// name and namespace, and the same `spec` as the custom resource's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PolicySpec {
+    pub name: String,
     pub namespace: String,
-    /// Only pods running as this ServiceAccount; the whole namespace if absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_account: Option<String>,
-    /// SPIFFE ids allowed in; `spiffe://<td>/ns/<ns>/sa/*` allows a whole namespace.
-    pub allow: Vec<String>,
-}
-
-impl PolicySpec {
-    /// Whether this policy governs pods of `namespace` running as `service_account`.
-    pub fn applies_to(&self, namespace: &str, service_account: &str) -> bool {
-        self.namespace == namespace
-            && self
-                .service_account
-                .as_deref()
-                .is_none_or(|sa| sa == service_account)
-    }
-
-    /// Whether `source` is among the allowed identities.
-    pub fn allows(&self, source: &crate::SpiffeId) -> bool {
-        let source = source.to_string();
-        self.allow
-            .iter()
-            .any(|allowed| match allowed.strip_suffix('*') {
-                Some(prefix) => source.starts_with(prefix),
-                None => *allowed == source,
-            })
-    }
+    pub spec: AuthorizationPolicySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +131,9 @@ pub struct PodSpec {
     /// Destination ports this pod reaches around the agent (not captured).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_ports: Vec<u16>,
+    /// The pod's labels, which policies select it by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl WorkloadFile {
@@ -286,26 +270,23 @@ impl WorkloadFile {
                 }
             }
         }
+        let mut policy_names = HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {
-            let at = format!("policies[{i}]");
+            let at = format!("policies[{i}] ({}/{})", policy.namespace, policy.name);
             if !is_dns_label(&policy.namespace) {
                 problems.push(format!(
                     "{at}.namespace: {:?} is not a valid namespace name",
                     policy.namespace
                 ));
             }
-            for (j, allowed) in policy.allow.iter().enumerate() {
-                let valid = match allowed.strip_suffix("/sa/*") {
-                    Some(namespace) => format!("{namespace}/sa/x")
-                        .parse::<crate::SpiffeId>()
-                        .is_ok(),
-                    None => allowed.parse::<crate::SpiffeId>().is_ok(),
-                };
-                if !valid {
-                    problems.push(format!(
-                        "{at}.allow[{j}]: {allowed:?} is neither a SPIFFE id nor spiffe://<td>/ns/<ns>/sa/*"
-                    ));
-                }
+            if !is_dns_subdomain(&policy.name) {
+                problems.push(format!(
+                    "{at}.name: {:?} is not a valid object name",
+                    policy.name
+                ));
+            }
+            if !policy_names.insert((&policy.namespace, &policy.name)) {
+                problems.push(format!("{at}: listed twice"));
             }
         }
         let mut pod_names = HashSet::new();

@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use ferry_proto::policy::AuthorizationPolicy;
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::{
     Method, Request, Response, StatusCode,
@@ -58,7 +59,7 @@ pub const FAKE_API_PORT: u16 = 6443;
 const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
 
 /// The kinds served, by collection path: (path, apiVersion, kind).
-const KINDS: [(&str, &str, &str); 4] = [
+const KINDS: [(&str, &str, &str); 5] = [
     ("/api/v1/namespaces", "v1", "Namespace"),
     ("/api/v1/pods", "v1", "Pod"),
     ("/api/v1/services", "v1", "Service"),
@@ -67,7 +68,15 @@ const KINDS: [(&str, &str, &str); 4] = [
         "discovery.k8s.io/v1",
         "EndpointSlice",
     ),
+    (
+        "/apis/ferry.dev/v1alpha1/authorizationpolicies",
+        "ferry.dev/v1alpha1",
+        "AuthorizationPolicy",
+    ),
 ];
+
+/// The kind of Ferry's custom resource, as [`KINDS`] lists it.
+const POLICY_KIND: &str = "AuthorizationPolicy";
 
 struct Event {
     version: u64,
@@ -170,26 +179,43 @@ impl FakeApiServer {
     }
 
     /// Creates or replaces `object` (an ADDED or MODIFIED event).
-    pub fn apply<K: Resource + Metadata<Ty = ObjectMeta> + serde::Serialize>(&self, object: K) {
-        self.record(object, false);
+    pub fn apply<K: Resource + Metadata<Ty = ObjectMeta> + serde::Serialize>(&self, mut object: K) {
+        self.record(K::KIND, &mut object, K::metadata_mut, false);
     }
 
     /// Deletes `object` (a DELETED event carrying its last state).
-    pub fn delete<K: Resource + Metadata<Ty = ObjectMeta> + serde::Serialize>(&self, object: K) {
-        self.record(object, true);
-    }
-
-    fn record<K: Resource + Metadata<Ty = ObjectMeta> + serde::Serialize>(
+    pub fn delete<K: Resource + Metadata<Ty = ObjectMeta> + serde::Serialize>(
         &self,
         mut object: K,
+    ) {
+        self.record(K::KIND, &mut object, K::metadata_mut, true);
+    }
+
+    /// Creates or replaces a Ferry `AuthorizationPolicy`.
+    pub fn apply_policy(&self, mut policy: AuthorizationPolicy) {
+        self.record(POLICY_KIND, &mut policy, |p| &mut p.metadata, false);
+    }
+
+    /// Deletes a Ferry `AuthorizationPolicy`.
+    pub fn delete_policy(&self, mut policy: AuthorizationPolicy) {
+        self.record(POLICY_KIND, &mut policy, |p| &mut p.metadata, true);
+    }
+
+    /// Stores `object` of `kind` at the next resourceVersion (written into
+    /// its metadata) and records its event.
+    fn record<T: serde::Serialize>(
+        &self,
+        kind: &str,
+        object: &mut T,
+        metadata: fn(&mut T) -> &mut ObjectMeta,
         delete: bool,
     ) {
         let kind = KINDS
             .iter()
-            .map(|(_, _, kind)| *kind)
-            .find(|kind| *kind == K::KIND)
-            .unwrap_or_else(|| panic!("the fake API server does not serve {}", K::KIND));
-        let meta = object.metadata();
+            .map(|(_, _, served)| *served)
+            .find(|served| *served == kind)
+            .unwrap_or_else(|| panic!("the fake API server does not serve {kind}"));
+        let meta = metadata(object);
         let key = format!(
             "{}/{}",
             meta.namespace.as_deref().unwrap_or(""),
@@ -198,8 +224,8 @@ impl FakeApiServer {
         let mut state = self.lock();
         state.version += 1;
         let version = state.version;
-        object.metadata_mut().resource_version = Some(version.to_string());
-        let value = serde_json::to_value(&object).expect("objects serialize");
+        meta.resource_version = Some(version.to_string());
+        let value = serde_json::to_value(&*object).expect("objects serialize");
         let objects = state.objects.entry(kind).or_default();
         let kind_of = if delete {
             objects.remove(&key);
@@ -306,6 +332,7 @@ pub fn pod(cluster: &Cluster, id: PodId) -> Pod {
             name: Some(pod.name.clone()),
             namespace: Some(pod.namespace.clone()),
             uid: Some(pod.uid.clone()),
+            labels: Some(pod.labels.clone()),
             creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             )),

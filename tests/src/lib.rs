@@ -42,7 +42,7 @@ pub use ferry_leftovers as leftovers;
 pub use process::Proc;
 pub use sim::{
     Agent, AgentBuilder, AgentCa, CgroupDriver, Cluster, Node, NodeId, Place, Pod, PodId,
-    PodOptions,
+    PodOptions, policy,
 };
 
 /// The bpffs directory under which agents pin, in `<root>/<node name>/`:

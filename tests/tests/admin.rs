@@ -240,11 +240,11 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
     // A policy that does not allow web: node 2 refuses, both agents count it.
     let small = pod_addr(&cluster, server, Family::V4, PORT + 2);
     let _small_server = TestApp::serve(small).bytes(1).start(&mut cluster, server)?;
-    cluster.set_policies(vec![ferry_agent::workload::file::PolicySpec {
-        namespace: "shop".to_owned(),
-        service_account: Some("db".to_owned()),
-        allow: vec!["spiffe://cluster.local/ns/shop/sa/admin".to_owned()],
-    }]);
+    cluster.set_policies(vec![ferry_tests::policy(
+        "shop",
+        "db-admin-only",
+        "{ selector: { matchLabels: { app: db } }, from: [{ serviceAccount: shop/admin }] }",
+    )?]);
     cluster.write_workloads()?;
     eventually(|| {
         let connect = TestApp::connect(small).bytes(1).run(&mut cluster, client)?;

@@ -237,12 +237,11 @@ fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Re
     );
 
     // A policy that does not allow the client: the destination agent refuses.
-    t.cluster
-        .set_policies(vec![ferry_agent::workload::file::PolicySpec {
-            namespace: "shop".to_owned(),
-            service_account: Some("db".to_owned()),
-            allow: vec!["spiffe://cluster.local/ns/shop/sa/admin".to_owned()],
-        }]);
+    t.cluster.set_policies(vec![ferry_tests::policy(
+        "shop",
+        "db-admin-only",
+        "{ selector: { matchLabels: { app: db } }, from: [{ serviceAccount: shop/admin }] }",
+    )?]);
     t.cluster.write_workloads()?;
     let to = pod_addr(&t.cluster, t.server, Family::V4, PORT + 1);
     let _small = TestApp::serve(to)
@@ -270,7 +269,7 @@ fn the_node_link_carries_tls_only_and_policy_denials_are_refused() -> anyhow::Re
     );
     let log = t.agents[1].proc.stderr_tail();
     ensure!(
-        log.contains("policy for shop/db allows"),
+        log.contains("does not admit spiffe://cluster.local/ns/shop/sa/web: no allow policy selecting it names it (allow policies: shop/db-admin-only)"),
         "node 2's agent did not log the denial:\n{log}"
     );
     Ok(())

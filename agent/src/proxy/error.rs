@@ -8,7 +8,7 @@ use ferry_proto::{SpiffeId, SpiffeIdError};
 use http::{Method, StatusCode};
 
 use super::metrics::{Failure, InboundRefusal};
-use crate::{tunnel::client::OpenError, workload::PolicyDenied};
+use crate::{tunnel::client::OpenError, workload::policy::PolicyDenied};
 
 /// A connection this agent will not carry: what it asked for is not allowed
 /// or names nothing the agent can serve. Outbound these come from the route

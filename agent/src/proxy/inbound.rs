@@ -23,11 +23,14 @@ use super::{
     metrics::Direction,
     relay, upstream,
 };
-use crate::tunnel::{
-    Identities,
-    server::{Accepted, Server},
-    stream::TunnelStream,
-    wire,
+use crate::{
+    tunnel::{
+        Identities,
+        server::{Accepted, Server},
+        stream::TunnelStream,
+        wire,
+    },
+    workload::policy::{Caller, Verdict},
 };
 
 pub struct Inbound<I> {
@@ -35,6 +38,16 @@ pub struct Inbound<I> {
     pub node: String,
     pub inputs: ProxyInputs,
     pub server: Server<I>,
+}
+
+/// A `CONNECT` this agent serves.
+struct Admitted {
+    /// The pod's address and port.
+    address: SocketAddr,
+    /// `namespace/name` of the pod.
+    pod: String,
+    /// The `Allow` policy that admitted it; `None`: the namespace's default.
+    policy: Option<String>,
 }
 
 /// Who asked, over which tunnel connection: the same for each of its streams.
@@ -97,13 +110,18 @@ impl<I: Identities> Inbound<I> {
         mut respond: SendResponse<Bytes>,
         peer: Peer,
     ) {
-        let (address, pod) = match self.admit(&request, &peer) {
+        let metrics = self.inputs.connections.metrics();
+        let Admitted {
+            address,
+            pod,
+            policy,
+        } = match self.admit(&request, &peer) {
             Ok(admitted) => admitted,
             Err(refused) => {
-                self.inputs
-                    .connections
-                    .metrics()
-                    .inbound_refused(refused.inbound_reason());
+                metrics.inbound_refused(refused.inbound_reason());
+                if let Refused::Policy(denied) = &refused {
+                    metrics.policy_denied(Direction::Inbound, denied);
+                }
                 tracing::warn!(
                     client = %peer.client,
                     authority = ?request.uri().authority().map(|a| a.as_str()),
@@ -116,6 +134,7 @@ impl<I: Identities> Inbound<I> {
                 return;
             }
         };
+        metrics.policy_allowed(policy.as_deref());
         let span = tracing::info_span!("inbound", src.identity = %peer.client, dst.pod = %pod, dst.addr = %address);
         async move {
             let socket = match upstream::connect(address).await {
@@ -147,12 +166,8 @@ impl<I: Identities> Inbound<I> {
         .await;
     }
 
-    /// The pod address (and `namespace/name`) a `CONNECT` may reach, or why not.
-    fn admit(
-        &self,
-        request: &Request<h2::RecvStream>,
-        peer: &Peer,
-    ) -> Result<(SocketAddr, String), Refused> {
+    /// Where a `CONNECT` may go, or why not.
+    fn admit(&self, request: &Request<h2::RecvStream>, peer: &Peer) -> Result<Admitted, Refused> {
         if request.method() != Method::CONNECT {
             return Err(Refused::Method(request.method().clone()));
         }
@@ -184,8 +199,14 @@ impl<I: Identities> Inbound<I> {
                 local: Box::new(local.clone()),
             });
         }
-        table.authorize(&peer.client, pod)?;
-        Ok((address, pod.key()))
+        match table.authorize(Caller::Identity(&peer.client), pod, address.port()) {
+            Verdict::Allowed { policy } => Ok(Admitted {
+                address,
+                pod: pod.key(),
+                policy,
+            }),
+            Verdict::Denied(denied) => Err(Refused::Policy(denied)),
+        }
     }
 
     /// The client's agent learns why (and resets its application's socket).

@@ -10,6 +10,7 @@ use prometheus_client::{
 };
 
 use super::connections::Route;
+use crate::workload::policy::PolicyDenied;
 
 type Count = Counter<u64, AtomicU64>;
 type Level = Gauge<i64, AtomicI64>;
@@ -151,6 +152,26 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    /// `namespace/name`, or `default` for a namespace's default.
+    policy: String,
+    result: &'static str,
+}
+
+impl PolicyLabels {
+    /// The label of a decision by `policy` (`None`: the default).
+    fn new(policy: Option<&str>, allowed: bool) -> Self {
+        Self {
+            policy: policy.unwrap_or(DEFAULT_POLICY_LABEL).to_owned(),
+            result: if allowed { "allow" } else { "deny" },
+        }
+    }
+}
+
+/// The `policy` label of decisions a namespace's default made.
+pub const DEFAULT_POLICY_LABEL: &str = "default";
+
 /// The counters one live connection updates, looked up once when it opens.
 #[derive(Debug, Clone)]
 pub struct ConnectionCounters {
@@ -169,6 +190,8 @@ pub struct ProxyMetrics {
     bytes: Family<ByteLabels, Count>,
     failures: Family<FailureLabels, Count>,
     inbound_refused: Family<ReasonLabels, Count>,
+    policy_decisions: Family<PolicyLabels, Count>,
+    authorization_denials: Family<FailureLabels, Count>,
 }
 
 impl ProxyMetrics {
@@ -203,6 +226,46 @@ impl ProxyMetrics {
             "Tunnel CONNECT requests from other agents refused, by reason",
             self.inbound_refused.clone(),
         );
+        registry.register(
+            "policy_decisions",
+            "Connections authorized, by the policy that decided (namespace/name, or default) and result (allow, deny)",
+            self.policy_decisions.clone(),
+        );
+        registry.register(
+            "authorization_denials",
+            "Connections the destination's policies refused, by direction and reason (deny_policy, not_allowed, default)",
+            self.authorization_denials.clone(),
+        );
+    }
+
+    /// Counts a connection `policy` (`None`: the default) admitted.
+    pub fn policy_allowed(&self, policy: Option<&str>) {
+        self.policy_decisions
+            .get_or_create(&PolicyLabels::new(policy, true))
+            .inc();
+    }
+
+    /// Counts a connection the policies refused.
+    pub fn policy_denied(&self, direction: Direction, denied: &PolicyDenied) {
+        self.policy_decisions
+            .get_or_create(&PolicyLabels::new(denied.reason.policy(), false))
+            .inc();
+        self.authorization_denials
+            .get_or_create(&FailureLabels {
+                direction: direction.as_str(),
+                reason: denied.reason.label(),
+            })
+            .inc();
+    }
+
+    /// How many connections `policy` (`None`: the default) allowed and denied.
+    pub fn policy_decisions(&self, policy: Option<&str>) -> (u64, u64) {
+        let count = |allowed| {
+            self.policy_decisions
+                .get(&PolicyLabels::new(policy, allowed))
+                .map_or(0, |c| c.get())
+        };
+        (count(true), count(false))
     }
 
     pub fn connection_captured(&self) {

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
 use super::{
-    Error, ProxyInputs,
+    Error, ProxyInputs, Refused,
     balancer::Balancer,
     connections::{ConnectionMeta, Route},
     metrics::Direction,
@@ -80,10 +80,16 @@ impl Outbound {
         ) {
             Ok(decision) => decision,
             Err(refused) => {
+                if let Refused::Policy(denied) = &refused {
+                    metrics.policy_denied(Direction::Outbound, denied);
+                }
                 tracing::warn!(src.addr = %peer, dst.addr = %original_dst, reason = %refused, "connection refused");
                 return self.fail(&client, &Error::Refused(refused));
             }
         };
+        if let Decision::Direct { policy, .. } = &decision {
+            metrics.policy_allowed(policy.as_deref());
+        }
         let target = decision.target();
         let meta = ConnectionMeta {
             source_pod: table.by_ip(peer.ip()).map(|w| w.key()),

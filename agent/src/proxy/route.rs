@@ -6,7 +6,13 @@ use std::net::{IpAddr, SocketAddr};
 use ferry_proto::{SpiffeId, TUNNEL_PORT};
 
 use super::Refused;
-use crate::{tunnel::pool::PoolKey, workload::WorkloadTable};
+use crate::{
+    tunnel::pool::PoolKey,
+    workload::{
+        WorkloadTable,
+        policy::{Caller, Verdict},
+    },
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -18,6 +24,8 @@ pub enum Decision {
         destination: SpiffeId,
         pod: String,
         target: SocketAddr,
+        /// The `Allow` policy that admitted it; `None`: the namespace's default.
+        policy: Option<String>,
     },
     /// A meshed pod on another node: through that node's agent.
     Tunnel {
@@ -107,13 +115,16 @@ pub fn decide(
     let destination_id = identity(&destination.namespace, &destination.service_account)?;
     let pod = destination.key();
     if destination.node == table.node.name {
-        table.authorize(&source_id, destination)?;
-        return Ok(Decision::Direct {
-            source: source_id,
-            destination: destination_id,
-            pod,
-            target,
-        });
+        return match table.authorize(Caller::Identity(&source_id), destination, target.port()) {
+            Verdict::Allowed { policy } => Ok(Decision::Direct {
+                source: source_id,
+                destination: destination_id,
+                pod,
+                target,
+                policy,
+            }),
+            Verdict::Denied(denied) => Err(Refused::Policy(denied)),
+        };
     }
     let Some(agent) = table.node_address(&destination.node, target.ip()) else {
         return Err(Refused::UnknownNode {
@@ -135,7 +146,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::file::WorkloadFile;
+    use crate::workload::{PolicySettings, file::WorkloadFile};
 
     fn table() -> WorkloadTable {
         let text = "
@@ -143,15 +154,19 @@ nodes: [{ name: n1, addresses: [198.19.0.1, \"2001:2:0:ff::1\"] }, { name: n2, a
 namespaces: [{ name: shop, labels: { ferry.dev/mesh: enabled } }, { name: legacy }]
 pods:
   - { name: web, namespace: shop, serviceAccount: web, node: n1, ips: [198.18.1.2, \"2001:2:0:1::2\"], cgroup: /x/web }
-  - { name: api, namespace: shop, serviceAccount: api, node: n1, ips: [198.18.1.3], cgroup: /x/api }
+  - { name: api, namespace: shop, serviceAccount: api, node: n1, ips: [198.18.1.3], cgroup: /x/api, labels: { app: api } }
   - { name: db, namespace: shop, serviceAccount: db, node: n2, ips: [198.18.2.2, \"2001:2:0:2::2\"] }
   - { name: old, namespace: legacy, serviceAccount: old, node: n2, ips: [198.18.2.3] }
   - { name: db-2, namespace: shop, serviceAccount: db, node: n2, ips: [198.18.2.4] }
 services:
   - { name: db, namespace: shop, clusterIPs: [10.96.0.10], ports: [{ port: 80, targetPort: 8080 }], endpoints: [db, db-2] }
-policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
+policies: [{ name: api-admits-nobody, namespace: shop, spec: { selector: { matchLabels: { app: api } }, from: [] } }]
 ";
-        WorkloadTable::from_file(&WorkloadFile::parse(text, None).unwrap(), "n1")
+        let settings = PolicySettings {
+            trust_domain: "cluster.local".to_owned(),
+            cluster_default: ferry_proto::policy::DefaultPolicy::AllUnauthenticated,
+        };
+        WorkloadTable::from_file(&WorkloadFile::parse(text, None).unwrap(), "n1", &settings)
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -253,7 +268,7 @@ policies: [{ namespace: shop, serviceAccount: api, allow: [] }]
         );
         // shop/api's policy allows nobody.
         assert!(
-            matches!(decision, Err(ref reason) if reason.to_string().contains("policy for shop/api")),
+            matches!(decision, Err(ref reason) if reason.to_string().contains("allow policies: shop/api-admits-nobody")),
             "{decision:?}"
         );
         let decision = decide(

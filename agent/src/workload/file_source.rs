@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{WorkloadTable, file::WorkloadFile};
+use super::{PolicySettings, WorkloadTable, file::WorkloadFile};
 use crate::workload::file::WorkloadFileError;
 
 /// How often the file is checked for changes. Polling the metadata is cheap
@@ -20,18 +20,25 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub struct FileSource {
     path: PathBuf,
     node: String,
+    settings: PolicySettings,
     seen: Option<(SystemTime, u64)>,
 }
 
 impl FileSource {
     /// Loads the file once; an invalid file at start is an error the caller reports.
-    pub fn load(path: PathBuf, node: String) -> Result<(Self, WorkloadTable), WorkloadFileError> {
+    pub fn load(
+        path: PathBuf,
+        node: String,
+        settings: PolicySettings,
+    ) -> Result<(Self, WorkloadTable), WorkloadFileError> {
         let mut source = Self {
             path,
             node,
+            settings,
             seen: None,
         };
         let table = source.read()?;
+        table.log_policy_problems();
         Ok((source, table))
     }
 
@@ -49,7 +56,8 @@ impl FileSource {
             }
             match self.read() {
                 Ok(table) => {
-                    tracing::info!(file = %self.path.display(), pods = table.workloads.len(), "workload file changed");
+                    tracing::info!(file = %self.path.display(), pods = table.workloads.len(), policies = table.policies.len(), "workload file changed");
+                    table.log_policy_problems();
                     tx.send_replace(Arc::new(table));
                 }
                 Err(error) => {
@@ -62,7 +70,7 @@ impl FileSource {
     fn read(&mut self) -> Result<WorkloadTable, WorkloadFileError> {
         self.seen = self.stamp();
         let file = WorkloadFile::load(&self.path, Some(&self.node))?;
-        Ok(WorkloadTable::from_file(&file, &self.node))
+        Ok(WorkloadTable::from_file(&file, &self.node, &self.settings))
     }
 
     fn stamp(&self) -> Option<(SystemTime, u64)> {

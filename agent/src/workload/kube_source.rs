@@ -1,9 +1,10 @@
-//! The workloads as the Kubernetes API knows them: namespaces (the mesh label
-//! and the inbound mode annotation), pods cluster-wide, Services and
-//! EndpointSlices, each kept by a kube-rs reflector. Any change wakes one
-//! loop that rebuilds the [`WorkloadTable`] from the four stores and publishes
-//! it if it differs, so every event, re-list and reconnect converges on the
-//! same answer the API server gives.
+//! The workloads as the Kubernetes API knows them: namespaces (the mesh label,
+//! the inbound mode and default policy annotations), pods cluster-wide,
+//! Services, EndpointSlices and `AuthorizationPolicy` objects, each kept by a
+//! kube-rs reflector. Any change wakes one loop that rebuilds the
+//! [`WorkloadTable`] from the five stores and publishes it if it differs, so
+//! every event, re-list and reconnect converges on the same answer the API
+//! server gives.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use ferry_proto::policy::{AuthorizationPolicy, DEFAULT_POLICY_ANNOTATION};
 use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::{
@@ -35,8 +37,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 
 use super::{
-    LocalNode, Service, Workload, WorkloadTable,
-    file::{INBOUND_MODE_ANNOTATION, INBOUND_STRICT, MESH_ENABLED, MESH_LABEL, ServicePort},
+    LocalNode, PolicyFacts, PolicySettings, Service, Workload, WorkloadTable,
+    file::{
+        INBOUND_MODE_ANNOTATION, INBOUND_STRICT, MESH_ENABLED, MESH_LABEL, PolicySpec, ServicePort,
+    },
 };
 
 /// How long the agent waits for the first full list of every kind.
@@ -52,6 +56,7 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 pub struct KubeSource {
     node: LocalNode,
+    settings: PolicySettings,
     cgroups: PodCgroups,
     stores: Stores,
     changed: Arc<Notify>,
@@ -63,16 +68,27 @@ struct Stores {
     pods: Store<Pod>,
     services: Store<KubeService>,
     slices: Store<EndpointSlice>,
+    policies: Store<AuthorizationPolicy>,
+}
+
+/// Every object of the five kinds, as the stores hold them.
+struct Listed {
+    namespaces: Vec<Arc<Namespace>>,
+    pods: Vec<Arc<Pod>>,
+    services: Vec<Arc<KubeService>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    policies: Vec<Arc<AuthorizationPolicy>>,
 }
 
 impl KubeSource {
-    /// Starts the four watches and waits until each has listed once: an agent
+    /// Starts the five watches and waits until each has listed once: an agent
     /// that published a table before then would detach pods it simply had not
-    /// heard of yet.
+    /// heard of yet, or admit connections a policy it had not heard of denies.
     pub async fn start(
         client: Client,
         node: LocalNode,
         cgroup_root: PathBuf,
+        settings: PolicySettings,
     ) -> anyhow::Result<(Self, WorkloadTable)> {
         let changed = Arc::new(Notify::new());
         let stores = Stores {
@@ -84,30 +100,45 @@ impl KubeSource {
             ),
             pods: reflect(Api::all(client.clone()), "pods", keep_pod, &changed),
             services: reflect(Api::all(client.clone()), "services", keep_service, &changed),
-            slices: reflect(Api::all(client), "endpointslices", keep_slice, &changed),
+            slices: reflect(
+                Api::all(client.clone()),
+                "endpointslices",
+                keep_slice,
+                &changed,
+            ),
+            policies: reflect(
+                Api::all(client),
+                "authorizationpolicies",
+                keep_policy,
+                &changed,
+            ),
         };
         let synced = async {
             stores.namespaces.wait_until_ready().await?;
             stores.pods.wait_until_ready().await?;
             stores.services.wait_until_ready().await?;
-            stores.slices.wait_until_ready().await
+            stores.slices.wait_until_ready().await?;
+            stores.policies.wait_until_ready().await
         };
         tokio::time::timeout(SYNC_TIMEOUT, synced)
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "no full list of namespaces, pods, services and endpointslices from the \
-                     Kubernetes API within {SYNC_TIMEOUT:?}; check the agent's RBAC and the API server"
+                    "no full list of namespaces, pods, services, endpointslices and \
+                     authorizationpolicies.ferry.dev from the Kubernetes API within {SYNC_TIMEOUT:?}; \
+                     check that the CRD is installed (daemonset/), the agent's RBAC, and the API server"
                 )
             })?
             .map_err(|e| anyhow::anyhow!("a Kubernetes watch ended before its first list: {e}"))?;
         let mut source = Self {
             node,
+            settings,
             cgroups: PodCgroups::new(cgroup_root),
             stores,
             changed,
         };
         let table = source.table();
+        table.log_policy_problems();
         Ok((source, table))
     }
 
@@ -140,8 +171,14 @@ impl KubeSource {
                 tracing::info!(
                     pods = table.workloads.len(),
                     services = table.services.len(),
+                    policies = table.policies.len(),
                     "workloads changed in the Kubernetes API"
                 );
+                if current.policies != table.policies
+                    || current.policy_problems != table.policy_problems
+                {
+                    table.log_policy_problems();
+                }
                 *current = Arc::new(table);
                 true
             });
@@ -149,17 +186,16 @@ impl KubeSource {
     }
 
     fn table(&mut self) -> WorkloadTable {
-        let (node, stores) = (&self.node, &self.stores);
-        self.cgroups.rebuild(|find_cgroup| {
-            build_table(
-                node,
-                &stores.namespaces.state(),
-                &stores.pods.state(),
-                &stores.services.state(),
-                &stores.slices.state(),
-                find_cgroup,
-            )
-        })
+        let (node, settings, stores) = (&self.node, &self.settings, &self.stores);
+        let listed = Listed {
+            namespaces: stores.namespaces.state(),
+            pods: stores.pods.state(),
+            services: stores.services.state(),
+            slices: stores.slices.state(),
+            policies: stores.policies.state(),
+        };
+        self.cgroups
+            .rebuild(|find_cgroup| build_table(node, &listed, settings, find_cgroup))
     }
 }
 
@@ -244,8 +280,13 @@ fn keep_namespace(ns: &mut Namespace) {
     ns.spec = None;
     ns.status = None;
     if let Some(annotations) = &mut ns.metadata.annotations {
-        annotations.retain(|k, _| k == INBOUND_MODE_ANNOTATION);
+        annotations.retain(|k, _| k == INBOUND_MODE_ANNOTATION || k == DEFAULT_POLICY_ANNOTATION);
     }
+}
+
+fn keep_policy(policy: &mut AuthorizationPolicy) {
+    policy.metadata.managed_fields = None;
+    policy.metadata.annotations = None;
 }
 
 fn keep_pod(pod: &mut Pod) {
@@ -281,16 +322,21 @@ fn keep_slice(slice: &mut EndpointSlice) {
     slice.metadata.annotations = None;
 }
 
-/// The table `node` sees, from the four kinds as listed: pure, so every
+/// The table `node` sees, from the five kinds as listed: pure, so every
 /// rule below is tested without an API server.
 fn build_table(
     node: &LocalNode,
-    namespaces: &[Arc<Namespace>],
-    pods: &[Arc<Pod>],
-    services: &[Arc<KubeService>],
-    slices: &[Arc<EndpointSlice>],
+    listed: &Listed,
+    settings: &PolicySettings,
     mut find_cgroup: impl FnMut(&str) -> Option<PathBuf>,
 ) -> WorkloadTable {
+    let Listed {
+        namespaces,
+        pods,
+        services,
+        slices,
+        policies,
+    } = listed;
     let mode: HashMap<&str, (bool, bool)> = namespaces
         .iter()
         .filter_map(|ns| {
@@ -357,6 +403,7 @@ fn build_table(
                 cgroup,
                 excluded_ports: excluded_ports(pod),
                 strict,
+                labels: meta.labels.clone().unwrap_or_default(),
             })
         })
         .collect();
@@ -381,7 +428,40 @@ fn build_table(
             resolve_service(service, slices_of.get(&key).map_or(&[], Vec::as_slice))
         })
         .collect();
-    WorkloadTable::new(node.clone(), nodes, workloads, services, Vec::new())
+    let mut problems = Vec::new();
+    let namespace_defaults = namespaces
+        .iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.as_deref()?;
+            let annotation = ns
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DEFAULT_POLICY_ANNOTATION));
+            let default =
+                settings.namespace_default(name, annotation.map(String::as_str), &mut problems);
+            Some((name.to_owned(), default))
+        })
+        .collect();
+    let mut policies: Vec<PolicySpec> = policies
+        .iter()
+        .filter_map(|policy| {
+            Some(PolicySpec {
+                name: policy.metadata.name.clone()?,
+                namespace: policy.metadata.namespace.clone()?,
+                spec: policy.spec.clone(),
+            })
+        })
+        .collect();
+    // The stores' order is not the API server's; a table compares equal
+    // only if its policies are in one order.
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let facts = PolicyFacts {
+        policies,
+        namespace_defaults,
+        problems,
+    };
+    WorkloadTable::new(node.clone(), nodes, workloads, services, facts, settings)
 }
 
 /// Pods with addresses that can still take connections; host-network pods
@@ -601,8 +681,18 @@ mod tests {
     }
 
     fn table(namespaces: &[Arc<Namespace>], pods: Vec<Pod>) -> WorkloadTable {
-        let pods: Vec<_> = pods.into_iter().map(Arc::new).collect();
-        build_table(&node(), namespaces, &pods, &[], &[], |uid| {
+        let listed = Listed {
+            namespaces: namespaces.to_vec(),
+            pods: pods.into_iter().map(Arc::new).collect(),
+            services: Vec::new(),
+            slices: Vec::new(),
+            policies: Vec::new(),
+        };
+        let settings = PolicySettings {
+            trust_domain: "cluster.local".to_owned(),
+            cluster_default: ferry_proto::policy::DefaultPolicy::AllUnauthenticated,
+        };
+        build_table(&node(), &listed, &settings, |uid| {
             Some(PathBuf::from(format!("/cg/{uid}")))
         })
     }

@@ -8,6 +8,7 @@
 pub use ferry_proto::workload_file as file;
 mod file_source;
 pub mod kube_source;
+pub mod policy;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,9 +17,10 @@ use std::{
     sync::Arc,
 };
 
-use ferry_proto::SpiffeId;
-
+use ferry_proto::policy::{DEFAULT_POLICY_ANNOTATION, DefaultPolicy};
 use serde::{Deserialize, Serialize, Serializer};
+
+use policy::{Caller, CompiledPolicy, PodPolicies, PolicyView, Verdict};
 
 pub use file_source::FileSource;
 pub use kube_source::KubeSource;
@@ -57,6 +59,9 @@ pub struct Workload {
     pub excluded_ports: Vec<u16>,
     /// The namespace is in strict mode: plaintext from off the node is refused.
     pub strict: bool,
+    /// The pod's labels, which policies select it by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Workload {
@@ -81,7 +86,12 @@ pub struct WorkloadTable {
     pub workloads: Vec<Arc<Workload>>,
     /// Every node's addresses: where its agent's tunnel listens.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
-    pub policies: Vec<file::PolicySpec>,
+    /// Every authorization policy the source gave, compiled.
+    #[serde(skip)]
+    pub policies: Vec<Arc<CompiledPolicy>>,
+    /// What the sources' policy settings (annotations) got wrong.
+    #[serde(skip)]
+    pub policy_problems: Vec<String>,
     #[serde(serialize_with = "serialize_arcs")]
     pub services: Vec<Arc<Service>>,
     #[serde(skip)]
@@ -91,6 +101,52 @@ pub struct WorkloadTable {
     /// Workloads by `namespace/name`, how Services name their endpoints.
     #[serde(skip)]
     by_key: HashMap<String, Arc<Workload>>,
+    /// The policies of each pod of this node, by `namespace/name`.
+    #[serde(skip)]
+    pod_policies: HashMap<String, Arc<PodPolicies>>,
+}
+
+/// What the agent brings to any source's facts to authorize connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// Identities of other trust domains can never connect.
+    pub trust_domain: String,
+    /// For namespaces without a valid [`DEFAULT_POLICY_ANNOTATION`].
+    pub cluster_default: DefaultPolicy,
+}
+
+impl PolicySettings {
+    /// The default of a namespace with `annotation` (its
+    /// [`DEFAULT_POLICY_ANNOTATION`], if it has one); a value that is not a
+    /// default policy is a problem, and the cluster default applies.
+    pub fn namespace_default(
+        &self,
+        namespace: &str,
+        annotation: Option<&str>,
+        problems: &mut Vec<String>,
+    ) -> DefaultPolicy {
+        match annotation.map(str::parse::<DefaultPolicy>) {
+            None => self.cluster_default,
+            Some(Ok(default)) => default,
+            Some(Err(error)) => {
+                problems.push(format!(
+                    "namespace {namespace}: {DEFAULT_POLICY_ANNOTATION}: {error}; using the agent's default {}",
+                    self.cluster_default.as_str()
+                ));
+                self.cluster_default
+            }
+        }
+    }
+}
+
+/// A source's policies and the defaults of its namespaces, for [`WorkloadTable::new`].
+#[derive(Debug, Clone, Default)]
+pub struct PolicyFacts {
+    pub policies: Vec<file::PolicySpec>,
+    /// Each namespace's default; namespaces not listed get the cluster default.
+    pub namespace_defaults: HashMap<String, DefaultPolicy>,
+    /// What was wrong with the namespaces' annotations.
+    pub problems: Vec<String>,
 }
 
 /// A Service, with its endpoints resolved to pods.
@@ -120,17 +176,6 @@ impl Service {
     }
 }
 
-/// A policy governs the destination and allows no identity the source has.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("policy for {destination} allows {allowed:?}; {identity} is not among them")]
-pub struct PolicyDenied {
-    /// `namespace/serviceAccount` of the destination.
-    pub destination: String,
-    pub allowed: Vec<String>,
-    /// The source's identity.
-    pub identity: SpiffeId,
-}
-
 impl WorkloadTable {
     /// Indexes a snapshot: the one constructor every source goes through.
     /// Where two workloads claim one IP (a pod that is going away and the new
@@ -140,7 +185,8 @@ impl WorkloadTable {
         nodes: BTreeMap<String, Vec<IpAddr>>,
         workloads: Vec<Workload>,
         services: Vec<Service>,
-        policies: Vec<file::PolicySpec>,
+        facts: PolicyFacts,
+        settings: &PolicySettings,
     ) -> Self {
         let workloads: Vec<_> = workloads.into_iter().map(Arc::new).collect();
         let by_ip = workloads
@@ -165,15 +211,46 @@ impl WorkloadTable {
         nodes
             .entry(node.name.clone())
             .or_insert_with(|| node.addresses.clone());
+        let policies: Vec<Arc<CompiledPolicy>> = facts
+            .policies
+            .iter()
+            .map(|policy| Arc::new(CompiledPolicy::compile(policy, &settings.trust_domain)))
+            .collect();
+        let mut of_namespace: HashMap<&str, Vec<Arc<CompiledPolicy>>> = HashMap::new();
+        for policy in &policies {
+            of_namespace
+                .entry(policy.namespace.as_str())
+                .or_default()
+                .push(Arc::clone(policy));
+        }
+        let pod_policies = workloads
+            .iter()
+            .filter(|w| w.node == node.name)
+            .map(|w| {
+                let default = facts
+                    .namespace_defaults
+                    .get(&w.namespace)
+                    .copied()
+                    .unwrap_or(settings.cluster_default);
+                let candidates = of_namespace
+                    .get(w.namespace.as_str())
+                    .map_or(&[][..], Vec::as_slice);
+                let selected =
+                    PodPolicies::select(w.key(), &w.namespace, &w.labels, default, candidates);
+                (w.key(), Arc::new(selected))
+            })
+            .collect();
         Self {
             node,
             workloads,
             nodes,
             policies,
+            policy_problems: facts.problems,
             services,
             by_ip,
             services_by_ip,
             by_key,
+            pod_policies,
         }
     }
 
@@ -206,27 +283,44 @@ impl WorkloadTable {
             .copied()
     }
 
-    /// Whether `source` may connect to `destination`: if a policy governs the
-    /// destination, `source` must be allowed by one; otherwise any identity
-    /// of the trust domain may.
-    pub fn authorize(&self, source: &SpiffeId, destination: &Workload) -> Result<(), PolicyDenied> {
-        let governing: Vec<&file::PolicySpec> = self
-            .policies
-            .iter()
-            .filter(|p| p.applies_to(&destination.namespace, &destination.service_account))
-            .collect();
-        if governing.is_empty() || governing.iter().any(|p| p.allows(source)) {
-            return Ok(());
+    /// Whether `caller` may connect to `port` of `destination`, a pod of
+    /// this node, by its policies (see [`policy`]). A pod of another node is
+    /// its own agent's to judge.
+    pub fn authorize(&self, caller: Caller<'_>, destination: &Workload, port: u16) -> Verdict {
+        match self.pod_policies.get(&destination.key()) {
+            Some(policies) => policies.evaluate(caller, port),
+            None => Verdict::Denied(policy::PolicyDenied {
+                pod: destination.key(),
+                port,
+                caller: caller.to_string(),
+                reason: policy::DenyReason::Default(ferry_proto::policy::DefaultPolicy::Deny),
+            }),
         }
-        Err(PolicyDenied {
-            destination: format!("{}/{}", destination.namespace, destination.service_account),
-            allowed: governing.iter().flat_map(|p| p.allow.clone()).collect(),
-            identity: source.clone(),
-        })
+    }
+
+    /// The policies as `/config_dump` shows them: which of this node's pods
+    /// each selects, and what was ignored of it.
+    pub fn policy_views(&self) -> Vec<PolicyView> {
+        self.policies
+            .iter()
+            .map(|policy| PolicyView {
+                policy: policy.key.clone(),
+                action: policy.action,
+                local_pods: self
+                    .pod_policies
+                    .values()
+                    .filter(|pod| pod.policies.iter().any(|p| Arc::ptr_eq(p, policy)))
+                    .map(|pod| pod.pod.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                problems: policy.problems.clone(),
+            })
+            .collect()
     }
 
     /// Builds the table `node` sees from a checked workload file.
-    pub fn from_file(file: &file::WorkloadFile, node: &str) -> Self {
+    pub fn from_file(file: &file::WorkloadFile, node: &str, settings: &PolicySettings) -> Self {
         let addresses = file
             .nodes
             .iter()
@@ -246,6 +340,21 @@ impl WorkloadTable {
                 strict: file.is_strict(&pod.namespace),
                 cgroup: pod.cgroup.clone(),
                 excluded_ports: pod.excluded_ports.clone(),
+                labels: pod.labels.clone(),
+            })
+            .collect();
+        let mut problems = Vec::new();
+        let namespace_defaults = file
+            .namespaces
+            .iter()
+            .map(|ns| {
+                let annotation = ns.annotations.get(DEFAULT_POLICY_ANNOTATION);
+                let default = settings.namespace_default(
+                    &ns.name,
+                    annotation.map(String::as_str),
+                    &mut problems,
+                );
+                (ns.name.clone(), default)
             })
             .collect();
         let services = file
@@ -274,8 +383,28 @@ impl WorkloadTable {
                 .collect(),
             workloads,
             services,
-            file.policies.clone(),
+            PolicyFacts {
+                policies: file.policies.clone(),
+                namespace_defaults,
+                problems,
+            },
+            settings,
         )
+    }
+
+    /// Logs what this table's policies and policy settings got wrong (a
+    /// source calls it when it publishes a table with new policies).
+    pub fn log_policy_problems(&self) {
+        for problem in &self.policy_problems {
+            tracing::warn!(%problem, "policy setting ignored");
+        }
+        for policy in self.policies.iter().filter(|p| !p.problems.is_empty()) {
+            tracing::warn!(
+                policy = %policy.key,
+                problems = ?policy.problems,
+                "authorization policy applied without what it got wrong"
+            );
+        }
     }
 
     /// The workload that owns `ip` (an IPv4-mapped IPv6 address counts as its IPv4 address).
@@ -297,6 +426,8 @@ fn serialize_arcs<T: Serialize, S: Serializer>(items: &[Arc<T>], s: S) -> Result
 
 #[cfg(test)]
 mod tests {
+    use ferry_proto::SpiffeId;
+
     use super::*;
 
     fn table() -> WorkloadTable {
@@ -308,7 +439,18 @@ pods:
   - { name: b, namespace: legacy, serviceAccount: b, node: n1, ips: [198.18.1.3], cgroup: /x/b }
   - { name: c, namespace: shop, serviceAccount: c, node: n2, ips: [198.18.2.2] }
 ";
-        WorkloadTable::from_file(&file::WorkloadFile::parse(text, None).unwrap(), "n1")
+        WorkloadTable::from_file(
+            &file::WorkloadFile::parse(text, None).unwrap(),
+            "n1",
+            &settings(),
+        )
+    }
+
+    fn settings() -> PolicySettings {
+        PolicySettings {
+            trust_domain: "cluster.local".to_owned(),
+            cluster_default: DefaultPolicy::AllUnauthenticated,
+        }
     }
 
     #[test]
@@ -344,40 +486,59 @@ pods:
     }
 
     #[test]
-    fn policies_govern_the_destinations_they_name() {
-        let mut table = table();
-        table.policies = vec![file::PolicySpec {
-            namespace: "shop".to_owned(),
-            service_account: Some("c".to_owned()),
-            allow: vec![
-                "spiffe://cluster.local/ns/shop/sa/a".to_owned(),
-                "spiffe://cluster.local/ns/ops/sa/*".to_owned(),
-            ],
-        }];
-        let c = table.by_ip("198.18.2.2".parse().unwrap()).unwrap().clone();
-        let a = table.by_ip("198.18.1.2".parse().unwrap()).unwrap().clone();
+    fn policies_and_namespace_defaults_govern_this_nodes_pods() {
+        let text = "
+nodes: [{ name: n1, addresses: [198.19.0.1] }]
+namespaces:
+  - { name: shop, labels: { ferry.dev/mesh: enabled }, annotations: { ferry.dev/default-inbound-policy: same-namespace } }
+  - { name: legacy, annotations: { ferry.dev/default-inbound-policy: nobody } }
+pods:
+  - { name: a, namespace: shop, serviceAccount: a, node: n1, ips: [198.18.1.2], cgroup: /x/a, labels: { app: a } }
+  - { name: d, namespace: shop, serviceAccount: d, node: n1, ips: [198.18.1.4], cgroup: /x/d, labels: { app: d } }
+  - { name: b, namespace: legacy, serviceAccount: b, node: n1, ips: [198.18.1.3] }
+policies:
+  - { name: a-from-ops, namespace: shop, spec: { selector: { matchLabels: { app: a } }, from: [{ namespace: ops }] } }
+";
+        let table = WorkloadTable::from_file(
+            &file::WorkloadFile::parse(text, None).unwrap(),
+            "n1",
+            &settings(),
+        );
+        let pod = |ip: &str| table.by_ip(ip.parse().unwrap()).unwrap().clone();
+        let (a, d, b) = (pod("198.18.1.2"), pod("198.18.1.4"), pod("198.18.1.3"));
         let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        let (ops, shop) = (
+            id("spiffe://cluster.local/ns/ops/sa/x"),
+            id("spiffe://cluster.local/ns/shop/sa/b"),
+        );
+        let admits = |caller, pod: &Workload| {
+            matches!(table.authorize(caller, pod, 80), Verdict::Allowed { .. })
+        };
+        assert!(admits(Caller::Identity(&ops), &a), "the policy names ops");
         assert!(
-            table
-                .authorize(&id("spiffe://cluster.local/ns/shop/sa/a"), &c)
-                .is_ok()
+            !admits(Caller::Identity(&shop), &a),
+            "the policy does not name shop"
+        );
+        // No policy selects d: its namespace's default, same-namespace.
+        assert!(admits(Caller::Identity(&shop), &d));
+        assert!(!admits(Caller::Identity(&ops), &d));
+        // legacy's annotation is not a default: the agent's (all-unauthenticated).
+        assert!(admits(Caller::Unauthenticated, &b));
+        assert_eq!(
+            table.policy_problems.len(),
+            1,
+            "{:?}",
+            table.policy_problems
         );
         assert!(
-            table
-                .authorize(&id("spiffe://cluster.local/ns/ops/sa/any"), &c)
-                .is_ok()
+            table.policy_problems[0].contains("\"nobody\""),
+            "{:?}",
+            table.policy_problems
         );
-        let denied = table
-            .authorize(&id("spiffe://cluster.local/ns/shop/sa/b"), &c)
-            .unwrap_err()
-            .to_string();
-        assert!(denied.contains("policy for shop/c"), "{denied}");
-        // No policy names shop/a: anyone of the trust domain may connect.
-        assert!(
-            table
-                .authorize(&id("spiffe://cluster.local/ns/shop/sa/b"), &a)
-                .is_ok()
-        );
+        let views = table.policy_views();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].policy, "shop/a-from-ops");
+        assert_eq!(views[0].local_pods, ["shop/a"]);
     }
 
     #[test]

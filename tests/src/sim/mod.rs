@@ -38,6 +38,7 @@ use anyhow::{Context as _, bail, ensure};
 pub use agent::{Agent, AgentBuilder, AgentCa};
 pub(crate) use topology::pod_address;
 pub use topology::{CgroupDriver, FABRIC_SERVICE_V4, Node, NodeId, Pod, PodId, PodOptions};
+pub use workload_file::policy;
 
 use crate::{
     cgroup, netns,

@@ -4,6 +4,7 @@
 //! directory (flat, or where kubelet would make it).
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -49,10 +50,13 @@ pub struct PodOptions {
     pub meshed: bool,
     /// Destination ports the pod reaches around the agent.
     pub excluded_ports: Vec<u16>,
+    /// The pod's labels: `app: <service account>` unless a test says otherwise.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodOptions {
-    /// A pod in a meshed namespace.
+    /// A pod in a meshed namespace, labelled `app: <service account>` as a
+    /// Deployment's pods would be.
     pub fn meshed(name: &str, namespace: &str, service_account: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -60,6 +64,7 @@ impl PodOptions {
             service_account: service_account.to_owned(),
             meshed: true,
             excluded_ports: Vec::new(),
+            labels: BTreeMap::from([("app".to_owned(), service_account.to_owned())]),
         }
     }
 
@@ -73,6 +78,12 @@ impl PodOptions {
 
     pub fn excluding_ports(mut self, ports: &[u16]) -> Self {
         self.excluded_ports = ports.to_vec();
+        self
+    }
+
+    /// Adds (or replaces) the label `key: value`.
+    pub fn labeled(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_owned(), value.to_owned());
         self
     }
 }
@@ -111,6 +122,7 @@ pub struct Pod {
     pub ipv6: Ipv6Addr,
     pub meshed: bool,
     pub excluded_ports: Vec<u16>,
+    pub labels: BTreeMap<String, String>,
     /// The pod's UID, as the Kubernetes API would give it.
     pub uid: String,
 }
@@ -212,6 +224,7 @@ impl Cluster {
             ipv6,
             meshed: spec.meshed,
             excluded_ports: spec.excluded_ports,
+            labels: spec.labels,
         };
         // The agent's own checks (names, addresses) reject a bad pod before
         // anything is built for it.

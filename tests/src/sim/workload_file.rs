@@ -24,6 +24,17 @@ pub(super) struct Settings {
     strict_namespaces: Vec<String>,
 }
 
+/// An `AuthorizationPolicy` named `namespace/name`, its spec written as in
+/// a manifest (YAML), e.g. `{ selector: { matchLabels: { app: db } }, from: [{ serviceAccount: shop/web }] }`.
+pub fn policy(namespace: &str, name: &str, spec: &str) -> anyhow::Result<PolicySpec> {
+    Ok(PolicySpec {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        spec: serde_yaml::from_str(spec)
+            .with_context(|| format!("policy {namespace}/{name}: not a policy spec: {spec}"))?,
+    })
+}
+
 impl Cluster {
     /// Sets the authorization policies of the workload file (written by the
     /// next [`write_workloads`](Self::write_workloads)).
@@ -110,6 +121,7 @@ impl Cluster {
                     ips: vec![pod.ipv4.into(), pod.ipv6.into()],
                     cgroup: Some(pod.cgroup.clone()),
                     excluded_ports: pod.excluded_ports.clone(),
+                    labels: pod.labels.clone(),
                 })
                 .collect(),
         };

@@ -20,7 +20,7 @@ use crate::{
     metrics::{self, Metrics, Totals},
     proxy::connections::{ConnectionInfo, Connections},
     tunnel::pool::PoolView,
-    workload::{LocalNode, Service, Workload, WorkloadTable},
+    workload::{LocalNode, Service, Workload, WorkloadTable, policy::PolicyView},
 };
 
 /// What the admin endpoint reads from.
@@ -63,6 +63,15 @@ impl AdminState {
         reasons
     }
 
+    /// The table's policies with the connections each decided.
+    fn policies(&self, table: &WorkloadTable) -> Vec<PolicyView> {
+        let mut views = table.policy_views();
+        for view in &mut views {
+            (view.allowed, view.denied) = self.metrics.proxy.policy_decisions(Some(&view.policy));
+        }
+        views
+    }
+
     fn pool_view(&self) -> Option<PoolView> {
         self.pool.as_ref().map(|view| view())
     }
@@ -90,6 +99,11 @@ pub struct ConfigDump {
     /// Without a CA the agent has no identities and carries plaintext only.
     pub mtls: bool,
     pub certificates: Vec<CertView>,
+    /// Every authorization policy, what it selects here and has decided.
+    pub policies: Vec<PolicyView>,
+    /// What the namespaces' policy annotations got wrong.
+    #[serde(default)]
+    pub policy_problems: Vec<String>,
     /// `None` without a CA.
     pub pool: Option<PoolView>,
     pub ready: bool,
@@ -235,6 +249,8 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
                 totals: state.metrics.totals(),
                 mtls: state.identities.is_some(),
                 certificates: state.certs(),
+                policies: state.policies(&table),
+                policy_problems: table.policy_problems.clone(),
                 pool: state.pool_view(),
                 ready: reasons.is_empty(),
                 not_ready_reasons: reasons,
@@ -253,11 +269,15 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
         "/connections" => json(&state.connections.live()),
         "/certs" => json(&state.certs()),
         "/pool" => json(&state.pool_view()),
+        "/policies" => {
+            let table = state.workloads.borrow().clone();
+            json(&state.policies(&table))
+        }
         "/metrics" => metrics_text(state),
         path => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /metrics, /logging, /healthz/ready\n"
+                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /policies, /metrics, /logging, /healthz/ready\n"
             ),
         ),
     }

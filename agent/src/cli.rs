@@ -30,6 +30,9 @@ pub enum Command {
     Run(RunArgs),
     /// Show a running agent's state in tables, from its admin endpoint.
     Inspect(InspectArgs),
+    /// Print the AuthorizationPolicy CustomResourceDefinition (YAML), for
+    /// `kubectl apply -f -`.
+    Crd,
 }
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
@@ -282,7 +285,9 @@ mod tests {
         );
         let error = parse(&["everything"]).unwrap_err().to_string();
         assert!(
-            error.contains("possible values: workloads, certs, connections, pool, config, metrics"),
+            error.contains(
+                "possible values: workloads, certs, connections, pool, policies, config, metrics"
+            ),
             "{error}"
         );
     }

@@ -7,6 +7,10 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => args.log.init().and_then(|()| ferry_agent::run(args)),
         Command::Inspect(args) => ferry_agent::inspect::run(args.admin_addr, args.view, args.raw)
             .map_err(anyhow::Error::from),
+        Command::Crd => {
+            print!("{}", ferry_proto::policy::crd_manifest());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -28,6 +28,27 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Where the CRD's manifest lives in the repository.
+pub const CRD_MANIFEST: &str = "daemonset/crd-authorizationpolicy.yaml";
+
+/// The `CustomResourceDefinition` of [`AuthorizationPolicy`].
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use kube::CustomResourceExt as _;
+    AuthorizationPolicy::crd()
+}
+
+/// The `CustomResourceDefinition` of [`AuthorizationPolicy`] as a manifest,
+/// generated from this file's types (`ferry-agent crd` prints it; a test
+/// checks the committed [`CRD_MANIFEST`] is this).
+pub fn crd_manifest() -> String {
+    let yaml = serde_yaml::to_string(&crd()).expect("a CustomResourceDefinition serializes");
+    format!(
+        "# Generated from ferry-proto's policy types: `ferry-agent crd > {CRD_MANIFEST}`.\n\
+         # Do not edit by hand; a test fails if this differs from what the code generates.\n{yaml}"
+    )
+}
+
 /// The namespace annotation naming the policy of the namespace's
 /// destinations that no `AuthorizationPolicy` selects.
 pub const DEFAULT_POLICY_ANNOTATION: &str = "ferry.dev/default-inbound-policy";

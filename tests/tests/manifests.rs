@@ -435,7 +435,9 @@ fn parse_container<P: clap::Parser>(container: &Container) -> Result<P, String> 
 fn agent_args(container: &Container) -> Result<RunArgs, String> {
     match parse_container::<AgentCli>(container)?.command {
         AgentCommand::Run(args) => Ok(args),
-        AgentCommand::Inspect(_) => Err("the agent container must run `run`".into()),
+        AgentCommand::Inspect(_) | AgentCommand::Crd => {
+            Err("the agent container must run `run`".into())
+        }
     }
 }
 
@@ -800,5 +802,134 @@ fn dockerfiles_install_the_binaries_the_manifests_run() {
             text.contains(&entrypoint),
             "{dockerfile} lacks {entrypoint}"
         );
+    }
+}
+
+#[test]
+fn the_committed_crd_is_what_the_code_generates() {
+    let path = daemonset_dir().join("crd-authorizationpolicy.yaml");
+    let committed = fs::read_to_string(&path).unwrap();
+    assert!(
+        committed == ferry_proto::policy::crd_manifest(),
+        "{} differs from what the policy types generate; regenerate it with \
+         `cargo run -p ferry-agent -- crd > {}`",
+        path.display(),
+        ferry_proto::policy::CRD_MANIFEST
+    );
+}
+
+/// The YAML blocks of a Markdown file that hold an `AuthorizationPolicy`.
+fn policy_examples(markdown: &str) -> Vec<serde_json::Value> {
+    let mut examples = Vec::new();
+    let mut block: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut block, line.trim_end()) {
+            (None, "```yaml") => block = Some(String::new()),
+            (Some(text), "```") => {
+                let value: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+                if value["kind"] == "AuthorizationPolicy" {
+                    examples.push(serde_json::to_value(value).unwrap());
+                }
+                block = None;
+            }
+            (Some(text), line) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    examples
+}
+
+/// Checks each of `objects` against the CRD's `openAPIV3Schema` with the
+/// `jsonschema` package kubernetes-validate brings; `Ok` or the first error, each.
+fn check_against_crd_schema(objects: &[serde_json::Value]) -> Vec<Result<(), String>> {
+    let crd = ferry_proto::policy::crd();
+    let schema =
+        serde_json::to_value(&crd.spec.versions[0].schema).unwrap()["openAPIV3Schema"].clone();
+    let dir = TempDir::new("crd-schema");
+    let input = dir.0.join("input.json");
+    fs::write(
+        &input,
+        serde_json::to_vec(&serde_json::json!({ "schema": schema, "objects": objects })).unwrap(),
+    )
+    .unwrap();
+    let python = Path::new(KUBERNETES_VALIDATE).with_file_name("python3");
+    let script = "import json, sys, jsonschema\n\
+                  data = json.load(open(sys.argv[1]))\n\
+                  v = jsonschema.Draft7Validator(data['schema'])\n\
+                  for o in data['objects']:\n\
+                  \x20   errors = sorted(v.iter_errors(o), key=lambda e: list(e.path))\n\
+                  \x20   print(json.dumps(errors[0].message if errors else None))\n";
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&input)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (cargo xtask setup installs it)",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(
+            |line| match serde_json::from_str::<Option<String>>(line).unwrap() {
+                None => Ok(()),
+                Some(error) => Err(error),
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn every_policy_example_in_the_docs_fits_the_crd_schema_and_the_agents_types() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/policies.md");
+    let examples = policy_examples(&fs::read_to_string(&docs).unwrap());
+    assert!(
+        examples.len() >= 3,
+        "{} examples in {}",
+        examples.len(),
+        docs.display()
+    );
+    for example in &examples {
+        serde_json::from_value::<ferry_proto::policy::AuthorizationPolicy>(example.clone())
+            .unwrap_or_else(|e| panic!("the agent cannot read {example}: {e}"));
+    }
+    for (example, result) in examples.iter().zip(check_against_crd_schema(&examples)) {
+        assert!(
+            result.is_ok(),
+            "{example} does not fit the CRD's schema: {result:?}"
+        );
+    }
+
+    // The schema really refuses what it says it refuses.
+    let with = |spec: serde_json::Value| {
+        serde_json::json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": { "name": "x", "namespace": "shop" }, "spec": spec,
+        })
+    };
+    let bad = [
+        with(serde_json::json!({ "ports": [0] })),
+        with(serde_json::json!({ "ports": [70000] })),
+        with(serde_json::json!({ "action": "Maybe" })),
+        with(serde_json::json!({ "from": [{ "namespace": "a", "serviceAccount": "a/b" }] })),
+        with(serde_json::json!({ "from": [{}] })),
+        with(serde_json::json!({ "from": [{ "serviceAccount": "no-slash" }] })),
+        with(serde_json::json!({ "from": [{ "identity": "https://x/ns/a/sa/b" }] })),
+        with(
+            serde_json::json!({ "selector": { "matchExpressions": [{ "key": "a", "operator": "Near" }] } }),
+        ),
+    ];
+    for (object, result) in bad.iter().zip(check_against_crd_schema(&bad)) {
+        assert!(result.is_err(), "the CRD's schema accepts {object}");
     }
 }

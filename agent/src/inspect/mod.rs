@@ -31,6 +31,8 @@ pub enum View {
     Connections,
     /// The pooled tunnel connections to other agents.
     Pool,
+    /// Every authorization policy: what it selects here, what it decided.
+    Policies,
     /// A summary of `/config_dump`: node, readiness, capture, totals.
     Config,
     /// Every series of `/metrics`.
@@ -44,6 +46,7 @@ impl View {
             View::Certs => "/certs",
             View::Connections => "/connections",
             View::Pool => "/pool",
+            View::Policies => "/policies",
             View::Config => "/config_dump",
             View::Metrics => "/metrics",
         }
@@ -119,6 +122,7 @@ fn render(view: View, body: &str, now_unix: u64) -> Result<String, BadAnswer> {
         View::Certs => tables::certs_table(&parse::<Vec<_>>(body)?, now_unix),
         View::Connections => tables::connections_table(&parse::<Vec<_>>(body)?, now_unix),
         View::Pool => tables::pool_table(parse::<Option<_>>(body)?.as_ref()),
+        View::Policies => tables::policies_table(&parse::<Vec<_>>(body)?),
         View::Config => tables::config_summary(&parse(body)?),
         View::Metrics => tables::metrics_table(&parse_metrics(body)?),
     })

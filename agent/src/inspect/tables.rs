@@ -9,6 +9,7 @@ use super::metrics_text::Sample;
 use crate::{
     admin::ConfigDump, identity::CertView, proxy::connections::ConnectionInfo,
     proxy::connections::Route, tunnel::pool::PoolView, workload::Workload,
+    workload::policy::PolicyView,
 };
 
 /// Columns padded to their widest cell, two spaces apart; the last column
@@ -204,6 +205,51 @@ pub fn pool_table(pool: Option<&PoolView>) -> String {
         &rows,
     );
     out.push_str(&format!("\ntotals: {}\n", counters(&pool.totals)));
+    out
+}
+
+pub fn policies_table(policies: &[PolicyView]) -> String {
+    if policies.is_empty() {
+        return "no authorization policies: every destination gets its namespace's default\n"
+            .to_owned();
+    }
+    let mut problems = String::new();
+    let rows: Vec<Vec<String>> = policies
+        .iter()
+        .map(|policy| {
+            for problem in &policy.problems {
+                problems.push_str(&format!("{}: {problem}\n", policy.policy));
+            }
+            let pods = if policy.local_pods.is_empty() {
+                "-".to_owned()
+            } else {
+                policy.local_pods.join(",")
+            };
+            vec![
+                policy.policy.clone(),
+                format!("{:?}", policy.action),
+                policy.allowed.to_string(),
+                policy.denied.to_string(),
+                policy.problems.len().to_string(),
+                pods,
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "POLICY",
+            "ACTION",
+            "ALLOWED",
+            "DENIED",
+            "PROBLEMS",
+            "LOCAL-PODS",
+        ],
+        &rows,
+    );
+    if !problems.is_empty() {
+        out.push_str("\nignored:\n");
+        out.push_str(&problems);
+    }
     out
 }
 
@@ -498,6 +544,34 @@ mod tests {
     }
 
     #[test]
+    fn policies_show_what_they_select_decide_and_ignore() {
+        let policies = json!([
+            {"policy": "shop/db-from-web", "action": "Allow", "localPods": ["shop/db-0", "shop/db-1"],
+             "problems": [], "allowed": 12, "denied": 3},
+            {"policy": "shop/bad", "action": "Deny", "localPods": [],
+             "problems": ["from[0]: unauthenticated: false names nobody; ignored"], "allowed": 0, "denied": 0}
+        ]);
+        let out = policies_table(&typed::<Vec<_>>(policies));
+        assert!(
+            out.contains(
+                "shop/db-from-web  Allow   12       3       0         shop/db-0,shop/db-1"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("shop/bad          Deny    0        0       1         -"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with(
+                "ignored:\nshop/bad: from[0]: unauthenticated: false names nobody; ignored\n"
+            ),
+            "{out}"
+        );
+        assert!(policies_table(&[]).starts_with("no authorization policies"));
+    }
+
+    #[test]
     fn workloads_show_mesh_mode() {
         let workloads = json!([
             {"name": "web-0", "namespace": "shop", "serviceAccount": "web", "node": "n1",
@@ -530,7 +604,7 @@ mod tests {
             "capture": {"pinDir": "/sys/fs/bpf/ferry/n1", "failures": [],
                         "attached": [{"pod": "shop/a", "cgroup": "/x/a", "cgroupId": 7,
                                       "excludedPorts": [], "strict": false}]},
-            "connections": [], "mtls": true, "certificates": [],
+            "connections": [], "mtls": true, "certificates": [], "policies": [],
             "totals": {"captured": 3, "uncaptured": 0, "upstreamFailures": 0,
                        "inboundHandshakes": 0, "inboundRefused": 0, "inboundDenied": 0,
                        "outboundDenied": 0},

@@ -245,11 +245,20 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// Counts a connection the policies refused.
+    /// Counts a connection the policies refused, against each policy that
+    /// decided (or the default).
     pub fn policy_denied(&self, direction: Direction, denied: &PolicyDenied) {
-        self.policy_decisions
-            .get_or_create(&PolicyLabels::new(denied.reason.policy(), false))
-            .inc();
+        let policies = denied.reason.policies();
+        if policies.is_empty() {
+            self.policy_decisions
+                .get_or_create(&PolicyLabels::new(None, false))
+                .inc();
+        }
+        for policy in policies {
+            self.policy_decisions
+                .get_or_create(&PolicyLabels::new(Some(policy), false))
+                .inc();
+        }
         self.authorization_denials
             .get_or_create(&FailureLabels {
                 direction: direction.as_str(),

@@ -8,6 +8,7 @@
 pub use ferry_proto::workload_file as file;
 mod file_source;
 pub mod kube_source;
+mod pod_cgroups;
 pub mod policy;
 
 use std::{
@@ -315,6 +316,8 @@ impl WorkloadTable {
                     .into_iter()
                     .collect(),
                 problems: policy.problems.clone(),
+                allowed: 0,
+                denied: 0,
             })
             .collect()
     }

@@ -150,7 +150,32 @@ impl CompiledPolicy {
     }
 }
 
-fn compile_source(source: &PolicySource, trust_domain: &str) -> Result<Source, String> {
+/// Why a source of a policy names nobody the agent can match.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SourceProblem {
+    #[error("a source names exactly one of identity, serviceAccount, namespace, unauthenticated")]
+    Kinds,
+    #[error("identity: {0}")]
+    Identity(ferry_proto::SpiffeIdError),
+    #[error(
+        "identity {identity} is of trust domain {}, not this mesh's {mesh}: it can never connect",
+        identity.trust_domain()
+    )]
+    ForeignTrustDomain { identity: SpiffeId, mesh: String },
+    #[error("serviceAccount {0:?} is not <namespace>/<name>")]
+    ServiceAccountShape(String),
+    #[error("serviceAccount {account:?}: {error}")]
+    ServiceAccount {
+        account: String,
+        error: ferry_proto::SpiffeIdError,
+    },
+    #[error("namespace {0:?} is not a namespace name")]
+    Namespace(String),
+    #[error("unauthenticated: false names nobody")]
+    NotUnauthenticated,
+}
+
+fn compile_source(source: &PolicySource, trust_domain: &str) -> Result<Source, SourceProblem> {
     let PolicySource {
         identity,
         service_account,
@@ -164,38 +189,39 @@ fn compile_source(source: &PolicySource, trust_domain: &str) -> Result<Source, S
         unauthenticated.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
-        return Err(
-            "a source names exactly one of identity, serviceAccount, namespace, unauthenticated"
-                .to_owned(),
-        );
+        return Err(SourceProblem::Kinds);
     }
     if let Some(identity) = identity {
-        let id: SpiffeId = identity.parse().map_err(|e| format!("identity: {e}"))?;
+        let id: SpiffeId = identity.parse().map_err(SourceProblem::Identity)?;
         if id.trust_domain() != trust_domain {
-            return Err(format!(
-                "identity {id} is of trust domain {}, not this mesh's {trust_domain}: it can never connect",
-                id.trust_domain()
-            ));
+            return Err(SourceProblem::ForeignTrustDomain {
+                identity: id,
+                mesh: trust_domain.to_owned(),
+            });
         }
         return Ok(Source::Identity(id));
     }
     if let Some(account) = service_account {
         let (namespace, name) = account
             .split_once('/')
-            .ok_or_else(|| format!("serviceAccount {account:?} is not <namespace>/<name>"))?;
-        let id = SpiffeId::new(trust_domain, namespace, name)
-            .map_err(|e| format!("serviceAccount {account:?}: {e}"))?;
+            .ok_or_else(|| SourceProblem::ServiceAccountShape(account.clone()))?;
+        let id = SpiffeId::new(trust_domain, namespace, name).map_err(|error| {
+            SourceProblem::ServiceAccount {
+                account: account.clone(),
+                error,
+            }
+        })?;
         return Ok(Source::Identity(id));
     }
     if let Some(namespace) = namespace {
         if !is_dns_label(namespace) {
-            return Err(format!("namespace {namespace:?} is not a namespace name"));
+            return Err(SourceProblem::Namespace(namespace.clone()));
         }
         return Ok(Source::Namespace(namespace.clone()));
     }
     match unauthenticated {
         Some(true) => Ok(Source::Unauthenticated),
-        _ => Err("unauthenticated: false names nobody".to_owned()),
+        _ => Err(SourceProblem::NotUnauthenticated),
     }
 }
 
@@ -298,11 +324,13 @@ impl DenyReason {
         }
     }
 
-    /// The policy that decided, if one did.
-    pub fn policy(&self) -> Option<&str> {
+    /// The policies that decided: the `Deny` that named the caller, or the
+    /// `Allow`s that covered it and did not; none when the default did.
+    pub fn policies(&self) -> &[String] {
         match self {
-            DenyReason::DenyPolicy(policy) => Some(policy),
-            DenyReason::NotAllowed(_) | DenyReason::Default(_) => None,
+            DenyReason::DenyPolicy(policy) => std::slice::from_ref(policy),
+            DenyReason::NotAllowed(policies) => policies,
+            DenyReason::Default(_) => &[],
         }
     }
 }
@@ -382,6 +410,11 @@ pub struct PolicyView {
     pub local_pods: Vec<String>,
     /// What the agent ignored of it; empty when it applies as written.
     pub problems: Vec<String>,
+    /// Connections it admitted and refused since the agent started.
+    #[serde(default)]
+    pub allowed: u64,
+    #[serde(default)]
+    pub denied: u64,
 }
 
 #[cfg(test)]

@@ -1,0 +1,272 @@
+//! Authorization policies as Kubernetes objects: `AuthorizationPolicy`
+//! custom resources and namespace annotations from the stand-in API server,
+//! judged by the destination's real agent for connections between real
+//! pods on two simulated nodes.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, ensure};
+use ferry_proto::policy::{
+    AuthorizationPolicy, AuthorizationPolicySpec, DEFAULT_POLICY_ANNOTATION,
+};
+use ferry_tests::{
+    CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions,
+    ca::CaOptions,
+    inspect::{admin_json, eventually, metric_value, metrics},
+    kube_api::{FakeApiServer, namespace, pod},
+    testapp::{Family, TestApp, pod_addr},
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+fn authorization_policy(name: &str, spec: &str) -> anyhow::Result<AuthorizationPolicy> {
+    let spec: AuthorizationPolicySpec =
+        serde_yaml::from_str(spec).with_context(|| format!("policy {name}: {spec}"))?;
+    Ok(AuthorizationPolicy {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("shop".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec,
+    })
+}
+
+/// Whether one connection from `client` to `to` carries its bytes both ways.
+fn reaches(cluster: &mut Cluster, client: PodId, to: SocketAddr) -> anyhow::Result<bool> {
+    Ok(TestApp::connect(to)
+        .bytes(16)
+        .run(cluster, client)?
+        .success())
+}
+
+/// Waits until `client` reaches `to` (or, with `want` false, is refused);
+/// on failure says what policies `judge`, the destination's node, holds.
+fn wait_reaches(
+    cluster: &mut Cluster,
+    judge: NodeId,
+    client: PodId,
+    to: SocketAddr,
+    want: bool,
+) -> anyhow::Result<()> {
+    let name = cluster.pod(client).name.clone();
+    eventually(|| {
+        ensure!(
+            reaches(cluster, client, to)? == want,
+            "{name} -> {to}: expected reaches = {want}"
+        );
+        Ok(())
+    })
+    .with_context(|| {
+        let held = admin_json(cluster, judge, "/policies");
+        format!("the destination's agent holds these policies: {held:?}")
+    })
+}
+
+fn denials(cluster: &Cluster, node: NodeId, reason: &str) -> anyhow::Result<f64> {
+    let text = metrics(cluster, node)?;
+    Ok(metric_value(
+        &text,
+        "ferry_authorization_denials_total",
+        &[("direction", "inbound"), ("reason", reason)],
+    ))
+}
+
+struct Mesh {
+    cluster: Cluster,
+    n2: NodeId,
+    web: PodId,
+    job: PodId,
+    db: PodId,
+    agents: Vec<ferry_tests::Agent>,
+    ca: ferry_tests::ca::CaFixture,
+}
+
+impl Mesh {
+    fn api(&self) -> &FakeApiServer {
+        self.ca
+            .api
+            .as_ref()
+            .expect("the CA runs against the stand-in API server")
+    }
+}
+
+/// shop/web and batch/job on node 1 call shop/db (labelled `app: db`) on node 2.
+fn mesh(name: &str) -> anyhow::Result<Mesh> {
+    let mut cluster = Cluster::new(name)?;
+    // The agents find the pods' cgroups where kubelet makes them.
+    cluster.use_kubelet_cgroups(CgroupDriver::Systemd);
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let web = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
+    let job = cluster.add_pod(n1, PodOptions::meshed("job-0", "batch", "job"))?;
+    let db = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let ca = cluster.start_ca_with(&CaOptions {
+        kubernetes: true,
+        ..CaOptions::default()
+    })?;
+    let agents = vec![
+        cluster.agent(n1).ca(&ca).start()?,
+        cluster.agent(n2).ca(&ca).start()?,
+    ];
+    Ok(Mesh {
+        cluster,
+        n2,
+        web,
+        job,
+        db,
+        agents,
+        ca,
+    })
+}
+
+#[test]
+fn policies_from_the_api_server_allow_deny_cover_ports_and_follow_labels() -> anyhow::Result<()> {
+    let mut m = mesh("policy-rules")?;
+    let (web, job, db, n2) = (m.web, m.job, m.db, m.n2);
+    let to = pod_addr(&m.cluster, db, Family::V4, PORT);
+    let other_port = pod_addr(&m.cluster, db, Family::V4, PORT + 1);
+    let _servers = [
+        TestApp::serve(to).bytes(16).start(&mut m.cluster, db)?,
+        TestApp::serve(other_port)
+            .bytes(16)
+            .start(&mut m.cluster, db)?,
+    ];
+
+    // No policy: the default (all-unauthenticated) admits every identity.
+    ensure!(reaches(&mut m.cluster, web, to)?, "web before any policy");
+    ensure!(reaches(&mut m.cluster, job, to)?, "job before any policy");
+
+    // An Allow for shop/web: web gets in, batch/job is refused and counted.
+    let allow = authorization_policy(
+        "db-from-web",
+        "{ selector: { matchLabels: { app: db } }, from: [{ serviceAccount: shop/web }] }",
+    )?;
+    m.api().apply_policy(allow);
+    wait_reaches(&mut m.cluster, n2, job, to, false)?;
+    ensure!(
+        reaches(&mut m.cluster, web, to)?,
+        "web with an Allow naming it"
+    );
+    ensure!(denials(&m.cluster, n2, "not_allowed")? >= 1.0);
+
+    // A Deny overrides the Allow.
+    let deny = authorization_policy(
+        "no-web",
+        "{ action: Deny, from: [{ identity: spiffe://cluster.local/ns/shop/sa/web }] }",
+    )?;
+    m.api().apply_policy(deny.clone());
+    wait_reaches(&mut m.cluster, n2, web, to, false)?;
+    ensure!(denials(&m.cluster, n2, "deny_policy")? >= 1.0);
+    m.api().delete_policy(deny);
+    wait_reaches(&mut m.cluster, n2, web, to, true)?;
+
+    // Restricted to one port, the Allow leaves the other port to the default.
+    let allow_port = authorization_policy(
+        "db-from-web",
+        &format!(
+            "{{ selector: {{ matchLabels: {{ app: db }} }}, ports: [{PORT}], from: [{{ serviceAccount: shop/web }}] }}"
+        ),
+    )?;
+    m.api().apply_policy(allow_port);
+    wait_reaches(&mut m.cluster, n2, job, other_port, true)?;
+    ensure!(
+        !reaches(&mut m.cluster, job, to)?,
+        "job on the policy's port"
+    );
+
+    // The selector follows the pod's labels: relabelled, db leaves the policy.
+    let mut relabelled = pod(&m.cluster, db);
+    relabelled.metadata.labels = Some([("app".to_owned(), "db-v2".to_owned())].into());
+    m.api().apply(relabelled);
+    wait_reaches(&mut m.cluster, n2, job, to, true)?;
+    m.api().apply(pod(&m.cluster, db));
+    wait_reaches(&mut m.cluster, n2, job, to, false)?;
+
+    // The policy decided, and /config_dump says what it selects and counted.
+    let dump = admin_json(&m.cluster, n2, "/config_dump")?;
+    let policy = dump["policies"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["policy"] == "shop/db-from-web"))
+        .with_context(|| format!("no shop/db-from-web in {}", dump["policies"]))?;
+    ensure!(
+        policy["localPods"] == serde_json::json!(["shop/db-0"]),
+        "{policy}"
+    );
+    ensure!(
+        policy["allowed"].as_u64() >= Some(1) && policy["denied"].as_u64() >= Some(2),
+        "{policy}"
+    );
+    Ok(())
+}
+
+#[test]
+fn namespace_defaults_apply_where_no_policy_does_and_bad_policies_are_said() -> anyhow::Result<()> {
+    let mut m = mesh("policy-defaults")?;
+    let (web, job, db, n2) = (m.web, m.job, m.db, m.n2);
+    let to = pod_addr(&m.cluster, db, Family::V4, PORT);
+    let _server = TestApp::serve(to).bytes(16).start(&mut m.cluster, db)?;
+    ensure!(
+        reaches(&mut m.cluster, job, to)?,
+        "job before the annotation"
+    );
+
+    // same-namespace: shop/web gets in, batch/job does not.
+    let mut shop = namespace("shop", true);
+    shop.metadata.annotations = Some(
+        [(
+            DEFAULT_POLICY_ANNOTATION.to_owned(),
+            "same-namespace".to_owned(),
+        )]
+        .into(),
+    );
+    m.api().apply(shop.clone());
+    wait_reaches(&mut m.cluster, n2, job, to, false)?;
+    ensure!(
+        reaches(&mut m.cluster, web, to)?,
+        "web, of the same namespace"
+    );
+    ensure!(denials(&m.cluster, n2, "default")? >= 1.0);
+
+    // A policy the agent can only partly use: its valid source still admits,
+    // and the agent says what it ignored.
+    let partly = authorization_policy(
+        "partly-valid",
+        "{ from: [{ identity: spiffe://other.domain/ns/batch/sa/job }, { unauthenticated: false }, { namespace: batch }] }",
+    )?;
+    m.api().apply_policy(partly);
+    wait_reaches(&mut m.cluster, n2, job, to, true)?;
+    let policies = admin_json(&m.cluster, n2, "/policies")?;
+    let problems = policies[0]["problems"].clone();
+    ensure!(
+        problems.as_array().map(Vec::len) == Some(2)
+            && problems[0]
+                .as_str()
+                .is_some_and(|p| p.contains("trust domain other.domain"))
+            && problems[1]
+                .as_str()
+                .is_some_and(|p| p.contains("unauthenticated: false names nobody")),
+        "{policies}"
+    );
+    let log = m.agents[1].proc.stderr_tail();
+    ensure!(
+        log.contains("authorization policy applied without what it got wrong"),
+        "node 2's agent did not log the ignored parts:\n{log}"
+    );
+
+    // An annotation that is no default: the agent's default, and it says so.
+    shop.metadata.annotations =
+        Some([(DEFAULT_POLICY_ANNOTATION.to_owned(), "nobody".to_owned())].into());
+    m.api().apply(shop);
+    eventually(|| {
+        let dump = admin_json(&m.cluster, n2, "/config_dump")?;
+        ensure!(
+            dump["policyProblems"][0]
+                .as_str()
+                .is_some_and(|p| p.contains("\"nobody\" is not a default inbound policy")),
+            "{}",
+            dump["policyProblems"]
+        );
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -15,7 +15,7 @@ pub mod map_names {
     pub const CAPTURE_CONFIG: &str = "capture_config";
     /// `cgroup id -> PodCapture`: the pod cgroups the programs act for.
     pub const POD_CGROUPS: &str = "pod_cgroups";
-    /// `ExcludedPort -> u8`: destination ports a pod sends around the agent.
+    /// `PodPort -> u8`: destination ports a pod sends around the agent.
     pub const EXCLUDED_PORTS: &str = "excluded_ports";
     /// `socket cookie -> OriginalDst`: written by connect4/6, moved to
     /// `orig_dst_tuple` by sock_ops within the same `connect()` call.
@@ -28,6 +28,10 @@ pub mod map_names {
     pub const INBOUND_SOURCES: &str = "inbound_sources";
     /// `cgroup id -> InboundCounts`: plaintext connection attempts into each pod.
     pub const INBOUND_PLAINTEXT: &str = "inbound_plaintext";
+    /// `PodPort -> u8`: for a pod with `POD_PLAINTEXT_BY_PORT`, the ports
+    /// where plaintext from off the node is decided otherwise than the
+    /// pod's default (1: let in, 0: refused).
+    pub const PLAINTEXT_PORTS: &str = "plaintext_ports";
 }
 
 /// Names of the programs, as `bpftool prog show` lists them (at most 15 bytes).
@@ -77,17 +81,23 @@ pub struct CaptureConfig {
 }
 
 /// `PodCapture::flags`: refuse new plaintext connections into the pod that
-/// do not come from the node (strict mode); without it they are only counted.
+/// do not come from the node (strict mode, or policies that do not admit
+/// `unauthenticated`); without it they are let in and counted.
 pub const POD_STRICT: u32 = 1 << 0;
 /// `PodCapture::flags`: the pod has ports in `excluded_ports`; without it
 /// `connect4`/`connect6` skip that lookup.
 pub const POD_EXCLUDES_PORTS: u32 = 1 << 1;
+/// `PodCapture::flags`: some destination ports of the pod decide plaintext
+/// otherwise than `POD_STRICT` says; `inbound` looks them up in `plaintext_ports`.
+pub const POD_PLAINTEXT_BY_PORT: u32 = 1 << 2;
+/// Capacity of the plaintext-port map, over all pods of a node.
+pub const MAX_PLAINTEXT_PORTS: u32 = 16_384;
 
 /// What the programs know about one pod cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCapture {
-    /// `POD_STRICT` | `POD_EXCLUDES_PORTS`.
+    /// `POD_STRICT` | `POD_EXCLUDES_PORTS` | `POD_PLAINTEXT_BY_PORT`.
     pub flags: u32,
     pub _pad: u32,
 }
@@ -102,10 +112,12 @@ pub struct InboundCounts {
     pub refused: u64,
 }
 
-/// A destination port one pod sends around the agent.
+/// One port of one pod: a destination port it sends around the agent
+/// (`excluded_ports`), or a port of its own whose plaintext decision is
+/// its own (`plaintext_ports`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ExcludedPort {
+pub struct PodPort {
     pub pod_cgroup: u64,
     /// Host byte order.
     pub port: u16,
@@ -166,7 +178,7 @@ mod user {
     // (holes are explicit `_pad` fields), so every byte pattern is a valid value.
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::PodCapture {}
-    unsafe impl aya::Pod for super::ExcludedPort {}
+    unsafe impl aya::Pod for super::PodPort {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::InboundCounts {}
@@ -182,7 +194,7 @@ mod tests {
     fn shared_types_have_no_implicit_padding() {
         assert_eq!(size_of::<CaptureConfig>(), 4 + 16 + 2 + 2);
         assert_eq!(size_of::<PodCapture>(), 8);
-        assert_eq!(size_of::<ExcludedPort>(), 8 + 2 + 6);
+        assert_eq!(size_of::<PodPort>(), 8 + 2 + 6);
         assert_eq!(size_of::<OriginalDst>(), 16 + 2 + 2);
         assert_eq!(size_of::<SockKey>(), 16 + 16 + 2 + 2);
     }

@@ -35,10 +35,10 @@ mod programs {
 
     use aya_log_ebpf::{debug, error};
     use ferry_agent_ebpf::{
-        CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, InboundCounts, MAX_CGROUP_DEPTH,
-        MAX_CONNECTS_IN_FLIGHT, MAX_EXCLUDED_PORTS, MAX_PODS, MAX_TRACKED_CONNECTIONS, ORIG_IPV4,
-        ORIG_IPV6, OriginalDst, POD_EXCLUDES_PORTS, POD_STRICT, PodCapture, SockKey, is_v4_mapped,
-        v4_mapped,
+        CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, InboundCounts, MAX_CGROUP_DEPTH,
+        MAX_CONNECTS_IN_FLIGHT, MAX_EXCLUDED_PORTS, MAX_PLAINTEXT_PORTS, MAX_PODS,
+        MAX_TRACKED_CONNECTIONS, ORIG_IPV4, ORIG_IPV6, OriginalDst, POD_EXCLUDES_PORTS,
+        POD_PLAINTEXT_BY_PORT, POD_STRICT, PodCapture, PodPort, SockKey, is_v4_mapped, v4_mapped,
     };
 
     /// What a cgroup/sock_addr program returns to let the syscall go on.
@@ -58,7 +58,7 @@ mod programs {
     static POD_CGROUPS: HashMap<u64, PodCapture> = HashMap::pinned(MAX_PODS, 0);
 
     #[map(name = "excluded_ports")]
-    static EXCLUDED_PORTS: HashMap<ExcludedPort, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+    static EXCLUDED_PORTS: HashMap<PodPort, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
 
     #[map(name = "orig_dst_connect")]
     static ORIG_DST_CONNECTING: LruHashMap<u64, OriginalDst> =
@@ -73,6 +73,9 @@ mod programs {
 
     #[map(name = "inbound_plaintext")]
     static INBOUND_PLAINTEXT: HashMap<u64, InboundCounts> = HashMap::pinned(MAX_PODS, 0);
+
+    #[map(name = "plaintext_ports")]
+    static PLAINTEXT_PORTS: HashMap<PodPort, u8> = HashMap::pinned(MAX_PLAINTEXT_PORTS, 0);
 
     /// What a cgroup_skb program returns to let a packet in, or to drop it.
     const PASS: i32 = 1;
@@ -120,7 +123,18 @@ mod programs {
         if INBOUND_SOURCES.get_ptr(&source).is_some() {
             return Ok(PASS);
         }
-        let strict = pod.flags & POD_STRICT != 0;
+        let mut strict = pod.flags & POD_STRICT != 0;
+        if pod.flags & POD_PLAINTEXT_BY_PORT != 0 {
+            let port: u16 = ctx.load(tcp + 2)?;
+            let key = PodPort {
+                pod_cgroup: cgroup,
+                port: u16::from_be(port),
+                _pad: [0; 6],
+            };
+            if let Some(allowed) = unsafe { PLAINTEXT_PORTS.get(&key) } {
+                strict = *allowed == 0;
+            }
+        }
         let mut counts = unsafe { INBOUND_PLAINTEXT.get(&cgroup) }
             .copied()
             .unwrap_or_default();
@@ -307,7 +321,7 @@ mod programs {
         if pod.flags & POD_EXCLUDES_PORTS == 0 {
             return false;
         }
-        let key = ExcludedPort {
+        let key = PodPort {
             pod_cgroup,
             port,
             _pad: [0; 6],

@@ -3,7 +3,7 @@
 //! judged by the destination's real agent for connections between real
 //! pods on two simulated nodes.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ferry_proto::policy::{
@@ -12,7 +12,7 @@ use ferry_proto::policy::{
 use ferry_tests::{
     CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions,
     ca::CaOptions,
-    inspect::{admin_json, eventually, metric_value, metrics},
+    inspect::{admin_json, eventually, metric_value, metrics, plaintext_counts},
     kube_api::{FakeApiServer, namespace, pod},
     testapp::{Family, TestApp, pod_addr},
 };
@@ -31,10 +31,12 @@ fn authorization_policy(name: &str, spec: &str) -> anyhow::Result<AuthorizationP
     })
 }
 
-/// Whether one connection from `client` to `to` carries its bytes both ways.
+/// Whether one connection from `client` to `to` carries its bytes both
+/// ways (a SYN the kernel drops fails it after two seconds).
 fn reaches(cluster: &mut Cluster, client: PodId, to: SocketAddr) -> anyhow::Result<bool> {
     Ok(TestApp::connect(to)
         .bytes(16)
+        .connect_timeout(Duration::from_secs(2))
         .run(cluster, client)?
         .success())
 }
@@ -77,6 +79,8 @@ struct Mesh {
     web: PodId,
     job: PodId,
     db: PodId,
+    /// An unmeshed pod on node 1: its connections are plaintext.
+    legacy: PodId,
     agents: Vec<ferry_tests::Agent>,
     ca: ferry_tests::ca::CaFixture,
 }
@@ -90,7 +94,7 @@ impl Mesh {
     }
 }
 
-/// shop/web and batch/job on node 1 call shop/db (labelled `app: db`) on node 2.
+/// shop/web, batch/job and the unmeshed legacy/legacy-0 on node 1 call shop/db (labelled `app: db`) on node 2.
 fn mesh(name: &str) -> anyhow::Result<Mesh> {
     let mut cluster = Cluster::new(name)?;
     // The agents find the pods' cgroups where kubelet makes them.
@@ -99,6 +103,7 @@ fn mesh(name: &str) -> anyhow::Result<Mesh> {
     let n2 = cluster.add_node()?;
     let web = cluster.add_pod(n1, PodOptions::meshed("web-0", "shop", "web"))?;
     let job = cluster.add_pod(n1, PodOptions::meshed("job-0", "batch", "job"))?;
+    let legacy = cluster.add_pod(n1, PodOptions::unmeshed("legacy-0", "legacy", "old"))?;
     let db = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let ca = cluster.start_ca_with(&CaOptions {
         kubernetes: true,
@@ -114,6 +119,7 @@ fn mesh(name: &str) -> anyhow::Result<Mesh> {
         web,
         job,
         db,
+        legacy,
         agents,
         ca,
     })
@@ -268,5 +274,67 @@ fn namespace_defaults_apply_where_no_policy_does_and_bad_policies_are_said() -> 
         );
         Ok(())
     })?;
+    Ok(())
+}
+
+#[test]
+fn plaintext_that_policies_do_not_admit_is_refused_in_the_kernel() -> anyhow::Result<()> {
+    let mut m = mesh("policy-plaintext")?;
+    let (legacy, db, n2) = (m.legacy, m.db, m.n2);
+    let to = pod_addr(&m.cluster, db, Family::V4, PORT);
+    let other_port = pod_addr(&m.cluster, db, Family::V4, PORT + 1);
+    let _servers = [
+        TestApp::serve(to).bytes(16).start(&mut m.cluster, db)?,
+        TestApp::serve(other_port)
+            .bytes(16)
+            .start(&mut m.cluster, db)?,
+    ];
+    let pins = m.agents[1].pin_dir.clone();
+    let cgroup = m.cluster.pod(db).cgroup.clone();
+    // Permissive, no policy: plaintext from the unmeshed pod is let in, counted.
+    ensure!(
+        reaches(&mut m.cluster, legacy, to)?,
+        "plaintext before any policy"
+    );
+    let (passed, refused) = plaintext_counts(&pins, &cgroup)?;
+    ensure!(
+        passed >= 1 && refused == 0,
+        "passed {passed}, refused {refused}"
+    );
+
+    // An Allow that does not name unauthenticated closes the plaintext door,
+    // in the kernel: the SYN is dropped and counted as refused.
+    m.api().apply_policy(authorization_policy(
+        "db-from-web",
+        "{ selector: { matchLabels: { app: db } }, from: [{ serviceAccount: shop/web }] }",
+    )?);
+    wait_reaches(&mut m.cluster, n2, legacy, to, false)?;
+    let (_, refused) = plaintext_counts(&pins, &cgroup)?;
+    ensure!(refused >= 1, "the kernel counted no refused plaintext");
+    ensure!(
+        reaches(&mut m.cluster, m.web, to)?,
+        "web over mTLS is still admitted"
+    );
+
+    // Naming unauthenticated on one port opens that port alone.
+    m.api().apply_policy(authorization_policy(
+        "db-status-plaintext",
+        &format!(
+            "{{ selector: {{ matchLabels: {{ app: db }} }}, ports: [{}], from: [{{ unauthenticated: true }}] }}",
+            PORT + 1
+        ),
+    )?);
+    wait_reaches(&mut m.cluster, n2, legacy, other_port, true)?;
+    ensure!(
+        !reaches(&mut m.cluster, legacy, to)?,
+        "plaintext on the other port"
+    );
+    let dump = admin_json(&m.cluster, n2, "/config_dump")?;
+    let attached = &dump["capture"]["attached"][0]["plaintext"];
+    ensure!(
+        attached
+            == &serde_json::json!({ "refused": true, "ports": { (PORT + 1).to_string(): true } }),
+        "{attached}"
+    );
     Ok(())
 }

@@ -76,7 +76,11 @@ pub async fn keep_captured(
     loop {
         let table = tables.borrow_and_update().clone();
         let failures: Vec<String> = capture
-            .reconcile(table.local_meshed().map(AsRef::as_ref))
+            .reconcile(
+                table
+                    .local_meshed()
+                    .map(|pod| (pod.as_ref(), table.plaintext(pod))),
+            )
             .iter()
             .map(ToString::to_string)
             .collect();

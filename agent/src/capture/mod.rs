@@ -29,14 +29,14 @@ use aya::{
     },
 };
 use ferry_agent_ebpf::{
-    CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, ExcludedPort, OriginalDst, PodCapture, SockKey,
+    CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, OriginalDst, PodCapture, PodPort, SockKey,
     map_names, program_names,
 };
 use serde::{Deserialize, Serialize};
 
 pub use keeper::{CAPTURE_RETRY, CaptureStatus, CaptureView, keep_captured, node_local_addresses};
 
-use crate::workload::{LocalNode, Workload};
+use crate::workload::{LocalNode, Workload, policy::PlaintextRule};
 
 /// The capture programs, compiled by `build.rs` for `bpfel-unknown-none`.
 static CAPTURE_OBJECT: &[u8] =
@@ -134,6 +134,10 @@ pub struct Attachment {
     pub excluded_ports: Vec<u16>,
     /// Strict mode: plaintext connections into the pod from off the node are dropped.
     pub strict: bool,
+    /// What the kernel does with plaintext from off the node: strict mode
+    /// refuses it all, else the pod's authorization policies decide.
+    #[serde(default)]
+    pub plaintext: PlaintextRule,
 }
 
 /// Pinned maps of earlier builds: `orig_dst_cookie` (socket cookie ->
@@ -146,7 +150,8 @@ pub struct Capture {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     pods: HashMap<MapData, u64, PodCapture>,
-    excluded: HashMap<MapData, ExcludedPort, u8>,
+    excluded: HashMap<MapData, PodPort, u8>,
+    plaintext_ports: HashMap<MapData, PodPort, u8>,
     inbound_sources: HashMap<MapData, [u32; 4], u8>,
     attached: BTreeMap<u64, Attachment>,
 }
@@ -213,6 +218,7 @@ impl Capture {
             })?;
         let pods = take_map(&mut ebpf, map_names::POD_CGROUPS)?;
         let excluded = take_map(&mut ebpf, map_names::EXCLUDED_PORTS)?;
+        let plaintext_ports = take_map(&mut ebpf, map_names::PLAINTEXT_PORTS)?;
         let map = take_map(&mut ebpf, map_names::ORIG_DST_BY_TUPLE)?;
         let inbound_sources = take_map(&mut ebpf, map_names::INBOUND_SOURCES)?;
         let capture = Self {
@@ -220,6 +226,7 @@ impl Capture {
             pin_dir,
             pods,
             excluded,
+            plaintext_ports,
             inbound_sources,
             attached: BTreeMap::new(),
         };
@@ -241,12 +248,12 @@ impl Capture {
     /// the others are captured regardless.
     pub fn reconcile<'a>(
         &mut self,
-        wanted: impl IntoIterator<Item = &'a Workload>,
+        wanted: impl IntoIterator<Item = (&'a Workload, PlaintextRule)>,
     ) -> Vec<CaptureError> {
         let mut errors = Vec::new();
         let mut keep = BTreeSet::new();
-        for pod in wanted {
-            match self.capture_pod(pod) {
+        for (pod, plaintext) in wanted {
+            match self.capture_pod(pod, plaintext) {
                 Ok(id) => {
                     keep.insert(id);
                 }
@@ -263,7 +270,11 @@ impl Capture {
         errors
     }
 
-    fn capture_pod(&mut self, pod: &Workload) -> Result<u64, CaptureError> {
+    fn capture_pod(
+        &mut self,
+        pod: &Workload,
+        plaintext: PlaintextRule,
+    ) -> Result<u64, CaptureError> {
         let key = pod.key();
         let cgroup = pod.cgroup.clone().unwrap_or_default();
         let cgroup_err = |source| CaptureError::Cgroup {
@@ -282,6 +293,7 @@ impl Capture {
             cgroup_id,
             excluded_ports: pod.excluded_ports.clone(),
             strict: pod.strict,
+            plaintext,
         };
         if self.attached.get(&cgroup_id) == Some(&wanted) {
             return Ok(cgroup_id);
@@ -343,30 +355,22 @@ impl Capture {
 
     fn set_pod_maps(&mut self, pod: &Attachment) -> Result<(), aya::maps::MapError> {
         let id = pod.cgroup_id;
-        let stale: Vec<ExcludedPort> = self
-            .excluded
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pod_cgroup == id && !pod.excluded_ports.contains(&k.port))
+        let excluded: BTreeMap<u16, u8> = pod.excluded_ports.iter().map(|&p| (p, 1)).collect();
+        set_pod_ports(&mut self.excluded, id, &excluded)?;
+        let plaintext: BTreeMap<u16, u8> = pod
+            .plaintext
+            .ports
+            .iter()
+            .map(|(&port, &let_in)| (port, u8::from(let_in)))
             .collect();
-        for key in stale {
-            self.excluded.remove(&key)?;
-        }
-        for &port in &pod.excluded_ports {
-            self.excluded.insert(
-                ExcludedPort {
-                    pod_cgroup: id,
-                    port,
-                    _pad: [0; 6],
-                },
-                1,
-                0,
-            )?;
-        }
-        // Written after the ports, so a program that sees the flag finds them.
+        set_pod_ports(&mut self.plaintext_ports, id, &plaintext)?;
+        // Written after the ports, so a program that sees a flag finds them.
         let mut flags = 0;
-        if pod.strict {
+        if pod.plaintext.refused {
             flags |= ferry_agent_ebpf::POD_STRICT;
+        }
+        if !pod.plaintext.ports.is_empty() {
+            flags |= ferry_agent_ebpf::POD_PLAINTEXT_BY_PORT;
         }
         if !pod.excluded_ports.is_empty() {
             flags |= ferry_agent_ebpf::POD_EXCLUDES_PORTS;
@@ -406,15 +410,8 @@ impl Capture {
         };
         // Out of the pod map first: the programs pass everything through from here on.
         let _ = self.pods.remove(&id);
-        let ports: Vec<ExcludedPort> = self
-            .excluded
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pod_cgroup == id)
-            .collect();
-        for key in ports {
-            let _ = self.excluded.remove(&key);
-        }
+        let _ = set_pod_ports(&mut self.excluded, id, &BTreeMap::new());
+        let _ = set_pod_ports(&mut self.plaintext_ports, id, &BTreeMap::new());
         let links_dir = self.links_dir(id);
         for name in ATTACH_ORDER.iter().rev() {
             let pin = links_dir.join(name);
@@ -467,6 +464,31 @@ impl OriginalDsts {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Makes `map`'s entries of pod cgroup `id` exactly `ports` (port -> value).
+fn set_pod_ports(
+    map: &mut HashMap<MapData, PodPort, u8>,
+    id: u64,
+    ports: &BTreeMap<u16, u8>,
+) -> Result<(), aya::maps::MapError> {
+    let stale: Vec<PodPort> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.pod_cgroup == id && !ports.contains_key(&k.port))
+        .collect();
+    for key in stale {
+        map.remove(&key)?;
+    }
+    for (&port, &value) in ports {
+        let key = PodPort {
+            pod_cgroup: id,
+            port,
+            _pad: [0; 6],
+        };
+        map.insert(key, value, 0)?;
+    }
+    Ok(())
+}
 
 fn attach_err(pod: &str, program: &'static str, source: impl Into<BoxError>) -> CaptureError {
     CaptureError::Attach {

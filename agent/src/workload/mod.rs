@@ -299,6 +299,21 @@ impl WorkloadTable {
         }
     }
 
+    /// What the kernel does with plaintext from off the node into `pod` (of
+    /// this node): a strict namespace refuses it all; else its policies say.
+    pub fn plaintext(&self, pod: &Workload) -> policy::PlaintextRule {
+        if pod.strict {
+            return policy::PlaintextRule {
+                refused: true,
+                ports: BTreeMap::new(),
+            };
+        }
+        self.pod_policies
+            .get(&pod.key())
+            .map(|policies| policies.plaintext())
+            .unwrap_or_default()
+    }
+
     /// The policies as `/config_dump` shows them: which of this node's pods
     /// each selects, and what was ignored of it.
     pub fn policy_views(&self) -> Vec<PolicyView> {

@@ -18,7 +18,11 @@
 //! port. A selector it cannot read selects every pod of the namespace, so a
 //! typo in an `Allow` closes its pods instead of opening them.
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    sync::Arc,
+};
 
 use ferry_proto::{
     SpiffeId, is_dns_label,
@@ -399,6 +403,50 @@ impl PodPolicies {
     }
 }
 
+/// What the kernel does with new plaintext connections from off the node
+/// into one pod: refused or let in, and the ports where it is the other way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaintextRule {
+    pub refused: bool,
+    /// Port → let in, where that differs from `refused`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, bool>,
+}
+
+impl PodPolicies {
+    /// Plaintext from outside the mesh, as these policies judge it on every
+    /// port: the decision on ports no policy lists, and the listed ports
+    /// where it differs.
+    pub fn plaintext(&self) -> PlaintextRule {
+        let listed: BTreeSet<u16> = self
+            .policies
+            .iter()
+            .flat_map(|policy| policy.ports.iter().copied())
+            .filter(|port| *port != 0)
+            .collect();
+        let admitted = |port| {
+            matches!(
+                self.evaluate(Caller::Unauthenticated, port),
+                Verdict::Allowed { .. }
+            )
+        };
+        // A port no policy lists stands for every such port.
+        let unlisted = (1..=u16::MAX).find(|port| !listed.contains(port));
+        let let_in = unlisted.is_some_and(admitted);
+        PlaintextRule {
+            refused: !let_in,
+            ports: listed
+                .into_iter()
+                .filter_map(|port| {
+                    let here = admitted(port);
+                    (here != let_in).then_some((port, here))
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A policy as `/config_dump` and `inspect policies` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -579,6 +627,49 @@ mod tests {
         );
         assert!(listed.selects("shop", &labels(&[("app", "b")])));
         assert!(!listed.selects("shop", &labels(&[("app", "c")])));
+    }
+
+    #[test]
+    fn plaintext_is_judged_per_port_as_the_policies_say() {
+        // No policy: the default decides every port.
+        let open = pod(&[], DefaultPolicy::AllUnauthenticated, &[]).plaintext();
+        assert_eq!(open, PlaintextRule::default());
+        let closed = pod(&[], DefaultPolicy::AllAuthenticated, &[]).plaintext();
+        assert!(closed.refused && closed.ports.is_empty(), "{closed:?}");
+        // An Allow without unauthenticated closes every port it covers (all).
+        let mesh_only = policy("mesh-only", "from: [{ namespace: shop }]");
+        let rule = pod(&[], DefaultPolicy::AllUnauthenticated, &[mesh_only]).plaintext();
+        assert!(rule.refused && rule.ports.is_empty(), "{rule:?}");
+        // One port for plaintext, one for the mesh only, the rest to the default.
+        let status = policy(
+            "status",
+            "{ ports: [8081], from: [{ unauthenticated: true }] }",
+        );
+        let db = policy("db", "{ ports: [5432], from: [{ namespace: shop }] }");
+        let rule = pod(&[], DefaultPolicy::Deny, &[status, db]).plaintext();
+        assert_eq!(
+            rule,
+            PlaintextRule {
+                refused: true,
+                ports: [(8081, true)].into()
+            }
+        );
+        let rule = pod(
+            &[],
+            DefaultPolicy::AllUnauthenticated,
+            &[policy(
+                "db",
+                "{ ports: [5432], from: [{ namespace: shop }] }",
+            )],
+        )
+        .plaintext();
+        assert_eq!(
+            rule,
+            PlaintextRule {
+                refused: false,
+                ports: [(5432, false)].into()
+            }
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::{
         connections::Connections,
         inbound::Inbound,
         outbound::{Mesh, Outbound},
+        revocation,
     },
     shard::{self, Shard},
     tunnel::{
@@ -136,6 +137,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     if let Some(identities) = &identities {
         identities.follow(table_rx.clone());
     }
+    tokio::spawn(revocation::revoke_what_policies_no_longer_admit(
+        table_rx.clone(),
+        Arc::clone(&inputs.connections),
+    ));
 
     let inbound = identities.as_ref().map(|identities| {
         Arc::new(Inbound {

@@ -3,20 +3,28 @@
 //! judged by the destination's real agent for connections between real
 //! pods on two simulated nodes.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, ensure};
 use ferry_proto::policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, DEFAULT_POLICY_ANNOTATION,
 };
 use ferry_tests::{
-    CgroupDriver, Cluster, NodeId, PORT, PodId, PodOptions,
+    CgroupDriver, Cluster, MIB, NodeId, PORT, PodId, PodOptions,
     ca::CaOptions,
     inspect::{admin_json, eventually, metric_value, metrics, plaintext_counts},
     kube_api::{FakeApiServer, namespace, pod},
-    testapp::{Family, TestApp, pod_addr},
+    testapp::{Ended, Family, TestApp, pod_addr},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// What the connection a policy change leaves alone carries each way meanwhile.
+const BULK: u64 = 256 * MIB;
+/// How soon a connection a new policy denies must be closed.
+const REVOKED_WITHIN: Duration = Duration::from_secs(2);
 
 fn authorization_policy(name: &str, spec: &str) -> anyhow::Result<AuthorizationPolicy> {
     let spec: AuthorizationPolicySpec =
@@ -336,5 +344,73 @@ fn plaintext_that_policies_do_not_admit_is_refused_in_the_kernel() -> anyhow::Re
             == &serde_json::json!({ "refused": true, "ports": { (PORT + 1).to_string(): true } }),
         "{attached}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_connection_the_new_policies_deny_is_closed_and_the_others_flow_on() -> anyhow::Result<()> {
+    let mut m = mesh("policy-revoke")?;
+    let (web, job, db, n2) = (m.web, m.job, m.db, m.n2);
+    let to = pod_addr(&m.cluster, db, Family::V4, PORT);
+    let bulk = pod_addr(&m.cluster, db, Family::V4, PORT + 1);
+    let _servers = [
+        TestApp::serve(to).start(&mut m.cluster, db)?,
+        TestApp::serve(bulk).bytes(BULK).start(&mut m.cluster, db)?,
+    ];
+    let mut revoked = TestApp::hold(to).start(&mut m.cluster, web)?;
+    let untouched = TestApp::hold(to).start(&mut m.cluster, job)?;
+    // Moving bytes while the policy changes, checked at both ends.
+    let streaming = TestApp::connect(bulk)
+        .bytes(BULK)
+        .start(&mut m.cluster, job)?;
+
+    let changed = Instant::now();
+    m.api().apply_policy(authorization_policy(
+        "no-web",
+        "{ action: Deny, from: [{ serviceAccount: shop/web }] }",
+    )?);
+    let ended: Ended = revoked.wait_for(REVOKED_WITHIN)?;
+    let took = changed.elapsed();
+    eprintln!("ferry-tests: web's connection was reset {took:?} after the Deny was applied");
+    ensure!(
+        took <= REVOKED_WITHIN,
+        "web's connection ended {took:?} after the policy"
+    );
+    ensure!(
+        streaming.is_running()?,
+        "the transfer ended before the policy changed; it proves nothing"
+    );
+    let exit = revoked.wait_exit()?;
+    ensure!(
+        !exit.success(),
+        "web's connection ended cleanly ({ended:?}), not reset"
+    );
+
+    let log = m.agents[1].proc.stderr_tail();
+    ensure!(
+        log.contains("connection revoked")
+            && log.contains("spiffe://cluster.local/ns/shop/sa/web")
+            && log.contains("spiffe://cluster.local/ns/shop/sa/db")
+            && log.contains("policy shop/no-web denies it"),
+        "node 2's agent did not log the revocation with the policy and both identities:\n{log}"
+    );
+    let text = metrics(&m.cluster, n2)?;
+    ensure!(
+        metric_value(
+            &text,
+            "ferry_connections_revoked_total",
+            &[("direction", "inbound")]
+        ) == 1.0,
+        "only web's connection is revoked"
+    );
+
+    let moved = streaming.wait_exit()?;
+    ensure!(
+        moved.success(),
+        "the transfer the policy does not touch: {}",
+        moved.stderr
+    );
+    let kept = untouched.release()?;
+    ensure!(kept.success(), "job's held connection: {}", kept.stderr);
     Ok(())
 }

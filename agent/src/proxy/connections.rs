@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -17,7 +18,12 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::watch,
+};
+
+use ferry_proto::SpiffeId;
 
 use super::metrics::{ConnectionCounters, ProxyMetrics};
 
@@ -70,6 +76,26 @@ pub enum Route {
     InboundTunnel,
 }
 
+/// What a destination's policies admitted a connection as: asked again
+/// when the policies change, and the connection is closed if they no
+/// longer admit it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub caller: SpiffeId,
+    /// `namespace/name` of the destination pod (of this node).
+    pub pod: String,
+    pub port: u16,
+}
+
+/// A connection closed because the policies no longer admit it.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    pub id: u64,
+    pub meta: ConnectionMeta,
+    /// Why, as the policies say it.
+    pub reason: String,
+}
+
 /// The live connections and the metrics their opening, bytes and closing update.
 pub struct Connections {
     next_id: AtomicU64,
@@ -82,6 +108,9 @@ struct Live {
     id: u64,
     opened_at_unix_ms: u64,
     meta: ConnectionMeta,
+    grant: Option<Grant>,
+    /// Set (once) to why the connection was revoked; its relay watches it.
+    revoked: watch::Sender<Option<String>>,
     sent: AtomicU64,
     received: AtomicU64,
 }
@@ -100,8 +129,9 @@ impl Connections {
     }
 
     /// Records a connection and counts it opened; it is forgotten (and no
-    /// longer active) when the returned guard drops.
-    pub fn open(self: &Arc<Self>, meta: ConnectionMeta) -> Tracked {
+    /// longer active) when the returned guard drops. With a `grant`, the
+    /// policies may revoke it ([`revoke_where`](Self::revoke_where)).
+    pub fn open(self: &Arc<Self>, meta: ConnectionMeta, grant: Option<Grant>) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let counters = self.metrics.connection_opened(meta.route);
         let live = Arc::new(Live {
@@ -110,6 +140,8 @@ impl Connections {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             meta,
+            grant,
+            revoked: watch::Sender::new(None),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
@@ -123,6 +155,30 @@ impl Connections {
             counters,
             registry: Arc::clone(self),
         }
+    }
+
+    /// Revokes every granted connection for which `judge` gives a reason,
+    /// once; returns those it revoked. Their relays reset both ends.
+    pub fn revoke_where(&self, judge: impl Fn(&Grant) -> Option<String>) -> Vec<Revoked> {
+        let live: Vec<Arc<Live>> = self
+            .live
+            .lock()
+            .expect("connections lock")
+            .values()
+            .cloned()
+            .collect();
+        live.iter()
+            .filter(|live| live.revoked.borrow().is_none())
+            .filter_map(|live| {
+                let reason = judge(live.grant.as_ref()?)?;
+                live.revoked.send_replace(Some(reason.clone()));
+                Some(Revoked {
+                    id: live.id,
+                    meta: live.meta.clone(),
+                    reason,
+                })
+            })
+            .collect()
     }
 
     pub fn live(&self) -> Vec<ConnectionInfo> {
@@ -152,6 +208,23 @@ pub struct Tracked {
 impl Tracked {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Resolves, with the reason, once the connection is revoked; pending
+    /// forever otherwise. The relay stops on it.
+    pub fn revoked(&self) -> impl Future<Output = String> + Send + 'static {
+        let mut revoked = self.live.revoked.subscribe();
+        async move {
+            let reason = match revoked.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone(),
+                Err(_) => None,
+            };
+            match reason {
+                Some(reason) => reason,
+                // The connection's entry is gone: nothing will revoke it.
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// `stream` is the client's end of the relay (the socket of the pod that
@@ -306,7 +379,7 @@ mod tests {
     async fn a_relay_end_counts_each_way_into_the_connection_and_the_metrics() {
         let metrics = crate::metrics::Metrics::default();
         let connections = Arc::new(Connections::new(Arc::clone(&metrics.proxy)));
-        let tracked = connections.open(meta(Route::Passthrough));
+        let tracked = connections.open(meta(Route::Passthrough), None);
         let (client_app, agent_side) = tokio::io::duplex(1024);
         let mut client_end = tracked.client_end(agent_side);
         let mut client_app = client_app;

@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 
 use super::{
     Error, ProxyInputs, Refused,
-    connections::{ConnectionMeta, Route},
+    connections::{ConnectionMeta, Grant, Route},
     metrics::Direction,
     relay, upstream,
 };
@@ -148,7 +148,12 @@ impl<I: Identities> Inbound<I> {
                     return;
                 }
             };
-            let tracked = self.inputs.connections.open(ConnectionMeta {
+            let grant = Grant {
+                caller: peer.client.clone(),
+                pod: pod.clone(),
+                port: address.port(),
+            };
+            let meta = ConnectionMeta {
                 source_pod: None,
                 source: peer.address,
                 original_dst: address,
@@ -156,10 +161,12 @@ impl<I: Identities> Inbound<I> {
                 source_identity: Some(peer.client.to_string()),
                 destination_identity: Some(peer.local.to_string()),
                 route: Route::InboundTunnel,
-            });
+            };
+            let tracked = self.inputs.connections.open(meta, Some(grant));
             tracing::debug!(connection = tracked.id(), "tunnel stream accepted");
             let tunnel = TunnelStream::new(send, request.into_body());
-            let relayed = relay::relay_tunnel(tracked.server_end(socket), tunnel).await;
+            let relayed =
+                relay::relay_tunnel(tracked.server_end(socket), tunnel, tracked.revoked()).await;
             tracked.finish(relayed);
         }
         .instrument(span)

@@ -192,6 +192,12 @@ pub struct ProxyMetrics {
     inbound_refused: Family<ReasonLabels, Count>,
     policy_decisions: Family<PolicyLabels, Count>,
     authorization_denials: Family<FailureLabels, Count>,
+    revoked: Family<DirectionLabels, Count>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
 }
 
 impl ProxyMetrics {
@@ -232,10 +238,24 @@ impl ProxyMetrics {
             self.policy_decisions.clone(),
         );
         registry.register(
+            "connections_revoked",
+            "Live connections closed because the policies changed and no longer admit them, by direction",
+            self.revoked.clone(),
+        );
+        registry.register(
             "authorization_denials",
             "Connections the destination's policies refused, by direction and reason (deny_policy, not_allowed, default)",
             self.authorization_denials.clone(),
         );
+    }
+
+    /// Counts a live connection the policies no longer admit, closed.
+    pub fn connection_revoked(&self, direction: Direction) {
+        self.revoked
+            .get_or_create(&DirectionLabels {
+                direction: direction.as_str(),
+            })
+            .inc();
     }
 
     /// Counts a connection `policy` (`None`: the default) admitted.

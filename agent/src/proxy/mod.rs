@@ -17,6 +17,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod relay;
+pub mod revocation;
 pub mod route;
 pub mod upstream;
 

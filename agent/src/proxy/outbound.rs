@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 use super::{
     Error, ProxyInputs, Refused,
     balancer::Balancer,
-    connections::{ConnectionMeta, Route},
+    connections::{ConnectionMeta, Grant, Route},
     metrics::Direction,
     relay,
     route::{self, Decision},
@@ -116,7 +116,17 @@ impl Outbound {
             route = ?meta.route,
         );
         let _active = balanced.then(|| self.balancer.start(target));
-        let tracked = self.inputs.connections.open(meta);
+        // Only a same-node connection was admitted here; a tunnelled one is
+        // the destination agent's to revoke.
+        let grant = match &decision {
+            Decision::Direct { source, pod, .. } => Some(Grant {
+                caller: source.clone(),
+                pod: pod.clone(),
+                port: target.port(),
+            }),
+            Decision::Passthrough { .. } | Decision::Tunnel { .. } => None,
+        };
+        let tracked = self.inputs.connections.open(meta, grant);
         async move {
             tracing::debug!(connection = tracked.id(), "captured connection");
             let _ = client.set_nodelay(true);
@@ -135,8 +145,12 @@ impl Outbound {
                                 connection = checkout.connection_id(),
                                 "tunnel stream open"
                             );
-                            let relayed =
-                                relay::relay_tunnel(tracked.client_end(client), stream).await;
+                            let relayed = relay::relay_tunnel(
+                                tracked.client_end(client),
+                                stream,
+                                tracked.revoked(),
+                            )
+                            .await;
                             drop(checkout);
                             relayed
                         }
@@ -145,7 +159,10 @@ impl Outbound {
                 }
                 Decision::Passthrough { .. } | Decision::Direct { .. } => {
                     match upstream::connect(target).await {
-                        Ok(socket) => relay::relay(tracked.client_end(client), socket).await,
+                        Ok(socket) => {
+                            relay::relay(tracked.client_end(client), socket, tracked.revoked())
+                                .await
+                        }
                         Err(error) => return self.upstream_failed(&client, &error),
                     }
                 }

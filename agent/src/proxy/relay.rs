@@ -2,7 +2,7 @@
 //! stream.
 
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     pin::Pin,
@@ -61,19 +61,27 @@ const SPLICE_PIPE: usize = 256 * 1024;
 /// socket, so the payload's pages are handed on, never copied into the agent.
 /// A FIN from one side is passed on as a FIN (half-close) while the other
 /// direction keeps flowing; an error on either side resets both, so a peer
-/// that vanishes is seen as a reset, never as a clean end of stream. Returns
-/// the bytes the client sent and received.
+/// that vanishes is seen as a reset, never as a clean end of stream; so does
+/// `stop` resolving (the connection was revoked). Returns the bytes the
+/// client sent and received.
 pub async fn relay(
     mut client: Counted<TcpStream>,
     mut upstream: TcpStream,
+    stop: impl Future<Output = String>,
 ) -> io::Result<(u64, u64)> {
     let result = {
         let counted = &client;
         let socket = counted.get_ref();
-        tokio::try_join!(
-            splice_half(socket, &upstream, |n| counted.count_from(n)),
-            splice_half(&upstream, socket, |n| counted.count_to(n)),
-        )
+        let both = async {
+            tokio::try_join!(
+                splice_half(socket, &upstream, |n| counted.count_from(n)),
+                splice_half(&upstream, socket, |n| counted.count_to(n)),
+            )
+        };
+        tokio::select! {
+            result = both => result,
+            reason = stop => Err(revoked(&reason)),
+        }
     };
     if result.is_err() {
         client.reset();
@@ -171,14 +179,22 @@ fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<
 /// space: what the socket gives is read into a buffer that is then handed to
 /// h2 as it is, and what h2 received is written to the socket from h2's own
 /// buffers. Both directions run in this one task; the semantics (FIN passed
-/// on as `END_STREAM` and back, an error resets both ends) are [`relay`]'s.
-pub async fn relay_tunnel<A>(mut socket: A, mut tunnel: TunnelStream) -> io::Result<(u64, u64)>
+/// on as `END_STREAM` and back, an error or `stop` resets both ends) are [`relay`]'s.
+pub async fn relay_tunnel<A>(
+    mut socket: A,
+    mut tunnel: TunnelStream,
+    stop: impl Future<Output = String>,
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + Reset,
 {
     let mut up = ToTunnel::default();
     let mut down = ToSocket::default();
+    let mut stop = std::pin::pin!(stop);
     let result = poll_fn(|cx| {
+        if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Err(revoked(&reason)));
+        }
         let up = up.poll(cx, &mut socket, &mut tunnel)?;
         let down = down.poll(cx, &mut tunnel, &mut socket)?;
         match (up, down) {
@@ -295,6 +311,14 @@ impl ToSocket {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// The error a revoked connection's relay ends with.
+fn revoked(reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("revoked: {reason}"),
+    )
 }
 
 /// Makes the coming close of `stream` send RST instead of FIN.

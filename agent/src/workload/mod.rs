@@ -425,6 +425,11 @@ impl WorkloadTable {
         }
     }
 
+    /// The workload named `namespace/name`.
+    pub fn by_key(&self, key: &str) -> Option<&Arc<Workload>> {
+        self.by_key.get(key)
+    }
+
     /// The workload that owns `ip` (an IPv4-mapped IPv6 address counts as its IPv4 address).
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip.to_canonical())

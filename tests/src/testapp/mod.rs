@@ -160,6 +160,29 @@ impl Connect {
     pub fn run(self, cluster: &mut Cluster, place: impl Into<Place>) -> anyhow::Result<Exit> {
         run(cluster, place, &Command::Connect(self))
     }
+
+    /// Starts the client at `place` and returns while it runs.
+    pub fn start(self, cluster: &mut Cluster, place: impl Into<Place>) -> anyhow::Result<Running> {
+        Ok(Running {
+            proc: spawn(cluster, place, &Command::Connect(self))?,
+        })
+    }
+}
+
+/// A client started with [`Connect::start`], still running.
+pub struct Running {
+    proc: Proc,
+}
+
+impl Running {
+    pub fn is_running(&self) -> anyhow::Result<bool> {
+        Ok(self.proc.has_exited()?.is_none())
+    }
+
+    /// Waits for its end ([`WAIT`]).
+    pub fn wait_exit(mut self) -> anyhow::Result<Exit> {
+        Exit::of(&mut self.proc)
+    }
 }
 
 impl Udp {

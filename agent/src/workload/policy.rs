@@ -139,15 +139,6 @@ impl CompiledPolicy {
         self.ports.is_empty() || self.ports.contains(&port)
     }
 
-    fn names(&self, caller: Caller<'_>) -> bool {
-        self.sources.iter().any(|source| match (source, caller) {
-            (Source::Identity(id), Caller::Identity(caller)) => id == caller,
-            (Source::Namespace(ns), Caller::Identity(caller)) => ns == caller.namespace(),
-            (Source::Unauthenticated, Caller::Unauthenticated) => true,
-            _ => false,
-        })
-    }
-
     /// The ports this policy names; empty for every port.
     pub fn ports(&self) -> &[u16] {
         &self.ports
@@ -284,7 +275,56 @@ pub struct PodPolicies {
     pub namespace: String,
     pub default: DefaultPolicy,
     pub policies: Vec<Arc<CompiledPolicy>>,
+    /// The `Deny`s and the `Allow`s by the callers they name, so a
+    /// connection looks up its caller rather than scanning the policies.
+    deny: ByCaller,
+    allow: ByCaller,
+    /// The ports some `Allow` covers; `None`: one covers every port.
+    allow_ports: Option<BTreeSet<u16>>,
 }
+
+/// Policies (indexes into [`PodPolicies::policies`]) by the callers they name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ByCaller {
+    identity: BTreeMap<SpiffeId, Vec<usize>>,
+    namespace: BTreeMap<String, Vec<usize>>,
+    unauthenticated: Vec<usize>,
+}
+
+impl ByCaller {
+    fn add(&mut self, index: usize, policy: &CompiledPolicy) {
+        for source in &policy.sources {
+            let list = match source {
+                Source::Identity(id) => self.identity.entry(id.clone()).or_default(),
+                Source::Namespace(ns) => self.namespace.entry(ns.clone()).or_default(),
+                Source::Unauthenticated => &mut self.unauthenticated,
+            };
+            if list.last() != Some(&index) {
+                list.push(index);
+            }
+        }
+    }
+
+    /// The policies that name `caller`, in policy order.
+    fn naming(&self, caller: Caller<'_>) -> Vec<usize> {
+        let mut found: Vec<usize> = match caller {
+            Caller::Identity(id) => self
+                .identity
+                .get(id)
+                .into_iter()
+                .chain(self.namespace.get(id.namespace()))
+                .flatten()
+                .copied()
+                .collect(),
+            Caller::Unauthenticated => self.unauthenticated.clone(),
+        };
+        found.sort_unstable();
+        found
+    }
+}
+
+/// How many of the `Allow`s that did not name a refused caller its denial names.
+const DENIAL_NAMES: usize = 5;
 
 /// What the evaluator decided, and on whose account.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,6 +352,7 @@ pub struct PolicyDenied {
 pub enum DenyReason {
     #[error("policy {0} denies it")]
     DenyPolicy(String),
+    /// The `Allow`s that cover it (the first few).
     #[error("no allow policy selecting it names it (allow policies: {})", .0.join(", "))]
     NotAllowed(Vec<String>),
     #[error("no policy selects it, and the namespace's default is {}", .0.as_str())]
@@ -348,21 +389,40 @@ impl PodPolicies {
         default: DefaultPolicy,
         policies: &[Arc<CompiledPolicy>],
     ) -> Self {
+        let policies: Vec<Arc<CompiledPolicy>> = policies
+            .iter()
+            .filter(|policy| policy.selects(namespace, labels))
+            .cloned()
+            .collect();
+        let (mut deny, mut allow) = (ByCaller::default(), ByCaller::default());
+        let mut allow_ports = Some(BTreeSet::new());
+        for (index, policy) in policies.iter().enumerate() {
+            match policy.action {
+                Action::Deny => deny.add(index, policy),
+                Action::Allow => {
+                    allow.add(index, policy);
+                    if policy.ports.is_empty() {
+                        allow_ports = None;
+                    } else if let Some(ports) = &mut allow_ports {
+                        ports.extend(policy.ports.iter().copied());
+                    }
+                }
+            }
+        }
         Self {
             pod,
             namespace: namespace.to_owned(),
             default,
-            policies: policies
-                .iter()
-                .filter(|policy| policy.selects(namespace, labels))
-                .cloned()
-                .collect(),
+            policies,
+            deny,
+            allow,
+            allow_ports,
         }
     }
 
-    /// Whether `caller` may connect to this pod's `port`.
+    /// Whether `caller` may connect to this pod's `port`: a lookup of the
+    /// caller in the pod's indexes, whatever the number of policies.
     pub fn evaluate(&self, caller: Caller<'_>, port: u16) -> Verdict {
-        let covering = || self.policies.iter().filter(|p| p.covers(port));
         let denied = |reason| {
             Verdict::Denied(PolicyDenied {
                 pod: self.pod.clone(),
@@ -371,18 +431,32 @@ impl PodPolicies {
                 reason,
             })
         };
-        if let Some(deny) = covering().find(|p| p.action == Action::Deny && p.names(caller)) {
+        let covering = |indexes: Vec<usize>| {
+            indexes
+                .into_iter()
+                .map(|i| &self.policies[i])
+                .find(|p| p.covers(port))
+        };
+        if let Some(deny) = covering(self.deny.naming(caller)) {
             return denied(DenyReason::DenyPolicy(deny.key.clone()));
         }
-        let mut allows = covering().filter(|p| p.action == Action::Allow).peekable();
-        if allows.peek().is_some() {
-            let allows: Vec<&Arc<CompiledPolicy>> = allows.collect();
-            return match allows.iter().find(|p| p.names(caller)) {
+        let allowed_here = self
+            .allow_ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port));
+        if allowed_here {
+            return match covering(self.allow.naming(caller)) {
                 Some(allow) => Verdict::Allowed {
                     policy: Some(allow.key.clone()),
                 },
+                // Only a refusal names the Allows that did not admit it.
                 None => denied(DenyReason::NotAllowed(
-                    allows.iter().map(|p| p.key.clone()).collect(),
+                    self.policies
+                        .iter()
+                        .filter(|p| p.action == Action::Allow && p.covers(port))
+                        .take(DENIAL_NAMES)
+                        .map(|p| p.key.clone())
+                        .collect(),
                 )),
             };
         }
@@ -669,6 +743,32 @@ mod tests {
                 refused: false,
                 ports: [(5432, false)].into()
             }
+        );
+    }
+
+    #[test]
+    fn many_policies_are_looked_up_by_caller_and_a_refusal_names_a_few() {
+        let many: Vec<_> = (0..1000)
+            .map(|i| {
+                policy(
+                    &format!("p{i}"),
+                    &format!("from: [{{ namespace: ns-{i} }}]"),
+                )
+            })
+            .collect();
+        let pod_ = pod(&[], DefaultPolicy::Deny, &many);
+        assert_eq!(
+            pod_.evaluate(Caller::Identity(&id("ns-999", "x")), 80),
+            Verdict::Allowed {
+                policy: Some("shop/p999".to_owned())
+            }
+        );
+        let Verdict::Denied(denied) = pod_.evaluate(Caller::Identity(&id("ops", "x")), 80) else {
+            panic!("a caller no policy names got in");
+        };
+        assert_eq!(
+            denied.reason,
+            DenyReason::NotAllowed((0..DENIAL_NAMES).map(|i| format!("shop/p{i}")).collect())
         );
     }
 

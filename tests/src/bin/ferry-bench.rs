@@ -27,12 +27,16 @@ use clap::Parser;
 use ferry_tests::{
     Cluster, MIB, PodId, PodOptions, Proc,
     bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
-    inspect::bpftool,
+    inspect::{admin_json, bpftool, eventually},
     load::{self, Measured, Mode},
 };
 use serde_json::{Value, json};
 
 const SERVER_PORT: u16 = 7000;
+/// How many policies the `policies` scenario puts in the cluster.
+const POLICY_COUNT: usize = 1000;
+const NO_POLICIES_METRIC: &str = "crr-no-policies.perSecond";
+const POLICIES_METRIC: &str = "crr-1000-policies.perSecond";
 const STUNNEL_PORT: u16 = 7443;
 /// Where each client pod's stunnel listens on loopback: towards the other
 /// node's server pod, and towards the server pod on its own node.
@@ -79,7 +83,8 @@ struct Args {
 }
 
 /// Timed scenarios: name, `ferry-load` mode, and whether the server pod is on
-/// the client's node. The memory scenario `idle` runs after them.
+/// the client's node. The memory scenario `idle` and the authorization cost
+/// `policies` (ferry only) run after them.
 const TIMED: [(&str, Mode, bool); 5] = [
     ("bulk", Mode::Bulk, false),
     ("rr", Mode::Rr, false),
@@ -90,7 +95,7 @@ const TIMED: [(&str, Mode, bool); 5] = [
 
 fn scenario_names() -> clap::builder::PossibleValuesParser {
     let timed = TIMED.iter().map(|(name, ..)| *name);
-    clap::builder::PossibleValuesParser::new(timed.chain(["idle"]))
+    clap::builder::PossibleValuesParser::new(timed.chain(["idle", "policies"]))
 }
 
 impl Args {
@@ -219,6 +224,11 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     let per_connect = |after: u64, before: u64| after.saturating_sub(before) as f64 / calls as f64;
     let connect4_ns = per_connect(connect4_after.0, connect4_before.0);
 
+    if args.runs("policies") && args.over("ferry") {
+        for (metric, value) in bench.policy_cost(args.rounds)? {
+            samples.add(metric, "ferry", value);
+        }
+    }
     if args.runs("idle") {
         let setups: Vec<&str> = ["ferry", "stunnel"]
             .into_iter()
@@ -268,6 +278,16 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
             "ns",
         ));
     }
+    let policy_ratio = samples
+        .median(POLICIES_METRIC, "ferry")
+        .zip(samples.median(NO_POLICIES_METRIC, "ferry"))
+        .map_or(f64::NAN, |(with, without)| with / without);
+    checks.push(ferry_tests::bench::Check {
+        what: format!("crr with {POLICY_COUNT} policies / without"),
+        value: policy_ratio,
+        target: "≥ 0.9".to_owned(),
+        met: policy_ratio >= 0.9,
+    });
     // A run filtered by scenario or setup has no value for some targets.
     checks.retain(|c| !c.value.is_nan());
     // sock_ops finishes what connect4 starts (it moves the record to the
@@ -371,6 +391,60 @@ impl Bench {
             targets,
             seconds,
         })
+    }
+
+    /// New connections per second over Ferry with no policy, then with
+    /// [`POLICY_COUNT`] that all select the server pod (the evaluator's worst
+    /// case: the one that names the client is the last), alternated `rounds`
+    /// times; each change waits until the server's agent holds it.
+    fn policy_cost(&mut self, rounds: usize) -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let many: Vec<_> = (0..POLICY_COUNT)
+            .map(|i| {
+                let from = if i + 1 == POLICY_COUNT {
+                    "serviceAccount: mesh/client".to_owned()
+                } else {
+                    format!("namespace: other-{i}")
+                };
+                ferry_tests::policy(
+                    "mesh",
+                    &format!("server-{i}"),
+                    &format!(
+                        "{{ selector: {{ matchLabels: {{ app: server }} }}, from: [{{ {from} }}] }}"
+                    ),
+                )
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let (pod, to) =
+            self.targets[0][SETUPS.iter().position(|s| *s == "ferry").context("ferry")?];
+        let mut out = Vec::new();
+        for round in 0..rounds {
+            for (metric, policies) in [
+                (NO_POLICIES_METRIC, Vec::new()),
+                (POLICIES_METRIC, many.clone()),
+            ] {
+                let count = policies.len();
+                self.cluster.set_policies(policies);
+                self.cluster.write_workloads()?;
+                let node = self.agents[1].node;
+                eventually(|| {
+                    let held = admin_json(&self.cluster, node, "/policies")?;
+                    ensure!(
+                        held.as_array().map(Vec::len) == Some(count),
+                        "waiting for {count} policies"
+                    );
+                    Ok(())
+                })?;
+                let result = load::measure(&mut self.cluster, pod, Mode::Crr, to, self.seconds)
+                    .with_context(|| format!("crr with {count} policies"))?;
+                println!("round {} crr with {count:>4} policies: {result}", round + 1);
+                if let Measured::Latencies(latencies) = result {
+                    out.push((metric, latencies.per_second));
+                }
+            }
+        }
+        self.cluster.set_policies(Vec::new());
+        self.cluster.write_workloads()?;
+        Ok(out)
     }
 
     /// Agent RSS idle, then what `count` idle connections add to each side:

@@ -272,5 +272,18 @@ fn metrics_and_inspect_show_tunnelled_traffic_certificates_and_denials() -> anyh
             &[("direction", "outbound"), ("reason", "peer_refused")]
         ) >= 1.0
     );
+    // The policy as inspect shows it on node 2: the pod it selects, what it refused.
+    let table = cluster.run_on_node(n2, agent, &["inspect", "policies"])?;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("shop/db-admin-only"))
+        .with_context(|| format!("inspect policies:\n{table}"))?;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    ensure!(
+        cells[1] == "Allow"
+            && cells[3].parse::<u64>().is_ok_and(|denied| denied >= 1)
+            && cells[5] == "shop/db-0",
+        "inspect policies:\n{table}"
+    );
     Ok(())
 }

@@ -162,6 +162,12 @@ fn policies_from_the_api_server_allow_deny_cover_ports_and_follow_labels() -> an
         "web with an Allow naming it"
     );
     ensure!(denials(&m.cluster, n2, "not_allowed")? >= 1.0);
+    // The refused client's agent logs the reason the destination gave.
+    let log = m.agents[0].proc.stderr_tail();
+    ensure!(
+        log.contains("does not admit spiffe://cluster.local/ns/batch/sa/job: no allow policy selecting it names it (allow policies: shop/db-from-web)"),
+        "node 1's agent did not log the destination's reason:\n{log}"
+    );
 
     // A Deny overrides the Allow.
     let deny = authorization_policy(

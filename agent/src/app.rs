@@ -137,7 +137,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     if let Some(identities) = &identities {
         identities.follow(table_rx.clone());
     }
-    tokio::spawn(revocation::revoke_what_policies_no_longer_admit(
+    tokio::spawn(revocation::follow_policies(
         table_rx.clone(),
         Arc::clone(&inputs.connections),
     ));

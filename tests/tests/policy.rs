@@ -267,6 +267,12 @@ fn namespace_defaults_apply_where_no_policy_does_and_bad_policies_are_said() -> 
                 .is_some_and(|p| p.contains("unauthenticated: false names nobody")),
         "{policies}"
     );
+    let text = metrics(&m.cluster, n2)?;
+    ensure!(
+        metric_value(&text, "ferry_policies", &[("state", "partly_ignored")]) == 1.0
+            && metric_value(&text, "ferry_policies", &[("state", "applied")]) == 0.0,
+        "ferry_policies does not count the partly ignored policy"
+    );
     let log = m.agents[1].proc.stderr_tail();
     ensure!(
         log.contains("authorization policy applied without what it got wrong"),

@@ -193,6 +193,12 @@ pub struct ProxyMetrics {
     policy_decisions: Family<PolicyLabels, Count>,
     authorization_denials: Family<FailureLabels, Count>,
     revoked: Family<DirectionLabels, Count>,
+    policies: Family<StateLabels, Level>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -238,6 +244,11 @@ impl ProxyMetrics {
             self.policy_decisions.clone(),
         );
         registry.register(
+            "policies",
+            "Authorization policies the agent holds, by state: applied as written, or partly_ignored (what it could not use is in /policies)",
+            self.policies.clone(),
+        );
+        registry.register(
             "connections_revoked",
             "Live connections closed because the policies changed and no longer admit them, by direction",
             self.revoked.clone(),
@@ -247,6 +258,15 @@ impl ProxyMetrics {
             "Connections the destination's policies refused, by direction and reason (deny_policy, not_allowed, default)",
             self.authorization_denials.clone(),
         );
+    }
+
+    /// The policies in force: `applied` as written, `partly_ignored`.
+    pub fn policies_in_force(&self, applied: usize, partly_ignored: usize) {
+        for (state, count) in [("applied", applied), ("partly_ignored", partly_ignored)] {
+            self.policies
+                .get_or_create(&StateLabels { state })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// Counts a live connection the policies no longer admit, closed.

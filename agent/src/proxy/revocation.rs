@@ -1,7 +1,8 @@
-//! Revocation: when the policies change, every live connection a policy
-//! admitted here is judged again, and the ones the new policies no longer
-//! admit are closed (both ends reset), with a log line naming the policy
-//! and both identities and a count, as a revoked permission should.
+//! Following the policies: at every new table the gauges of policies in
+//! force are set, and every live connection a policy admitted here is
+//! judged again; the ones the new policies no longer admit are closed
+//! (both ends reset), with a log line naming the policy and both
+//! identities and a count, as a revoked permission should.
 
 use std::sync::Arc;
 
@@ -13,14 +14,22 @@ use crate::workload::{
     policy::{Caller, Verdict},
 };
 
-/// Judges the granted connections again at every new table, until the
-/// table's sender is gone.
-pub async fn revoke_what_policies_no_longer_admit(
+/// Counts the policies and judges the granted connections again at every
+/// new table (the first one included), until the table's sender is gone.
+pub async fn follow_policies(
     mut tables: watch::Receiver<Arc<WorkloadTable>>,
     connections: Arc<Connections>,
 ) {
-    while tables.changed().await.is_ok() {
+    loop {
         let table = tables.borrow_and_update().clone();
+        let partly_ignored = table
+            .policies
+            .iter()
+            .filter(|p| !p.problems.is_empty())
+            .count();
+        connections
+            .metrics()
+            .policies_in_force(table.policies.len() - partly_ignored, partly_ignored);
         let revoked = connections.revoke_where(|grant| {
             let pod = table.by_key(&grant.pod)?;
             match table.authorize(Caller::Identity(&grant.caller), pod, grant.port) {
@@ -41,6 +50,9 @@ pub async fn revoke_what_policies_no_longer_admit(
                 reason = %connection.reason,
                 "connection revoked: the policies no longer admit it; resetting both ends"
             );
+        }
+        if tables.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -251,25 +251,45 @@ fn namespace_defaults_apply_where_no_policy_does_and_bad_policies_are_said() -> 
     // and the agent says what it ignored.
     let partly = authorization_policy(
         "partly-valid",
-        "{ from: [{ identity: spiffe://other.domain/ns/batch/sa/job }, { unauthenticated: false }, { namespace: batch }] }",
+        &format!(
+            "{{ ports: [0, {PORT}], from: [{{ identity: spiffe://other.domain/ns/batch/sa/job }}, \
+             {{ unauthenticated: false }}, {{ namespace: batch }}] }}"
+        ),
+    )?;
+    // A selector the API server would refuse: it selects all of shop.
+    let unreadable = authorization_policy(
+        "unreadable-selector",
+        "{ selector: { matchExpressions: [{ key: app, operator: In }] }, from: [{ namespace: batch }] }",
     )?;
     m.api().apply_policy(partly);
+    m.api().apply_policy(unreadable);
     wait_reaches(&mut m.cluster, n2, job, to, true)?;
     let policies = admin_json(&m.cluster, n2, "/policies")?;
-    let problems = policies[0]["problems"].clone();
+    let problems = |i: usize| -> Vec<String> {
+        policies[i]["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect()
+    };
+    let (partly, unreadable) = (problems(0), problems(1));
     ensure!(
-        problems.as_array().map(Vec::len) == Some(2)
-            && problems[0]
-                .as_str()
-                .is_some_and(|p| p.contains("trust domain other.domain"))
-            && problems[1]
-                .as_str()
-                .is_some_and(|p| p.contains("unauthenticated: false names nobody")),
+        partly.len() == 3
+            && partly[0].starts_with("ports[0]: 0 is not a port")
+            && partly[1].contains("trust domain other.domain")
+            && partly[2].contains("unauthenticated: false names nobody"),
+        "{policies}"
+    );
+    ensure!(
+        unreadable.len() == 1
+            && unreadable[0].contains("needs at least one value")
+            && policies[1]["localPods"] == serde_json::json!(["shop/db-0"]),
         "{policies}"
     );
     let text = metrics(&m.cluster, n2)?;
     ensure!(
-        metric_value(&text, "ferry_policies", &[("state", "partly_ignored")]) == 1.0
+        metric_value(&text, "ferry_policies", &[("state", "partly_ignored")]) == 2.0
             && metric_value(&text, "ferry_policies", &[("state", "applied")]) == 0.0,
         "ferry_policies does not count the partly ignored policy"
     );

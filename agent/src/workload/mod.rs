@@ -317,18 +317,27 @@ impl WorkloadTable {
     /// The policies as `/config_dump` shows them: which of this node's pods
     /// each selects, and what was ignored of it.
     pub fn policy_views(&self) -> Vec<PolicyView> {
+        // One pass over the pods' selections, not one per policy.
+        let mut selected: HashMap<*const CompiledPolicy, std::collections::BTreeSet<&str>> =
+            HashMap::new();
+        for pod in self.pod_policies.values() {
+            for policy in &pod.policies {
+                selected
+                    .entry(Arc::as_ptr(policy))
+                    .or_default()
+                    .insert(&pod.pod);
+            }
+        }
         self.policies
             .iter()
             .map(|policy| PolicyView {
                 policy: policy.key.clone(),
                 action: policy.action,
-                local_pods: self
-                    .pod_policies
-                    .values()
-                    .filter(|pod| pod.policies.iter().any(|p| Arc::ptr_eq(p, policy)))
-                    .map(|pod| pod.pod.clone())
-                    .collect::<std::collections::BTreeSet<_>>()
+                local_pods: selected
+                    .get(&Arc::as_ptr(policy))
                     .into_iter()
+                    .flatten()
+                    .map(|pod| (*pod).to_owned())
                     .collect(),
                 problems: policy.problems.clone(),
                 allowed: 0,

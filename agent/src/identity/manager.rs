@@ -234,12 +234,6 @@ impl<C: Certifier> CertManager<C> {
         slots.get(identity)?.current.borrow().clone()
     }
 
-    /// Follows `identity`'s certificate as it is renewed.
-    pub fn subscribe(&self, identity: &SpiffeId) -> Option<watch::Receiver<Option<Arc<Issued>>>> {
-        let slots = self.slots.lock().expect("cert slots lock");
-        Some(slots.get(identity)?.current.subscribe())
-    }
-
     /// Why the agent cannot serve yet: identities still without a valid certificate.
     pub fn not_ready(&self) -> Vec<String> {
         let now = SystemTime::now();

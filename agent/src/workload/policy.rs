@@ -138,11 +138,6 @@ impl CompiledPolicy {
     fn covers(&self, port: u16) -> bool {
         self.ports.is_empty() || self.ports.contains(&port)
     }
-
-    /// The ports this policy names; empty for every port.
-    pub fn ports(&self) -> &[u16] {
-        &self.ports
-    }
 }
 
 /// Why a source of a policy names nobody the agent can match.
@@ -305,21 +300,25 @@ impl ByCaller {
         }
     }
 
-    /// The policies that name `caller`, in policy order.
-    fn naming(&self, caller: Caller<'_>) -> Vec<usize> {
-        let mut found: Vec<usize> = match caller {
-            Caller::Identity(id) => self
-                .identity
-                .get(id)
-                .into_iter()
-                .chain(self.namespace.get(id.namespace()))
-                .flatten()
-                .copied()
-                .collect(),
-            Caller::Unauthenticated => self.unauthenticated.clone(),
+    /// The first policy (in policy order) that names `caller` and passes
+    /// `covers`; no allocation, as it runs per connection.
+    fn first_naming(&self, caller: Caller<'_>, covers: impl Fn(usize) -> bool) -> Option<usize> {
+        let none: &[usize] = &[];
+        let lists = match caller {
+            Caller::Identity(id) => [
+                self.identity.get(id).map_or(none, Vec::as_slice),
+                self.namespace
+                    .get(id.namespace())
+                    .map_or(none, Vec::as_slice),
+            ],
+            Caller::Unauthenticated => [self.unauthenticated.as_slice(), none],
         };
-        found.sort_unstable();
-        found
+        lists
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&index| covers(index))
+            .min()
     }
 }
 
@@ -431,13 +430,11 @@ impl PodPolicies {
                 reason,
             })
         };
-        let covering = |indexes: Vec<usize>| {
-            indexes
-                .into_iter()
+        let covering = |by: &ByCaller| {
+            by.first_naming(caller, |i| self.policies[i].covers(port))
                 .map(|i| &self.policies[i])
-                .find(|p| p.covers(port))
         };
-        if let Some(deny) = covering(self.deny.naming(caller)) {
+        if let Some(deny) = covering(&self.deny) {
             return denied(DenyReason::DenyPolicy(deny.key.clone()));
         }
         let allowed_here = self
@@ -445,7 +442,7 @@ impl PodPolicies {
             .as_ref()
             .is_none_or(|ports| ports.contains(&port));
         if allowed_here {
-            return match covering(self.allow.naming(caller)) {
+            return match covering(&self.allow) {
                 Some(allow) => Verdict::Allowed {
                     policy: Some(allow.key.clone()),
                 },

@@ -574,6 +574,30 @@ policies:
     }
 
     #[test]
+    fn a_strict_namespace_refuses_plaintext_whatever_a_policy_allows() {
+        let text = "
+nodes: [{ name: n1, addresses: [198.19.0.1] }]
+namespaces:
+  - { name: shop, labels: { ferry.dev/mesh: enabled }, annotations: { ferry.dev/inbound: strict } }
+  - { name: open, labels: { ferry.dev/mesh: enabled } }
+pods:
+  - { name: a, namespace: shop, serviceAccount: a, node: n1, ips: [198.18.1.2], cgroup: /x/a }
+  - { name: b, namespace: open, serviceAccount: b, node: n1, ips: [198.18.1.3], cgroup: /x/b }
+policies:
+  - { name: plaintext, namespace: shop, spec: { from: [{ unauthenticated: true }] } }
+  - { name: plaintext, namespace: open, spec: { from: [{ unauthenticated: true }] } }
+";
+        let table = WorkloadTable::from_file(
+            &file::WorkloadFile::parse(text, None).unwrap(),
+            "n1",
+            &settings(),
+        );
+        let pod = |ip: &str| table.by_ip(ip.parse().unwrap()).unwrap().clone();
+        assert!(table.plaintext(&pod("198.18.1.2")).refused, "strict");
+        assert!(!table.plaintext(&pod("198.18.1.3")).refused, "permissive");
+    }
+
+    #[test]
     fn captures_only_meshed_pods_of_this_node() {
         let table = table();
         let local: Vec<_> = table.local_meshed().map(|w| w.key()).collect();

@@ -213,11 +213,19 @@ impl Tracked {
     /// Resolves, with the reason, once the connection is revoked; pending
     /// forever otherwise. The relay stops on it.
     pub fn revoked(&self) -> impl Future<Output = String> + Send + 'static {
-        let mut revoked = self.live.revoked.subscribe();
+        // Only a granted connection can be revoked; the others need no receiver.
+        let revoked = self
+            .live
+            .grant
+            .is_some()
+            .then(|| self.live.revoked.subscribe());
         async move {
-            let reason = match revoked.wait_for(Option::is_some).await {
-                Ok(reason) => reason.clone(),
-                Err(_) => None,
+            let reason = match revoked {
+                Some(mut revoked) => match revoked.wait_for(Option::is_some).await {
+                    Ok(reason) => reason.clone(),
+                    Err(_) => None,
+                },
+                None => None,
             };
             match reason {
                 Some(reason) => reason,

@@ -87,6 +87,13 @@ pub struct Grant {
     pub port: u16,
 }
 
+/// What a connection admitted by policy was granted, and where its
+/// revocation is announced (set once, with the reason; its relay watches it).
+struct Revocable {
+    grant: Grant,
+    revoked: watch::Sender<Option<String>>,
+}
+
 /// A connection closed because the policies no longer admit it.
 #[derive(Debug, Clone)]
 pub struct Revoked {
@@ -108,9 +115,9 @@ struct Live {
     id: u64,
     opened_at_unix_ms: u64,
     meta: ConnectionMeta,
-    grant: Option<Grant>,
-    /// Set (once) to why the connection was revoked; its relay watches it.
-    revoked: watch::Sender<Option<String>>,
+    /// Only for connections admitted here by policy: what they were granted,
+    /// and where their revocation is announced.
+    revocable: Option<Box<Revocable>>,
     sent: AtomicU64,
     received: AtomicU64,
 }
@@ -140,8 +147,12 @@ impl Connections {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             meta,
-            grant,
-            revoked: watch::Sender::new(None),
+            revocable: grant.map(|grant| {
+                Box::new(Revocable {
+                    grant,
+                    revoked: watch::Sender::new(None),
+                })
+            }),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
@@ -168,10 +179,13 @@ impl Connections {
             .cloned()
             .collect();
         live.iter()
-            .filter(|live| live.revoked.borrow().is_none())
             .filter_map(|live| {
-                let reason = judge(live.grant.as_ref()?)?;
-                live.revoked.send_replace(Some(reason.clone()));
+                let revocable = live.revocable.as_ref()?;
+                if revocable.revoked.borrow().is_some() {
+                    return None;
+                }
+                let reason = judge(&revocable.grant)?;
+                revocable.revoked.send_replace(Some(reason.clone()));
                 Some(Revoked {
                     id: live.id,
                     meta: live.meta.clone(),
@@ -216,9 +230,9 @@ impl Tracked {
         // Only a granted connection can be revoked; the others need no receiver.
         let revoked = self
             .live
-            .grant
-            .is_some()
-            .then(|| self.live.revoked.subscribe());
+            .revocable
+            .as_ref()
+            .map(|revocable| revocable.revoked.subscribe());
         async move {
             let reason = match revoked {
                 Some(mut revoked) => match revoked.wait_for(Option::is_some).await {

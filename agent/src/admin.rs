@@ -5,7 +5,7 @@
 //! and 503 with the reasons until then. `/metrics` is the Prometheus text,
 //! also served on the probe port, which Prometheus can reach.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
@@ -15,6 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     capture::{CaptureStatus, CaptureView},
+    drain::Drain,
     identity::CertView,
     logging::{self, FilterError},
     metrics::{self, Metrics, Totals},
@@ -35,6 +36,8 @@ pub struct AdminState {
     pub identities: Option<Arc<dyn IdentityState>>,
     /// The tunnel pool's state, when the agent runs with a CA.
     pub pool: Option<Arc<dyn Fn() -> PoolView + Send + Sync>>,
+    /// Whether the agent drains or hands over (then it is not ready).
+    pub drain: Arc<Drain>,
 }
 
 /// What the admin endpoint shows of the certificate manager.
@@ -54,12 +57,14 @@ impl<C: crate::identity::Certifier> IdentityState for crate::identity::CertManag
 }
 
 impl AdminState {
-    /// Every reason the agent is not ready: capture, then identities.
-    fn not_ready(&self) -> Vec<String> {
+    /// Every reason the agent is not ready: capture, identities, then a
+    /// drain or a handover under way.
+    pub fn not_ready(&self) -> Vec<String> {
         let mut reasons = self.capture.not_ready();
         if let Some(identities) = &self.identities {
             reasons.extend(identities.not_ready());
         }
+        reasons.extend(self.drain.not_ready());
         reasons
     }
 
@@ -88,6 +93,10 @@ impl AdminState {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigDump {
+    /// The process that answered: during a handover, two agents share the
+    /// admin port, and this says which one this is.
+    #[serde(default)]
+    pub pid: u32,
     /// The agent's settings as it started (its command line, defaults filled in).
     pub config: serde_json::Value,
     pub node: LocalNode,
@@ -110,26 +119,36 @@ pub struct ConfigDump {
     pub not_ready_reasons: Vec<String>,
 }
 
-/// Serves the full admin API on `listener` (bind it to localhost).
-pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
-    serve(listener, state, route_admin).await
+/// Serves the full admin API on `listener` (bind it to localhost) until
+/// `stop` resolves (a successor took the port over).
+pub async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: impl Future<Output = ()>,
+) {
+    serve(listener, state, route_admin, stop).await
 }
 
 /// The readiness page, on the admin address and on the probe port.
 pub const READY_PATH: &str = "/healthz/ready";
 
 /// Serves only `/healthz/ready` (the kubelet's probe) and `/metrics`
-/// (Prometheus): the probe port listens on every address.
-pub async fn serve_probe(listener: TcpListener, state: Arc<AdminState>) {
-    serve(listener, state, |state, req| match req.uri().path() {
+/// (Prometheus): the probe port listens on every address. Until `stop`
+/// resolves, as [`serve_admin`].
+pub async fn serve_probe(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: impl Future<Output = ()>,
+) {
+    let route = |state: &AdminState, req: &Request<hyper::body::Incoming>| match req.uri().path() {
         READY_PATH => ready(state),
         "/metrics" => metrics_text(state),
         _ => text(
             StatusCode::NOT_FOUND,
             "only /healthz/ready and /metrics are served here\n".into(),
         ),
-    })
-    .await
+    };
+    serve(listener, state, route, stop).await
 }
 
 fn metrics_text(state: &AdminState) -> Response<Full<Bytes>> {
@@ -144,9 +163,15 @@ async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     route: fn(&AdminState, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+    stop: impl Future<Output = ()>,
 ) {
+    tokio::pin!(stop);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            () = &mut stop => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let state = Arc::clone(&state);
@@ -240,6 +265,7 @@ fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Resp
             let table = state.workloads.borrow().clone();
             let reasons = state.not_ready();
             json(&ConfigDump {
+                pid: std::process::id(),
                 config: state.config.clone(),
                 node: table.node.clone(),
                 workloads: table.workloads.iter().map(|w| w.as_ref().clone()).collect(),

@@ -10,6 +10,10 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_PROBE_PORT: u16 = 15021;
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const DEFAULT_HANDOVER_DIR: &str = "/run/ferry";
+/// Long enough for most long-lived connections to end on their own; the
+/// DaemonSet's `terminationGracePeriodSeconds` is a little longer.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 300;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,7 +81,36 @@ pub struct RunArgs {
     #[command(flatten)]
     pub tunnel: TunnelArgs,
     #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
+    #[command(flatten)]
     pub log: crate::logging::LogArgs,
+}
+
+/// How one agent hands the node over to the next, and drains.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleArgs {
+    /// Where the agent listens for its successor (`<dir>/<node>/handover.sock`):
+    /// an agent started while another runs on the node takes over its
+    /// listening sockets there. Only root may enter it.
+    #[arg(long, env = "FERRY_HANDOVER_DIR", default_value = DEFAULT_HANDOVER_DIR)]
+    pub handover_dir: PathBuf,
+    /// Once it drains (SIGTERM, or a successor took over), how long the
+    /// agent keeps relaying connections that are still open before it closes
+    /// them (seconds).
+    #[arg(long, env = "FERRY_DRAIN_TIMEOUT", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS)]
+    pub drain_timeout: u64,
+    /// After handing over and draining, wait for SIGTERM instead of exiting.
+    /// In a DaemonSet pod an exit would make the kubelet restart the old
+    /// container, which would then take the node back from its successor.
+    #[arg(long, env = "FERRY_STAY_UNTIL_TERMINATED")]
+    pub stay_until_terminated: bool,
+}
+
+impl LifecycleArgs {
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_timeout)
+    }
 }
 
 /// Where the agent learns the cluster's workloads: a file, or the Kubernetes API.

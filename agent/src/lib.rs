@@ -7,6 +7,7 @@
 //! | layer | modules | what they are |
 //! | --- | --- | --- |
 //! | base | [`backoff`], [`logging`] | pure helpers and the log set-up |
+//! | lifecycle | [`drain`], [`handover`] | the agent's way out: draining, and handing the node's sockets to a successor |
 //! | facts | [`workload`] | what the cluster runs: the workload table and its sources |
 //! | kernel | [`capture`] | the eBPF programs on this node's meshed pods |
 //! | identity | [`identity`] | keys, certificates and the TLS configs built from them |
@@ -18,6 +19,9 @@
 
 pub mod backoff;
 pub mod logging;
+
+pub mod drain;
+pub mod handover;
 
 pub mod workload;
 

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::metrics::CaptureMetrics,
+    drain::DrainMetrics,
     identity::metrics::IdentityMetrics,
     proxy::metrics::{Direction, Failure, ProxyMetrics},
     tunnel::metrics::{Side, TunnelMetrics},
@@ -40,6 +41,7 @@ pub struct Metrics {
     pub tunnel: Arc<TunnelMetrics>,
     pub identity: Arc<IdentityMetrics>,
     pub capture: Arc<CaptureMetrics>,
+    pub drain: Arc<DrainMetrics>,
 }
 
 impl Default for Metrics {
@@ -64,7 +66,10 @@ impl Metrics {
         tunnel.register(&mut registry);
         identity.register(&mut registry);
         capture.register(&mut registry);
+        let drain = Arc::<DrainMetrics>::default();
+        drain.register(&mut registry);
         Self {
+            drain,
             registry,
             proxy,
             tunnel,

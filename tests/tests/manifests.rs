@@ -15,7 +15,7 @@ use ferry_ca::{
     bootstrap::{ISSUER_SECRET, KUBERNETES_NAMESPACE, TRUST_BUNDLE_CONFIG_MAP, TRUST_BUNDLE_FILE},
     cli::{Cli as CaCli, Command as CaCommand, ServeArgs},
 };
-use ferry_proto::{CA_PORT, DEFAULT_CA_SERVER_NAME, TOKEN_AUDIENCE, TUNNEL_PORT};
+use ferry_proto::{CA_PORT, DEFAULT_CA_SERVER_NAME, TOKEN_AUDIENCE};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
@@ -608,12 +608,10 @@ fn agent_ports_and_probes_are_the_agent_ports() {
     let pod = agent_pod();
     let container = only_container(&pod);
     let args = agent_args(container).unwrap();
-    let mut expected = vec![args.outbound_port, TUNNEL_PORT, args.probe_port];
-    expected.sort_unstable();
     assert_eq!(
         container_ports(container),
-        expected,
-        "the admin port stays on loopback"
+        Vec::<u16>::new(),
+        "on the host network a containerPort is a hostPort: the surge pod of a rollout could not be scheduled beside the old one"
     );
     assert_eq!(args.probe_port, ferry_agent::cli::DEFAULT_PROBE_PORT);
     assert_eq!(args.outbound_port, ferry_agent::cli::DEFAULT_OUTBOUND_PORT);
@@ -770,6 +768,46 @@ fn agent_mounts_hold_what_its_flags_name() {
     let (cgroup, root) = host_path(&args.source.cgroup_root);
     assert_eq!(root, Path::new("/sys/fs/cgroup"));
     assert_eq!(cgroup.read_only, Some(true));
+    let (handover, dir) = host_path(&args.lifecycle.handover_dir);
+    assert_eq!(
+        dir,
+        Path::new(ferry_agent::cli::DEFAULT_HANDOVER_DIR),
+        "the old and the new agent of a node meet on the host"
+    );
+    assert_ne!(
+        handover.read_only,
+        Some(true),
+        "the agent binds its socket there"
+    );
+}
+
+#[test]
+fn a_rollout_surges_and_waits_for_the_drain() {
+    let daemonset = object::<DaemonSet>("DaemonSet");
+    let spec = daemonset.spec.expect("a DaemonSet spec");
+    let rolling = spec
+        .update_strategy
+        .and_then(|strategy| strategy.rolling_update)
+        .expect("a rolling update");
+    assert_eq!(
+        (rolling.max_surge, rolling.max_unavailable),
+        (Some(IntOrString::Int(1)), Some(IntOrString::Int(0))),
+        "the new agent starts beside the old one and takes its sockets over"
+    );
+    let pod = spec.template.spec.expect("a pod spec");
+    let args = agent_args(only_container(&pod)).unwrap();
+    let grace = pod
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        u64::try_from(grace).unwrap() > args.lifecycle.drain_timeout,
+        "the kubelet kills the old agent after {grace} s, before its {} s drain deadline",
+        args.lifecycle.drain_timeout
+    );
+    assert!(
+        args.lifecycle.stay_until_terminated,
+        "an old agent that exits after its drain is restarted by the kubelet and takes the node back"
+    );
 }
 
 #[test]

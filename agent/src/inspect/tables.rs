@@ -536,7 +536,7 @@ mod tests {
         );
         assert!(
             out.ends_with(
-                "totals: closedBroken=0 closedIdle=0 closedKeepalive=0 dialFailures=1 handshakes=1 streams=0\n"
+                "totals: closedBroken=0 closedGoaway=0 closedIdle=0 closedKeepalive=0 dialFailures=1 handshakes=1 streams=0\n"
             ),
             "{out}"
         );

@@ -26,6 +26,7 @@ use tokio::{
 use ferry_proto::SpiffeId;
 
 use super::metrics::{ConnectionCounters, ProxyMetrics};
+use crate::drain::{DrainSignal, Phase};
 
 /// One proxied connection, as an operator sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,11 +104,21 @@ pub struct Revoked {
     pub reason: String,
 }
 
+/// Why a relay is told to stop before its connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The policies no longer admit it: both ends are reset.
+    Revoked(String),
+    /// The agent's drain deadline passed: both ends are closed cleanly.
+    Deadline,
+}
+
 /// The live connections and the metrics their opening, bytes and closing update.
 pub struct Connections {
     next_id: AtomicU64,
     live: Mutex<BTreeMap<u64, Arc<Live>>>,
     metrics: Arc<ProxyMetrics>,
+    drain: DrainSignal,
 }
 
 /// One live connection: what it is and what it has moved so far.
@@ -123,12 +134,20 @@ struct Live {
 }
 
 impl Connections {
-    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
+    /// Connections still open when `drain` reaches [`Phase::Closing`] are
+    /// told to stop ([`Stop::Deadline`]).
+    pub fn new(metrics: Arc<ProxyMetrics>, drain: DrainSignal) -> Self {
         Self {
             next_id: AtomicU64::new(0),
             live: Mutex::default(),
             metrics,
+            drain,
         }
+    }
+
+    /// How many connections are open.
+    pub fn count(&self) -> usize {
+        self.live.lock().expect("connections lock").len()
     }
 
     pub fn metrics(&self) -> &ProxyMetrics {
@@ -224,16 +243,17 @@ impl Tracked {
         self.id
     }
 
-    /// Resolves, with the reason, once the connection is revoked; pending
-    /// forever otherwise. The relay stops on it.
-    pub fn revoked(&self) -> impl Future<Output = String> + Send + 'static {
+    /// Resolves once the connection is revoked, or the agent's drain
+    /// deadline passes; pending otherwise. The relay stops on it.
+    pub fn stopped(&self) -> impl Future<Output = Stop> + Send + 'static {
         // Only a granted connection can be revoked; the others need no receiver.
         let revoked = self
             .live
             .revocable
             .as_ref()
             .map(|revocable| revocable.revoked.subscribe());
-        async move {
+        let deadline = self.registry.drain.clone().reached(Phase::Closing);
+        let revoked = async move {
             let reason = match revoked {
                 Some(mut revoked) => match revoked.wait_for(Option::is_some).await {
                     Ok(reason) => reason.clone(),
@@ -245,6 +265,12 @@ impl Tracked {
                 Some(reason) => reason,
                 // The connection's entry is gone: nothing will revoke it.
                 None => std::future::pending().await,
+            }
+        };
+        async move {
+            tokio::select! {
+                reason = revoked => Stop::Revoked(reason),
+                () = deadline => Stop::Deadline,
             }
         }
     }
@@ -314,6 +340,14 @@ impl<S> Counted<S> {
 
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
+    }
+
+    /// What the connection moved so far: bytes the client sent and received.
+    pub fn moved(&self) -> (u64, u64) {
+        (
+            self.live.sent.load(Ordering::Relaxed),
+            self.live.received.load(Ordering::Relaxed),
+        )
     }
 
     /// Counts bytes that went from this end's peer towards the other side
@@ -400,7 +434,10 @@ mod tests {
     #[tokio::test]
     async fn a_relay_end_counts_each_way_into_the_connection_and_the_metrics() {
         let metrics = crate::metrics::Metrics::default();
-        let connections = Arc::new(Connections::new(Arc::clone(&metrics.proxy)));
+        let connections = Arc::new(Connections::new(
+            Arc::clone(&metrics.proxy),
+            DrainSignal::never(),
+        ));
         let tracked = connections.open(meta(Route::Passthrough), None);
         let (client_app, agent_side) = tokio::io::duplex(1024);
         let mut client_end = tracked.client_end(agent_side);

@@ -24,6 +24,7 @@ use super::{
     relay, upstream,
 };
 use crate::{
+    drain::Phase,
     tunnel::{
         Identities,
         server::{Accepted, Server},
@@ -63,7 +64,8 @@ struct Peer {
 
 impl<I: Identities> Inbound<I> {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        super::accept_forever(listener, "inbound tunnel", move |stream, peer| {
+        let drain = self.inputs.drain.clone();
+        super::accept_until_drained(listener, "inbound tunnel", drain, move |stream, peer| {
             let this = Arc::clone(&self);
             let span = tracing::info_span!("inbound", peer = %peer);
             async move { this.serve_connection(stream, peer).await }.instrument(span)
@@ -89,7 +91,22 @@ impl<I: Identities> Inbound<I> {
             local,
             address,
         };
-        while let Some(accepted) = connection.accept().await {
+        // Once the agent drains, one GOAWAY: the peer opens new streams on a
+        // fresh connection (to the successor), and these keep flowing.
+        let drained = self.inputs.drain.clone().reached(Phase::Draining);
+        tokio::pin!(drained);
+        let mut going_away = false;
+        loop {
+            let accepted = tokio::select! {
+                () = &mut drained, if !going_away => {
+                    going_away = true;
+                    tracing::info!(client = %peer.client, "draining: GOAWAY sent on the tunnel connection");
+                    connection.graceful_shutdown();
+                    continue;
+                }
+                accepted = connection.accept() => accepted,
+            };
+            let Some(accepted) = accepted else { break };
             let (request, respond) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -166,7 +183,7 @@ impl<I: Identities> Inbound<I> {
             tracing::debug!(connection = tracked.id(), "tunnel stream accepted");
             let tunnel = TunnelStream::new(send, request.into_body());
             let relayed =
-                relay::relay_tunnel(tracked.server_end(socket), tunnel, tracked.revoked()).await;
+                relay::relay_tunnel(tracked.server_end(socket), tunnel, tracked.stopped()).await;
             tracked.finish(relayed);
         }
         .instrument(span)

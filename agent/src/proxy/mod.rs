@@ -5,7 +5,7 @@
 //!   carries them.
 //! - [`inbound`]: the tunnel port, where other agents ask for this node's pods.
 //!
-//! Below both: the accept loop ([`accept_forever`]), opening a socket to a
+//! Below both: the accept loop ([`accept_until_drained`]), opening a socket to a
 //! destination ([`upstream`]), the byte relay ([`relay`]), live connection
 //! tracking and the access log ([`connections`]), the errors that say why a
 //! connection was not carried ([`Error`], [`Refused`]) and the metrics.
@@ -31,7 +31,10 @@ use tokio::{
 pub use balancer::Balancer;
 pub use error::{Error, Refused};
 
-use crate::workload::WorkloadTable;
+use crate::{
+    drain::{DrainSignal, Phase},
+    workload::WorkloadTable,
+};
 use connections::Connections;
 
 /// What both directions read: the workload table, and where they record
@@ -40,17 +43,31 @@ use connections::Connections;
 pub struct ProxyInputs {
     pub workloads: watch::Receiver<Arc<WorkloadTable>>,
     pub connections: Arc<Connections>,
+    /// Where the agent is on its way out: accept loops stop when it drains.
+    pub drain: DrainSignal,
 }
 
-/// Accepts connections on `listener` forever, each handled in its own task.
-/// An accept error (EMFILE and friends) backs off briefly instead of spinning.
-pub async fn accept_forever<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
-where
+/// Accepts connections on `listener` until the agent drains, each handled in
+/// its own task; then closes this handle on the listening socket (a
+/// successor may hold another). An accept error (EMFILE and friends) backs
+/// off briefly instead of spinning.
+pub async fn accept_until_drained<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    drain: DrainSignal,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let drained = drain.reached(Phase::Draining);
+    tokio::pin!(drained);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            () = &mut drained => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 tokio::spawn(handle(stream, peer));
             }
@@ -60,4 +77,5 @@ where
             }
         }
     }
+    tracing::debug!(listener = what, "stopped accepting");
 }

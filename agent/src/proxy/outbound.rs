@@ -47,7 +47,8 @@ pub struct Outbound {
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        super::accept_forever(listener, "outbound", move |stream, peer| {
+        let drain = self.inputs.drain.clone();
+        super::accept_until_drained(listener, "outbound", drain, move |stream, peer| {
             let this = Arc::clone(&self);
             async move { this.handle(stream, peer).await }
         })
@@ -148,7 +149,7 @@ impl Outbound {
                             let relayed = relay::relay_tunnel(
                                 tracked.client_end(client),
                                 stream,
-                                tracked.revoked(),
+                                tracked.stopped(),
                             )
                             .await;
                             drop(checkout);
@@ -160,7 +161,7 @@ impl Outbound {
                 Decision::Passthrough { .. } | Decision::Direct { .. } => {
                     match upstream::connect(target).await {
                         Ok(socket) => {
-                            relay::relay(tracked.client_end(client), socket, tracked.revoked())
+                            relay::relay(tracked.client_end(client), socket, tracked.stopped())
                                 .await
                         }
                         Err(error) => return self.upstream_failed(&client, &error),

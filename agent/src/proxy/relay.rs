@@ -20,7 +20,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::connections::Counted;
+use super::connections::{Counted, Stop};
 use crate::tunnel::stream::TunnelStream;
 
 /// What [`relay_tunnel`] reads from the socket into at a time: large enough
@@ -62,12 +62,13 @@ const SPLICE_PIPE: usize = 256 * 1024;
 /// A FIN from one side is passed on as a FIN (half-close) while the other
 /// direction keeps flowing; an error on either side resets both, so a peer
 /// that vanishes is seen as a reset, never as a clean end of stream; so does
-/// `stop` resolving (the connection was revoked). Returns the bytes the
-/// client sent and received.
+/// `stop` resolving with a revocation. At the drain deadline ([`Stop::Deadline`])
+/// both sockets get a FIN instead (the kernel still resets one that has
+/// unread bytes). Returns the bytes the client sent and received.
 pub async fn relay(
     mut client: Counted<TcpStream>,
     mut upstream: TcpStream,
-    stop: impl Future<Output = String>,
+    stop: impl Future<Output = Stop>,
 ) -> io::Result<(u64, u64)> {
     let result = {
         let counted = &client;
@@ -80,7 +81,15 @@ pub async fn relay(
         };
         tokio::select! {
             result = both => result,
-            reason = stop => Err(revoked(&reason)),
+            stop = stop => match stop {
+                Stop::Revoked(reason) => Err(revoked(&reason)),
+                Stop::Deadline => {
+                    // Either side may have half-closed already; that is fine.
+                    let _ = shutdown(socket.as_raw_fd(), Shutdown::Write);
+                    let _ = shutdown(upstream.as_raw_fd(), Shutdown::Write);
+                    Ok(counted.moved())
+                }
+            },
         }
     };
     if result.is_err() {
@@ -179,11 +188,12 @@ fn splice_nonblocking(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<
 /// space: what the socket gives is read into a buffer that is then handed to
 /// h2 as it is, and what h2 received is written to the socket from h2's own
 /// buffers. Both directions run in this one task; the semantics (FIN passed
-/// on as `END_STREAM` and back, an error or `stop` resets both ends) are [`relay`]'s.
+/// on as `END_STREAM` and back, an error or a revocation resets both ends,
+/// the drain deadline ends both cleanly) are [`relay`]'s.
 pub async fn relay_tunnel<A>(
     mut socket: A,
     mut tunnel: TunnelStream,
-    stop: impl Future<Output = String>,
+    stop: impl Future<Output = Stop>,
 ) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + Reset,
@@ -192,19 +202,37 @@ where
     let mut down = ToSocket::default();
     let mut stop = std::pin::pin!(stop);
     let result = poll_fn(|cx| {
-        if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
-            return Poll::Ready(Err(revoked(&reason)));
+        if let Poll::Ready(stop) = stop.as_mut().poll(cx) {
+            return Poll::Ready(match stop {
+                Stop::Revoked(reason) => Err(revoked(&reason)),
+                Stop::Deadline => Ok(false),
+            });
         }
         let up = up.poll(cx, &mut socket, &mut tunnel)?;
         let down = down.poll(cx, &mut tunnel, &mut socket)?;
         match (up, down) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(true)),
             _ => Poll::Pending,
         }
     })
     .await;
     match result {
-        Ok(()) => Ok((up.bytes, down.bytes)),
+        Ok(true) => Ok((up.bytes, down.bytes)),
+        Ok(false) => {
+            // The drain deadline: END_STREAM to the peer and a FIN to the
+            // pod, for whichever direction has not ended yet.
+            if !up.done {
+                let _ = tunnel.finish();
+            }
+            if !down.done {
+                let _ = tokio::time::timeout(
+                    DEADLINE_SHUTDOWN,
+                    tokio::io::AsyncWriteExt::shutdown(&mut socket),
+                )
+                .await;
+            }
+            Ok((up.bytes, down.bytes))
+        }
         Err(error) => {
             socket.reset();
             tunnel.reset();
@@ -312,6 +340,9 @@ impl ToSocket {
         Poll::Ready(Ok(()))
     }
 }
+
+/// How long a FIN to the pod may wait for room at the drain deadline.
+const DEADLINE_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The error a revoked connection's relay ends with.
 fn revoked(reason: &str) -> io::Error {

@@ -66,14 +66,23 @@ pub enum OpenError {
     },
 }
 
+/// Tries one `CONNECT` may take: a stream that fails before the peer
+/// answered carried none of the application's bytes (the relay starts only
+/// after the answer), so it is safe to ask again on a fresh connection.
+const OPEN_ATTEMPTS: usize = 3;
+
 /// A `CONNECT target` stream to the agent of `key`, and the pool slot it holds.
+///
+/// A pooled connection can die between checkout and use: the peer drains
+/// (its `GOAWAY` refuses new streams), or its agent is gone (a reset the
+/// keepalive has not caught yet). Then the connection leaves the pool and
+/// the request is sent again on a fresh one, so an agent upgrade on the
+/// peer's node fails no application connection.
 pub async fn open<D: Dial>(
     pool: &Arc<Pool<D>>,
     key: &PoolKey,
     target: SocketAddr,
 ) -> Result<(TunnelStream, Checkout<D>), OpenError> {
-    // A connection can die between checkout and use (GOAWAY, a dead peer the
-    // keepalive has not caught yet); it leaves the pool and one retry dials anew.
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -82,10 +91,14 @@ pub async fn open<D: Dial>(
             Ok(mut send) => send.send_request(wire::connect_request(target), false),
             Err(error) => Err(error),
         };
-        let (response, send_stream) = match sent {
-            Ok(sent) => sent,
-            Err(error) if attempts < 2 => {
-                tracing::debug!(%error, "pooled tunnel connection unusable; redialling");
+        let answered = match sent {
+            Ok((response, send_stream)) => response.await.map(|response| (response, send_stream)),
+            Err(error) => Err(error),
+        };
+        let (response, send_stream) = match answered {
+            Ok(answered) => answered,
+            Err(error) if attempts < OPEN_ATTEMPTS => {
+                tracing::debug!(%error, attempt = attempts, "tunnel stream failed before an answer; retrying on a fresh connection");
                 checkout.broken();
                 continue;
             }
@@ -94,9 +107,6 @@ pub async fn open<D: Dial>(
                 return Err(OpenError::Stream { target, source });
             }
         };
-        let response = response
-            .await
-            .map_err(|source| OpenError::Stream { target, source })?;
         if response.status() != StatusCode::OK {
             return Err(OpenError::Refused {
                 target,

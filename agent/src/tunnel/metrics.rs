@@ -34,7 +34,10 @@ pub enum PoolClose {
     Idle,
     /// The peer stopped answering keepalive pings (a dead or cut-off node).
     Keepalive,
-    /// Closed by the peer, failed, or found unusable.
+    /// The peer said `GOAWAY` (it drains: an agent upgrade) and its last
+    /// stream ended: not a failure.
+    GoAway,
+    /// Closed by the peer without `GOAWAY`, failed, or found unusable.
     Broken,
 }
 
@@ -43,6 +46,7 @@ impl PoolClose {
         match self {
             PoolClose::Idle => "idle",
             PoolClose::Keepalive => "keepalive",
+            PoolClose::GoAway => "goaway",
             PoolClose::Broken => "broken",
         }
     }
@@ -87,6 +91,8 @@ pub struct PoolTotals {
     pub streams: u64,
     pub closed_idle: u64,
     pub closed_keepalive: u64,
+    #[serde(default)]
+    pub closed_goaway: u64,
     pub closed_broken: u64,
 }
 
@@ -159,6 +165,7 @@ impl TunnelMetrics {
             streams: self.pool_streams.get(),
             closed_idle: closed(PoolClose::Idle),
             closed_keepalive: closed(PoolClose::Keepalive),
+            closed_goaway: closed(PoolClose::GoAway),
             closed_broken: closed(PoolClose::Broken),
         }
     }

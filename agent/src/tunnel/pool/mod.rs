@@ -20,15 +20,18 @@ use std::{
 use bytes::Bytes;
 use ferry_proto::SpiffeId;
 use h2::client::SendRequest;
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
     time::Instant,
 };
 
+mod view;
+
+pub use view::{ConnectionView, KeyView, PoolView, merged_view};
+
 use super::{
-    metrics::{PoolClose, PoolTotals, Side, TunnelMetrics},
+    metrics::{PoolClose, Side, TunnelMetrics},
     wire,
 };
 use crate::backoff::{Backoff, jitter_sample};
@@ -65,6 +68,11 @@ pub struct PoolConfig {
     pub dial_timeout: Duration,
     /// Delay before a key whose dial failed is dialled again.
     pub backoff: Backoff,
+    /// The same, when the peer's node refused the TCP connection (no agent
+    /// listens: it is restarting). A refusal costs the peer one RST, so the
+    /// key is retried sooner: a restarted agent is reached within this
+    /// backoff's ceiling of starting.
+    pub refused_backoff: Backoff,
 }
 
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 100;
@@ -81,6 +89,7 @@ impl Default for PoolConfig {
             keepalive_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(10),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            refused_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
         }
     }
 }
@@ -118,6 +127,13 @@ pub enum DialError {
     /// A new connection closed before it carried a stream: as good as a failed dial.
     #[error("the peer closed a new connection: {0}")]
     ClosedNew(String),
+}
+
+impl DialError {
+    /// The peer's node answered the connect with a reset: nothing listens there.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, DialError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,39 +222,6 @@ impl<D: Dial> Drop for Checkout<D> {
             }
         }
     }
-}
-
-/// The pool as `/config_dump` shows it.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PoolView {
-    pub keys: Vec<KeyView>,
-    pub totals: PoolTotals,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KeyView {
-    pub source: String,
-    pub destination: String,
-    pub address: SocketAddr,
-    pub connections: Vec<ConnectionView>,
-    pub dialing: bool,
-    pub failures: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_in_ms: Option<u64>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnectionView {
-    pub id: u64,
-    pub streams: usize,
-    pub age_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idle_ms: Option<u64>,
 }
 
 impl<D: Dial> Pool<D> {
@@ -419,9 +402,16 @@ impl<D: Dial> Pool<D> {
             return;
         };
         let removed = state.connections.remove(index);
+        let close = if close == PoolClose::Broken && said_goaway(&removed.send) {
+            PoolClose::GoAway
+        } else {
+            close
+        };
         self.metrics.pool_connection_closed(close);
-        if removed.served == 0 {
-            // Closed before it carried anything: as good as a failed dial.
+        tracing::debug!(%key, connection = id, close = ?close, why, "tunnel connection left the pool");
+        // A peer that drains (GOAWAY) did not fail; anything else that ends
+        // a connection before it carried a stream is as good as a failed dial.
+        if removed.served == 0 && close != PoolClose::GoAway {
             self.back_off(state, Arc::new(DialError::ClosedNew(why.to_owned())));
         }
     }
@@ -429,7 +419,12 @@ impl<D: Dial> Pool<D> {
     /// Counts a failure against the key and schedules its next dial; returns the delay.
     fn back_off(&self, state: &mut KeyState, error: Arc<DialError>) -> Duration {
         state.failures = state.failures.saturating_add(1);
-        let delay = self.config.backoff.delay(state.failures, jitter_sample());
+        let backoff = if error.is_refused() {
+            &self.config.refused_backoff
+        } else {
+            &self.config.backoff
+        };
+        let delay = backoff.delay(state.failures, jitter_sample());
         state.retry_at = Some(Instant::now() + delay);
         state.last_error = Some(error);
         delay
@@ -455,74 +450,21 @@ impl<D: Dial> Pool<D> {
                 || state.retry_at.is_some_and(|at| at > now)
         });
     }
-
-    /// This pool as `/pool` shows it.
-    pub fn view(&self) -> PoolView {
-        merged_view([self])
-    }
-
-    /// Each key this pool holds, unsorted.
-    fn key_views(&self) -> Vec<KeyView> {
-        let now = Instant::now();
-        let keys = self.keys.lock().expect("pool lock");
-        keys.iter()
-            .map(|(key, state)| KeyView {
-                source: key.source.to_string(),
-                destination: key.destination.to_string(),
-                address: key.address,
-                connections: state
-                    .connections
-                    .iter()
-                    .map(|c| ConnectionView {
-                        id: c.id,
-                        streams: c.active,
-                        age_ms: millis(now - c.opened),
-                        idle_ms: (c.active == 0).then(|| millis(now - c.idle_since)),
-                    })
-                    .collect(),
-                dialing: state.dialing.is_some(),
-                failures: state.failures,
-                last_error: state.last_error.as_ref().map(ToString::to_string),
-                retry_in_ms: state
-                    .retry_at
-                    .filter(|at| *at > now)
-                    .map(|at| millis(at - now)),
-            })
-            .collect()
-    }
 }
 
 /// Connection ids, unique across the shards' pools.
 static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// One view of the shards' pools (they share their metrics): a key several
-/// shards hold is one entry, with every shard's connections.
-pub fn merged_view<'a, D: Dial>(pools: impl IntoIterator<Item = &'a Pool<D>>) -> PoolView {
-    let mut merged: Vec<KeyView> = Vec::new();
-    let mut totals = PoolTotals::default();
-    for pool in pools {
-        totals = pool.metrics.pool_totals();
-        for key in pool.key_views() {
-            let same = merged.iter_mut().find(|k| {
-                (&k.source, &k.destination, k.address)
-                    == (&key.source, &key.destination, key.address)
-            });
-            match same {
-                Some(entry) => {
-                    entry.connections.extend(key.connections);
-                    entry.dialing |= key.dialing;
-                    entry.failures = entry.failures.max(key.failures);
-                    entry.last_error = entry.last_error.take().or(key.last_error);
-                    entry.retry_in_ms = entry.retry_in_ms.max(key.retry_in_ms);
-                }
-                None => merged.push(key),
-            }
+/// Whether the peer ended this connection with a graceful `GOAWAY` (it
+/// drains: an agent being replaced), as the handle's next stream would be
+/// refused; checked without waiting.
+fn said_goaway(send: &SendRequest<Bytes>) -> bool {
+    use futures_util::FutureExt as _;
+    match send.clone().ready().now_or_never() {
+        Some(Err(error)) => {
+            error.is_go_away() && error.is_remote() && error.reason() == Some(h2::Reason::NO_ERROR)
         }
-    }
-    merged.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
-    PoolView {
-        keys: merged,
-        totals,
+        _ => false,
     }
 }
 
@@ -552,10 +494,6 @@ async fn reap_idle<D: Dial>(pool: Weak<Pool<D>>) {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn relaxed() -> std::sync::atomic::Ordering {
     std::sync::atomic::Ordering::Relaxed
 }
@@ -576,8 +514,10 @@ mod tests {
         in_flight: AtomicUsize,
         most_in_flight: AtomicUsize,
         failing: std::sync::atomic::AtomicBool,
-        /// Servers close (GOAWAY) right after the handshake when set.
+        /// Servers close (GOAWAY) after their first stream when set.
         goaway: std::sync::atomic::AtomicBool,
+        /// The next server says GOAWAY before any stream (a draining agent).
+        goaway_next_at_once: std::sync::atomic::AtomicBool,
         /// Servers hang once set: the pipe stays open but nothing reads it.
         hang: watch::Sender<bool>,
     }
@@ -600,11 +540,15 @@ mod tests {
             }
             let (client, server) = tokio::io::duplex(64 * 1024);
             let goaway = self.goaway.load(Ordering::SeqCst);
+            let goaway_at_once = self.goaway_next_at_once.swap(false, Ordering::SeqCst);
             let mut hang = self.hang.subscribe();
             tokio::spawn(async move {
                 let Ok(mut connection) = h2::server::handshake(server).await else {
                     return;
                 };
+                if goaway_at_once {
+                    connection.graceful_shutdown();
+                }
                 loop {
                     tokio::select! {
                         accepted = connection.accept() => {
@@ -792,6 +736,50 @@ mod tests {
             "totals are the shared metrics': {view:?}"
         );
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_drains_at_once_is_redialled_without_backoff() {
+        let dialer = Arc::new(PipeDialer::default());
+        let pool = Pool::new(config(), Arc::clone(&dialer), Arc::default());
+        // Like a connection the old agent accepted an instant before it let
+        // go: GOAWAY before any stream, and it closes.
+        dialer.goaway_next_at_once.store(true, Ordering::SeqCst);
+        let target = SocketAddr::from(([198, 18, 2, 2], 80));
+        super::super::client::open(&pool, &key(2), target)
+            .await
+            .expect("the stream goes to a fresh connection");
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        let view = pool.view();
+        assert_eq!(
+            (
+                view.keys[0].failures,
+                view.keys[0].retry_in_ms,
+                view.totals.closed_goaway,
+                view.totals.closed_broken
+            ),
+            (0, None, 1, 0),
+            "a peer's GOAWAY is no failure: {view:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_dial_is_retried_sooner_than_a_failed_handshake() {
+        let dialer = Arc::new(PipeDialer::default());
+        dialer.failing.store(true, Ordering::SeqCst);
+        let pool = Pool::new(PoolConfig::default(), Arc::clone(&dialer), Arc::default());
+        // Ten refusals in a row: the ceiling of the refused backoff.
+        for _ in 0..10 {
+            let _ = pool.checkout(&key(2)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let retry_in = pool.view().keys[0].retry_in_ms;
+        assert!(
+            retry_in.is_none(),
+            "still backing off after 1 s: {retry_in:?}"
+        );
+        let ceiling = PoolConfig::default().refused_backoff.max;
+        assert!(ceiling <= Duration::from_millis(500), "{ceiling:?}");
     }
 
     #[tokio::test]

@@ -1,19 +1,24 @@
-//! The agent put together: binds its ports, loads capture, starts the
-//! workload source, the certificate manager and the shards that carry
-//! connections, serves the admin endpoint, and runs until SIGINT or SIGTERM.
+//! The agent put together: binds its ports (or takes them over from the
+//! agent it replaces), loads capture, starts the workload source, the
+//! certificate manager and the shards that carry connections, serves the
+//! admin endpoint, and runs until SIGINT or SIGTERM or a successor takes
+//! over; then it drains ([`lifecycle`]).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+mod lifecycle;
+
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
+
+use lifecycle::{Ending, Listeners};
 
 use crate::{
     admin::{self, AdminState},
     capture::{self, Capture, CaptureStatus, Redirect},
     cli::{IdentityArgs, RunArgs},
+    drain::Drain,
+    handover::{self, Predecessor},
     identity::{self, CertManager, IdentityConfig, ca_client::CaClient},
     metrics::Metrics,
     proxy::{
@@ -23,7 +28,7 @@ use crate::{
         outbound::{Mesh, Outbound},
         revocation,
     },
-    shard::{self, Shard},
+    shard::Shard,
     tunnel::{
         client::TlsDialer,
         pool::{self, Pool, PoolView},
@@ -62,57 +67,24 @@ fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
-/// The listening sockets, bound before anything else starts: a port in use
-/// is a start-up error, not a later surprise.
-struct Listeners {
-    outbound: Vec<std::net::TcpListener>,
-    /// Empty without a CA: no tunnel to accept.
-    tunnel: Vec<std::net::TcpListener>,
-    admin: TcpListener,
-    probe: TcpListener,
-}
-
-impl Listeners {
-    async fn bind(args: &RunArgs, node: &LocalNode) -> anyhow::Result<Self> {
-        let mut outbound = Vec::new();
-        for ip in &node.addresses {
-            let addr = SocketAddr::new(*ip, args.outbound_port);
-            outbound
-                .push(shard::bind(addr).with_context(|| format!("outbound listener on {addr}"))?);
-        }
-        let mut tunnel = Vec::new();
-        if args.identity.ca_addr.is_some() {
-            for ip in &node.addresses {
-                let addr = SocketAddr::new(*ip, ferry_proto::TUNNEL_PORT);
-                tunnel.push(
-                    shard::bind(addr)
-                        .with_context(|| format!("inbound tunnel listener on {addr}"))?,
-                );
-            }
-        }
-        let admin = TcpListener::bind(args.admin_addr)
-            .await
-            .with_context(|| format!("admin on {}", args.admin_addr))?;
-        let probe_addr =
-            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), args.probe_port);
-        let probe = TcpListener::bind(probe_addr)
-            .await
-            .with_context(|| format!("readiness probe on {probe_addr}"))?;
-        Ok(Self {
-            outbound,
-            tunnel,
-            admin,
-            probe,
-        })
-    }
-}
-
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
     let shards = args.worker_threads.map_or(1, std::num::NonZeroUsize::get);
     let (source, table) = load_workloads(&args).await?;
     let redirect = Redirect::for_node(&table.node, args.outbound_port)?;
     tracing::info!(node = %args.node, addresses = ?table.node.addresses, pods = table.workloads.len(), "starting");
-    let listeners = Listeners::bind(&args, &table.node).await?;
+    handover::prepare_dir(&args.lifecycle.handover_dir, &args.node)?;
+    let handover_path = handover::socket_path(&args.lifecycle.handover_dir, &args.node);
+    let mut predecessor = Predecessor::find(&handover_path)
+        .await
+        .context("cannot take over from the agent running on this node")?;
+    if let Some(predecessor) = &predecessor {
+        tracing::info!(
+            predecessor = predecessor.pid,
+            "an agent runs on this node: taking over its listening sockets; it serves until this one is ready"
+        );
+    }
+    let listeners = Listeners::open(&args, &table.node, predecessor.as_mut(), &handover_path)?;
 
     let (mut capture, original_dsts) = Capture::load(&args.bpffs_root, &args.node, redirect)?;
     let node_local = capture::node_local_addresses();
@@ -121,14 +93,16 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let capture_status = Arc::new(CaptureStatus::new(&capture));
     let (table_tx, table_rx) = watch::channel(Arc::new(table));
     let metrics = Arc::new(Metrics::default());
+    let drain = Arc::new(Drain::new(Arc::clone(&metrics.drain)));
     let inputs = ProxyInputs {
         workloads: table_rx.clone(),
-        connections: Arc::new(Connections::new(Arc::clone(&metrics.proxy))),
+        connections: Arc::new(Connections::new(Arc::clone(&metrics.proxy), drain.signal())),
+        drain: drain.signal(),
     };
     let identities = start_identities(&args.identity, &metrics)?;
 
     tokio::spawn(source.watch(table_tx));
-    tokio::spawn(capture::keep_captured(
+    let capture_keeper = tokio::spawn(capture::keep_captured(
         capture,
         table_rx.clone(),
         Arc::clone(&capture_status),
@@ -156,6 +130,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let original_dsts = Arc::new(original_dsts);
     let balancer = Arc::new(Balancer::default());
     let mut pools = Vec::new();
+    let mut shard_list = Vec::new();
     for index in 0..shards {
         // Each shard dials and keeps its own tunnel connections, so a
         // connection's relay and the pooled connection it rides on share a thread.
@@ -176,25 +151,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             mesh,
             balancer: Arc::clone(&balancer),
         });
-        Shard {
+        shard_list.push(Shard {
             index,
             outbound,
             inbound: inbound.clone(),
             outbound_listeners: try_clone_all(&listeners.outbound)?,
             tunnel_listeners: try_clone_all(&listeners.tunnel)?,
-        }
-        .start()?;
-    }
-    for listener in &listeners.outbound {
-        tracing::info!(addr = %listener.local_addr()?, shards, "outbound listener ready");
-    }
-    for listener in &listeners.tunnel {
-        tracing::info!(addr = %listener.local_addr()?, shards, "inbound tunnel listener ready");
+        });
     }
     let pool_view = (!pools.is_empty()).then(|| {
         Arc::new(move || pool::merged_view(pools.iter().map(AsRef::as_ref)))
             as Arc<dyn Fn() -> PoolView + Send + Sync>
     });
+    let connections = Arc::clone(&inputs.connections);
     let state = Arc::new(AdminState {
         config: serde_json::to_value(&args).unwrap_or_default(),
         workloads: table_rx,
@@ -203,12 +172,70 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         identities: identities.map(|manager| manager as Arc<dyn admin::IdentityState>),
         pool: pool_view,
+        drain: Arc::clone(&drain),
     });
-    tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
-    tokio::spawn(admin::serve_admin(listeners.admin, Arc::clone(&state)));
-    tokio::spawn(admin::serve_probe(listeners.probe, state));
 
-    shutdown_signal().await;
+    // Beside a running agent, accept nothing until ready: until then that
+    // agent accepts on these same sockets.
+    if predecessor.is_some() {
+        lifecycle::ready(&state).await;
+    }
+    for shard in shard_list {
+        shard.start()?;
+    }
+    for listener in &listeners.outbound {
+        tracing::info!(addr = %listener.local_addr()?, shards, "outbound listener ready");
+    }
+    for listener in &listeners.tunnel {
+        tracing::info!(addr = %listener.local_addr()?, shards, "inbound tunnel listener ready");
+    }
+    let (handed_over, handed_over_rx) = watch::channel(false);
+    let stop = || {
+        let mut handed_over = handed_over_rx.clone();
+        async move {
+            let _ = handed_over.wait_for(|done| *done).await;
+        }
+    };
+    tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
+    tokio::spawn(admin::serve_admin(
+        lifecycle::tokio_listener(&listeners.admin)?,
+        Arc::clone(&state),
+        stop(),
+    ));
+    tokio::spawn(admin::serve_probe(
+        lifecycle::tokio_listener(&listeners.probe)?,
+        state,
+        stop(),
+    ));
+    if let Some(predecessor) = predecessor {
+        tokio::spawn(lifecycle::take_over(predecessor, Arc::clone(&drain)));
+    }
+
+    let ending = tokio::select! {
+        () = signals.recv() => Ending::Terminated,
+        successor = lifecycle::await_successor(&listeners, &drain) => Ending::HandedOver(successor),
+    };
+    if let Ending::HandedOver(_) = ending {
+        // The successor serves: the node's capture and ports are its now.
+        handed_over.send_replace(true);
+        capture_keeper.abort();
+    }
+    // This agent's handles on the listening sockets; the shards and the
+    // admin endpoint close theirs as they stop.
+    drop(listeners);
+    let closed_at_deadline = lifecycle::drain(
+        &drain,
+        &connections,
+        &ending,
+        args.lifecycle.drain_timeout(),
+    )
+    .await;
+    tracing::info!(closed_at_deadline, "drain finished");
+    if matches!(ending, Ending::HandedOver(_)) && args.lifecycle.stay_until_terminated {
+        // A SIGTERM during the drain is kept by the stream, so this returns at once.
+        tracing::info!("waiting for SIGTERM (--stay-until-terminated)");
+        signals.recv().await;
+    }
     tracing::info!("stopping; pinned capture stays in place for the next agent");
     Ok(())
 }
@@ -280,12 +307,27 @@ fn start_identities(
     Ok(Some(manager))
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, listened for from the start: one that arrives while
+/// nobody waits is kept for the next wait.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
     admin::AdminState,
@@ -265,25 +265,113 @@ pub async fn await_successor(listeners: &Listeners, drain: &Drain) -> Successor 
     }
 }
 
-/// Why the agent drains.
-pub enum Ending {
+/// SIGINT and SIGTERM, listened for from the start: one that arrives while
+/// nobody waits is kept for the next wait.
+pub struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// What the agent has, to end with.
+pub struct Ending<'a> {
+    pub listeners: Listeners,
+    pub drain: &'a Drain,
+    pub connections: &'a Connections,
+    /// Set once a successor serves: the admin and probe ports are its.
+    pub handed_over: watch::Sender<bool>,
+    pub capture_keeper: JoinHandle<()>,
+    pub timeout: Duration,
+}
+
+/// How the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A successor took over when it was ready, and this agent drained.
+    HandedOver,
+    /// SIGTERM, and this agent drained.
     Terminated,
-    HandedOver(Successor),
+}
+
+impl Ending<'_> {
+    /// Serves until a successor is ready or SIGTERM, then drains. On SIGTERM
+    /// the outbound and tunnel listeners close at once (new connections are
+    /// refused, not queued for nobody), but the handover socket stays: an
+    /// agent started during the drain still takes over the admin and probe
+    /// ports and follows on without a port in use.
+    pub async fn run(mut self, signals: &mut Signals) -> Ended {
+        let successor = tokio::select! {
+            successor = await_successor(&self.listeners, self.drain) => Some(successor),
+            () = signals.recv() => None,
+        };
+        let Some(successor) = successor else {
+            self.listeners.outbound.clear();
+            self.listeners.tunnel.clear();
+            let drained = drain(self.drain, self.connections, None, self.timeout);
+            let late = async {
+                let successor = await_successor(&self.listeners, self.drain).await;
+                self.hand_over(&successor);
+                successor
+                    .tell(Message::Released {
+                        connections: self.connections.count(),
+                    })
+                    .await;
+                // Held, so the successor sees no end until this agent's.
+                std::future::pending::<()>().await;
+            };
+            let closed_at_deadline = tokio::select! {
+                closed = drained => closed,
+                () = late => unreachable!("pending"),
+            };
+            tracing::info!(closed_at_deadline, "drain finished");
+            return Ended::Terminated;
+        };
+        self.hand_over(&successor);
+        // This agent's handles on the listening sockets; the shards and the
+        // admin endpoint close theirs as they stop.
+        drop(self.listeners);
+        let closed_at_deadline =
+            drain(self.drain, self.connections, Some(&successor), self.timeout).await;
+        tracing::info!(closed_at_deadline, "drain finished");
+        Ended::HandedOver
+    }
+
+    /// The successor serves: the node's capture and ports are its now.
+    fn hand_over(&self, successor: &Successor) {
+        tracing::info!(
+            successor = successor.pid,
+            "the new agent serves; this one lets go"
+        );
+        self.handed_over.send_replace(true);
+        self.capture_keeper.abort();
+    }
 }
 
 /// The drain: accept nothing new, `GOAWAY` to tunnel peers, relay what is
 /// open until it ends or `timeout` passes, then close what is left. Returns
 /// how many connections had to be closed at the deadline.
-pub async fn drain(
+async fn drain(
     drain: &Drain,
     connections: &Connections,
-    ending: &Ending,
+    successor: Option<&Successor>,
     timeout: Duration,
 ) -> usize {
-    let successor = match ending {
-        Ending::HandedOver(successor) => Some(successor),
-        Ending::Terminated => None,
-    };
     let deadline = Instant::now() + timeout;
     drain.enter(Phase::Draining);
     drain.metrics.draining.set(1);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use lifecycle::{Ending, Listeners};
+use lifecycle::{Listeners, Signals};
 
 use crate::{
     admin::{self, AdminState},
@@ -178,7 +178,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     // Beside a running agent, accept nothing until ready: until then that
     // agent accepts on these same sockets.
     if predecessor.is_some() {
-        lifecycle::ready(&state).await;
+        tokio::select! {
+            () = lifecycle::ready(&state) => {}
+            () = signals.recv() => {
+                tracing::info!("stopped before it was ready: the running agent keeps the node");
+                return Ok(());
+            }
+        }
     }
     for shard in shard_list {
         shard.start()?;
@@ -211,27 +217,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(lifecycle::take_over(predecessor, Arc::clone(&drain)));
     }
 
-    let ending = tokio::select! {
-        () = signals.recv() => Ending::Terminated,
-        successor = lifecycle::await_successor(&listeners, &drain) => Ending::HandedOver(successor),
-    };
-    if let Ending::HandedOver(_) = ending {
-        // The successor serves: the node's capture and ports are its now.
-        handed_over.send_replace(true);
-        capture_keeper.abort();
+    let ended = lifecycle::Ending {
+        listeners,
+        drain: &drain,
+        connections: &connections,
+        handed_over,
+        capture_keeper,
+        timeout: args.lifecycle.drain_timeout(),
     }
-    // This agent's handles on the listening sockets; the shards and the
-    // admin endpoint close theirs as they stop.
-    drop(listeners);
-    let closed_at_deadline = lifecycle::drain(
-        &drain,
-        &connections,
-        &ending,
-        args.lifecycle.drain_timeout(),
-    )
+    .run(&mut signals)
     .await;
-    tracing::info!(closed_at_deadline, "drain finished");
-    if matches!(ending, Ending::HandedOver(_)) && args.lifecycle.stay_until_terminated {
+    if ended == lifecycle::Ended::HandedOver && args.lifecycle.stay_until_terminated {
         // A SIGTERM during the drain is kept by the stream, so this returns at once.
         tracing::info!("waiting for SIGTERM (--stay-until-terminated)");
         signals.recv().await;
@@ -305,30 +301,6 @@ fn start_identities(
     );
     tracing::info!(ca = %ca_addr, trust_domain = %args.trust_domain, "getting workload certificates from the CA");
     Ok(Some(manager))
-}
-
-/// SIGINT and SIGTERM, listened for from the start: one that arrives while
-/// nobody waits is kept for the next wait.
-struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
-            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
-        })
-    }
-
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.terminate.recv() => {}
-            _ = self.interrupt.recv() => {}
-        }
-    }
 }
 
 #[cfg(test)]

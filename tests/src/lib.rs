@@ -41,8 +41,8 @@ use anyhow::{Context as _, bail};
 pub use ferry_leftovers as leftovers;
 pub use process::Proc;
 pub use sim::{
-    Agent, AgentBuilder, AgentCa, CgroupDriver, Cluster, Node, NodeId, Place, Pod, PodId,
-    PodOptions, policy,
+    Agent, AgentBuilder, AgentCa, AgentExit, CgroupDriver, Cluster, DrainFinished, Node, NodeId,
+    Place, Pod, PodId, PodOptions, policy,
 };
 
 /// The bpffs directory under which agents pin, in `<root>/<node name>/`:

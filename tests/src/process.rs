@@ -71,6 +71,18 @@ impl Shared {
         Ok(())
     }
 
+    /// Sends `signal` to the process if it still runs (never to a reused
+    /// pid: the child is not reaped while its lock is held).
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+        if child.try_wait()?.is_none() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+            nix::sys::signal::kill(pid, signal)
+                .with_context(|| format!("cannot send {signal} to {}", self.label))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn label(&self) -> &str {
         &self.label
     }
@@ -305,6 +317,11 @@ impl Proc {
         if let Err(err) = self.shared.kill() {
             eprintln!("ferry-tests: cannot kill {}: {err}", self.label());
         }
+    }
+
+    /// Sends SIGTERM (if it still runs): asks it to stop.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        self.shared.signal(nix::sys::signal::Signal::SIGTERM)
     }
 
     /// The last lines of the process's stderr.

@@ -167,7 +167,7 @@ pub async fn ready(state: &AdminState) {
             return;
         }
         if logged.elapsed() >= WAIT_LOG_EVERY {
-            tracing::info!(?reasons, "not ready to take over yet");
+            tracing::info!(?reasons, "not ready yet");
             logged = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

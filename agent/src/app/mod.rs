@@ -6,7 +6,7 @@
 
 mod lifecycle;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -36,6 +36,10 @@ use crate::{
     },
     workload::{FileSource, KubeSource, LocalNode, PolicySettings, Source, WorkloadTable},
 };
+
+/// How long an agent that starts alone holds its first accepts back while
+/// it gets ready (certificates from the CA take tens of milliseconds).
+const FIRST_ACCEPT_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the agent until SIGINT or SIGTERM. Pinned capture stays in place when
 /// it stops, so pods keep being redirected across a restart.
@@ -175,15 +179,42 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         drain: Arc::clone(&drain),
     });
 
+    // The admin endpoint: at once when this agent is alone; beside a
+    // running agent only once this one serves (until then that one answers).
+    let (handed_over, handed_over_rx) = watch::channel(false);
+    let admin_ports = AdminPorts {
+        admin: lifecycle::tokio_listener(&listeners.admin)?,
+        probe: lifecycle::tokio_listener(&listeners.probe)?,
+        state: Arc::clone(&state),
+        handed_over: handed_over_rx,
+    };
+    let admin_ports = match predecessor {
+        Some(_) => Some(admin_ports),
+        None => {
+            admin_ports.serve();
+            tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
+            None
+        }
+    };
+
     // Beside a running agent, accept nothing until ready: until then that
-    // agent accepts on these same sockets.
-    if predecessor.is_some() {
-        tokio::select! {
-            () = lifecycle::ready(&state) => {}
-            () = signals.recv() => {
-                tracing::info!("stopped before it was ready: the running agent keeps the node");
-                return Ok(());
+    // agent accepts on these same sockets. Alone, wait a little: the
+    // connections that arrive meanwhile queue on the bound sockets, and a
+    // peer's dial waits for this node's certificates instead of failing
+    // its handshake (and backing off) while they are requested.
+    let ready_wait = match &predecessor {
+        Some(_) => Duration::MAX,
+        None => FIRST_ACCEPT_WAIT,
+    };
+    tokio::select! {
+        waited = tokio::time::timeout(ready_wait, lifecycle::ready(&state)) => {
+            if waited.is_err() {
+                tracing::warn!(reasons = ?state.not_ready(), waited = ?FIRST_ACCEPT_WAIT, "accepting connections before the agent is ready");
             }
+        }
+        () = signals.recv() => {
+            tracing::info!("stopped before it was ready; a running agent keeps the node");
+            return Ok(());
         }
     }
     for shard in shard_list {
@@ -195,24 +226,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     for listener in &listeners.tunnel {
         tracing::info!(addr = %listener.local_addr()?, shards, "inbound tunnel listener ready");
     }
-    let (handed_over, handed_over_rx) = watch::channel(false);
-    let stop = || {
-        let mut handed_over = handed_over_rx.clone();
-        async move {
-            let _ = handed_over.wait_for(|done| *done).await;
-        }
-    };
-    tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
-    tokio::spawn(admin::serve_admin(
-        lifecycle::tokio_listener(&listeners.admin)?,
-        Arc::clone(&state),
-        stop(),
-    ));
-    tokio::spawn(admin::serve_probe(
-        lifecycle::tokio_listener(&listeners.probe)?,
-        state,
-        stop(),
-    ));
+    if let Some(ports) = admin_ports {
+        ports.serve();
+        tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
+    }
     if let Some(predecessor) = predecessor {
         tokio::spawn(lifecycle::take_over(predecessor, Arc::clone(&drain)));
     }
@@ -234,6 +251,35 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping; pinned capture stays in place for the next agent");
     Ok(())
+}
+
+/// The admin and probe ports, to be served until a successor takes them.
+struct AdminPorts {
+    admin: tokio::net::TcpListener,
+    probe: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+    handed_over: watch::Receiver<bool>,
+}
+
+impl AdminPorts {
+    fn serve(self) {
+        let stop = || {
+            let mut handed_over = self.handed_over.clone();
+            async move {
+                let _ = handed_over.wait_for(|done| *done).await;
+            }
+        };
+        tokio::spawn(admin::serve_admin(
+            self.admin,
+            Arc::clone(&self.state),
+            stop(),
+        ));
+        tokio::spawn(admin::serve_probe(
+            self.probe,
+            Arc::clone(&self.state),
+            stop(),
+        ));
+    }
 }
 
 /// A handle per shard on each listening socket.

@@ -13,13 +13,20 @@
 //! The `same-node-*` scenarios run the same load to a second server pod on
 //! the client's own node: there Ferry authorizes the connection and relays
 //! it inside the node without TLS, and stunnel still encrypts.
+//!
+//! The `upgrade` scenario (Ferry only, once, last: it replaces the agents)
+//! keeps 100 long-lived connections exchanging checksummed messages and a
+//! client opening new connections back to back while the destination's
+//! agent and then the source's are replaced by successors, then kills the
+//! destination's with SIGKILL and starts a new one.
 
 use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command as Process, ExitCode},
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -28,7 +35,7 @@ use ferry_tests::{
     Cluster, MIB, PodId, PodOptions, Proc,
     bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
     inspect::{admin_json, bpftool, eventually},
-    load::{self, Measured, Mode},
+    load::{self, Churn, ChurnPhase, Measured, Mode, Streams},
 };
 use serde_json::{Value, json};
 
@@ -42,6 +49,17 @@ const STUNNEL_PORT: u16 = 7443;
 /// node's server pod, and towards the server pod on its own node.
 const STUNNEL_LOCAL_PORTS: [u16; 2] = [7001, 7002];
 const STUNNEL: &str = "/usr/bin/stunnel4";
+/// The `upgrade` scenario: its long-lived connections (each sending a
+/// message, then pausing), how long a connect may take before it counts
+/// as a hang, how long the destination is left without an agent after
+/// `kill -9`, and how long an old agent may take to exit once its
+/// connections are gone.
+const UPGRADE_STREAMS: usize = 100;
+const UPGRADE_STREAM_PAUSE_MS: u64 = 10;
+const UPGRADE_MESSAGE_SIZE: usize = 1024;
+const UPGRADE_CONNECT_TIMEOUT_MS: u64 = 3000;
+const UPGRADE_NO_AGENT: Duration = Duration::from_secs(1);
+const UPGRADE_OLD_EXIT: Duration = Duration::from_secs(60);
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 #[derive(Debug, Parser)]
@@ -95,7 +113,7 @@ const TIMED: [(&str, Mode, bool); 5] = [
 
 fn scenario_names() -> clap::builder::PossibleValuesParser {
     let timed = TIMED.iter().map(|(name, ..)| *name);
-    clap::builder::PossibleValuesParser::new(timed.chain(["idle", "policies"]))
+    clap::builder::PossibleValuesParser::new(timed.chain(["idle", "policies", "upgrade"]))
 }
 
 impl Args {
@@ -120,6 +138,7 @@ struct Bench {
     /// The stunnel pair towards the other node (client, server), then the
     /// one towards the client's own node.
     stunnels: [[Proc; 2]; 2],
+    /// Kept running for the whole bench (`upgrade` starts agents again).
     _ca: ferry_tests::ca::CaFixture,
     /// Per setup, in [`SETUPS`] order: the client pod and where it connects,
     /// across nodes (`[0]`) and on the client's node (`[1]`).
@@ -238,6 +257,12 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
             samples.add(metric, setup, value);
         }
     }
+    // Last: it replaces the agents (and leaves new ones running).
+    if args.runs("upgrade") && args.over("ferry") {
+        for (metric, value) in bench.upgrade()? {
+            samples.add(metric, "ferry", value);
+        }
+    }
     let mut checks: Vec<_> = [
         ratio_check(&samples, "bulk.MiBPerSecond", "no-mesh", 0.5, true),
         ratio_check(&samples, "bulk.MiBPerSecond", "stunnel", 1.0, true),
@@ -277,6 +302,25 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
             1000.0,
             "ns",
         ));
+    }
+    let ferry = |metric: &str| samples.median(metric, "ferry").unwrap_or(f64::NAN);
+    for (what, metric, bound, unit) in [
+        ("upgrade: stream errors", "upgrade.streamErrors", 0.0, ""),
+        ("upgrade: bytes lost", "upgrade.bytesLost", 0.0, "B"),
+        (
+            "upgrade: failed connects",
+            "upgrade.failedConnects",
+            0.0,
+            "",
+        ),
+        (
+            "kill -9: all new connections through after the new agent's start",
+            "upgrade.kill9RecoveryMillis",
+            1000.0,
+            "ms",
+        ),
+    ] {
+        checks.push(bound_check(what, ferry(metric), bound, unit));
     }
     let policy_ratio = samples
         .median(POLICIES_METRIC, "ferry")
@@ -346,25 +390,7 @@ impl Bench {
         // in TIME_WAIT; without reuse, later rounds of `crr` measure the
         // kernel's search for a free port instead of the path. Same for every
         // setup: every pod and node may reuse them.
-        let namespaces: Vec<String> = cluster
-            .nodes()
-            .iter()
-            .map(|n| n.netns.clone())
-            .chain(cluster.pods().iter().map(|p| p.netns.clone()))
-            .collect();
-        for netns in namespaces {
-            let status = Process::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &netns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.tcp_tw_reuse=1",
-                ])
-                .status()?;
-            ensure!(status.success(), "cannot enable tcp_tw_reuse in {netns}");
-        }
+        load::reuse_time_wait_ports(&cluster)?;
         let stunnels = [
             start_stunnels(&mut cluster, plain_client, plain_server, 0)?,
             start_stunnels(&mut cluster, plain_client, plain_local, 1)?,
@@ -445,6 +471,143 @@ impl Bench {
         self.cluster.set_policies(Vec::new());
         self.cluster.write_workloads()?;
         Ok(out)
+    }
+
+    /// Issue 13's replacement, once: streams and churn from the meshed
+    /// client to the server on the other node while the destination's
+    /// agent, then the source's, is replaced by a successor (phases 1 and
+    /// 2, against phase 0 before); then, with the streams ended and the old
+    /// agents gone, the destination's agent is killed (phase 4) and a new
+    /// one started (phase 5), and the time from its start to the first new
+    /// connection through is measured.
+    fn upgrade(&mut self) -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let (pod, to) =
+            self.targets[0][SETUPS.iter().position(|s| *s == "ferry").context("ferry")?];
+        let phase = Duration::from_secs_f64(self.seconds.max(1.0));
+        let mut streams = Streams {
+            to,
+            connections: UPGRADE_STREAMS,
+            size: UPGRADE_MESSAGE_SIZE,
+            pause_ms: UPGRADE_STREAM_PAUSE_MS,
+        }
+        .start(&mut self.cluster, pod)?;
+        let mut churn = Churn {
+            to,
+            size: UPGRADE_MESSAGE_SIZE,
+            seconds: None,
+            timeout_ms: UPGRADE_CONNECT_TIMEOUT_MS,
+        }
+        .start(&mut self.cluster, pod)?;
+        thread::sleep(phase);
+        let mut old = Vec::new();
+        for i in [1, 0] {
+            streams.mark()?;
+            churn.mark()?;
+            let successor = self
+                .cluster
+                .start_successor(&self.agents[i])
+                .with_context(|| format!("a successor for the agent of node {}", i + 1))?;
+            old.push(std::mem::replace(&mut self.agents[i], successor));
+            thread::sleep(phase);
+        }
+        streams.mark()?;
+        churn.mark()?;
+        thread::sleep(phase);
+        let streams = streams.finish()?;
+        for agent in &mut old {
+            let pid = agent.proc.pid();
+            let exit = agent
+                .wait_exit(UPGRADE_OLD_EXIT)
+                .with_context(|| format!("the old agent {pid} once its connections ended"))?;
+            let drained = exit.drain_finished()?;
+            println!(
+                "upgrade: old agent {pid} ({}): {}",
+                exit.status, drained.line
+            );
+        }
+
+        churn.mark()?;
+        self.agents[1].kill9();
+        thread::sleep(UPGRADE_NO_AGENT);
+        churn.mark()?;
+        let spawned = Instant::now();
+        let restarted = self
+            .cluster
+            .start_successor(&self.agents[1])
+            .context("a new agent after kill -9")?;
+        let ready = spawned.elapsed();
+        self.agents[1] = restarted;
+        thread::sleep(phase);
+        let churn = churn.finish()?;
+        ensure!(
+            churn.phases.len() == 6,
+            "churn reports {} phases, not 6",
+            churn.phases.len()
+        );
+        let p = &churn.phases;
+        let handover = [&p[1], &p[2]];
+        let failed: u64 = p[..4].iter().map(|phase| phase.failed).sum();
+        let p50_during = handover.iter().map(|h| h.p50_micros).fold(0.0, f64::max);
+        let max_during = handover.iter().map(|h| h.max_micros).fold(0.0, f64::max);
+        // The first connection through after the new agent's start, and
+        // the end of the last one that failed: from then on all went through.
+        let first_ok_ms = p[5].first_ok_micros.map_or(f64::INFINITY, |us| us / 1000.0);
+        let recovery_ms = p[5]
+            .last_failure_micros
+            .map_or(first_ok_ms, |us| (us / 1000.0).max(first_ok_ms));
+        let show = |name: &str, phase: &ChurnPhase| {
+            println!(
+                "upgrade {name:>21}: {} connects, {} failed {:?}, p50 {:.0} µs, max {:.0} µs, \
+                 longest gap {:.0} µs",
+                phase.attempts,
+                phase.failed,
+                phase.failures,
+                phase.p50_micros,
+                phase.max_micros,
+                phase.longest_gap_micros
+            );
+        };
+        for (name, phase) in [
+            "before",
+            "destination replaced",
+            "source replaced",
+            "after",
+            "killed, no agent",
+            "new agent",
+        ]
+        .into_iter()
+        .zip(p)
+        {
+            show(name, phase);
+        }
+        println!(
+            "upgrade: streams {} connections, {} messages, {} bytes lost, errors {:?}; \
+             {failed} failed connects; connect max/median {:.0}/{:.0} µs during the handover \
+             vs {:.0}/{:.0} µs before; kill -9: first connection {first_ok_ms:.0} ms, every \
+             one from {recovery_ms:.0} ms after the new agent's start (ready after {:.0} ms)",
+            streams.connections,
+            streams.messages,
+            streams.bytes_lost,
+            streams.errors,
+            max_during,
+            p50_during,
+            p[0].max_micros,
+            p[0].p50_micros,
+            ready.as_secs_f64() * 1000.0
+        );
+        Ok(vec![
+            ("upgrade.streamErrors", streams.errors.total() as f64),
+            ("upgrade.streamResets", streams.errors.reset as f64),
+            ("upgrade.bytesLost", streams.bytes_lost as f64),
+            ("upgrade.failedConnects", failed as f64),
+            ("upgrade.connectP50BeforeMicros", p[0].p50_micros),
+            ("upgrade.connectMaxBeforeMicros", p[0].max_micros),
+            ("upgrade.connectP50HandoverMicros", p50_during),
+            ("upgrade.connectMaxHandoverMicros", max_during),
+            ("upgrade.kill9FirstOkMillis", first_ok_ms),
+            ("upgrade.kill9RecoveryMillis", recovery_ms),
+            ("upgrade.kill9ReadyMillis", ready.as_secs_f64() * 1000.0),
+        ])
     }
 
     /// Agent RSS idle, then what `count` idle connections add to each side:

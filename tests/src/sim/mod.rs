@@ -35,7 +35,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-pub use agent::{Agent, AgentBuilder, AgentCa};
+pub use agent::{Agent, AgentBuilder, AgentCa, AgentExit, DrainFinished};
 pub(crate) use topology::pod_address;
 pub use topology::{CgroupDriver, FABRIC_SERVICE_V4, Node, NodeId, Pod, PodId, PodOptions};
 pub use workload_file::policy;

@@ -418,7 +418,18 @@ impl<D: Dial> Pool<D> {
 
     /// Counts a failure against the key and schedules its next dial; returns the delay.
     fn back_off(&self, state: &mut KeyState, error: Arc<DialError>) -> Duration {
-        state.failures = state.failures.saturating_add(1);
+        // Failures count in a row of one kind: a peer that refused while its
+        // agent restarted, then failed a handshake, starts the handshake
+        // backoff from its base, not from the refusals' count.
+        let same_kind = state
+            .last_error
+            .as_ref()
+            .is_none_or(|last| last.is_refused() == error.is_refused());
+        state.failures = if same_kind {
+            state.failures.saturating_add(1)
+        } else {
+            1
+        };
         let backoff = if error.is_refused() {
             &self.config.refused_backoff
         } else {

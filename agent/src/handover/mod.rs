@@ -231,3 +231,110 @@ fn unexpected(expected: &'static str, got: &Message) -> HandoverError {
         got: format!("{got:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    fn tempdir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-handover-flow-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        prepare_dir(&dir, "node-1").unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_successor_gets_the_sockets_and_the_predecessor_lets_go_when_told() {
+        let dir = tempdir();
+        let path = socket_path(&dir, "node-1");
+        let listener = listen(&path).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap().to_string();
+        let old = async {
+            let name = SocketName {
+                role: "outbound".into(),
+                address: addr.clone(),
+            };
+            let successor =
+                Successor::greet(listener.accept().await.unwrap(), &[(name, tcp.as_fd())])
+                    .await
+                    .unwrap();
+            successor.ready().await.unwrap();
+            successor.tell(Message::Released { connections: 3 }).await;
+            successor.tell(Message::Draining { connections: 1 }).await;
+            successor
+                .tell(Message::Drained {
+                    closed_at_deadline: 1,
+                })
+                .await;
+        };
+        let new = async {
+            let mut predecessor = Predecessor::find(&path).await.unwrap().expect("one runs");
+            assert_eq!(predecessor.pid, std::process::id());
+            assert!(predecessor.take("outbound", "127.0.0.1:1").is_none());
+            let fd = predecessor
+                .take("outbound", &addr)
+                .expect("the outbound socket");
+            assert_eq!(
+                std::net::TcpListener::from(fd)
+                    .local_addr()
+                    .unwrap()
+                    .to_string(),
+                addr
+            );
+            assert_eq!(predecessor.release().await.unwrap(), 3);
+            let mut seen = Vec::new();
+            let closed = predecessor.follow(|open| seen.push(open)).await.unwrap();
+            (seen, closed)
+        };
+        let ((), (seen, closed)) = tokio::join!(old, new);
+        assert_eq!((seen, closed), (vec![1], 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_successor_of_another_protocol_version_is_refused_and_told_why() {
+        let dir = tempdir();
+        let path = socket_path(&dir, "node-1");
+        let listener = listen(&path).unwrap();
+        let old = async { Successor::greet(listener.accept().await.unwrap(), &[]).await };
+        let new = async {
+            let channel = Channel::connect(&path).unwrap().unwrap();
+            let hello = Message::Hello {
+                version: VERSION + 1,
+                pid: 1,
+            };
+            channel.send(&hello, &[]).await.unwrap();
+            channel.recv().await.unwrap().0
+        };
+        let (old, new) = tokio::join!(old, new);
+        assert!(matches!(old, Err(HandoverError::Refused(_))));
+        let Message::Refused { reason } = new else {
+            panic!("expected a refusal, got {new:?}");
+        };
+        assert!(
+            reason.contains(&format!("handover protocol {}", VERSION + 1)),
+            "{reason}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_handover_directory_is_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempdir();
+        let mode = std::fs::metadata(dir.join("node-1"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

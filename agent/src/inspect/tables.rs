@@ -277,6 +277,7 @@ pub fn config_summary(dump: &ConfigDump) -> String {
     let capture = &dump.capture;
     let mut rows = vec![
         vec!["node".to_owned(), node.name.clone()],
+        vec!["agent pid".to_owned(), dump.pid.to_string()],
         vec!["addresses".to_owned(), addresses.join(", ")],
         vec![
             "ready".to_owned(),

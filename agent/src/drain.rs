@@ -132,9 +132,13 @@ impl DrainSignal {
 
     /// Resolves once the agent reaches `phase` (at once if it has).
     pub async fn reached(mut self, phase: Phase) {
-        // An error means the `Drain` is gone, with the app: nothing moves on.
-        if self.phase.wait_for(|now| *now >= phase).await.is_err() {
-            std::future::pending::<()>().await;
+        // `changed` rather than `wait_for`: this future is part of every
+        // relay's, and the smaller wait keeps each connection's memory down.
+        while *self.phase.borrow_and_update() < phase {
+            if self.phase.changed().await.is_err() {
+                // The `Drain` is gone, with the app: nothing moves on.
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

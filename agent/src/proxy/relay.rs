@@ -32,6 +32,13 @@ pub trait Reset {
     fn reset(&mut self);
 }
 
+/// A socket that can be half-closed at once, without waiting for room.
+pub trait CloseWrite {
+    /// Sends a FIN now (`shutdown(SHUT_WR)`); a socket already half-closed
+    /// stays as it is.
+    fn close_write(&self);
+}
+
 impl Reset for TcpStream {
     /// Makes the coming close send RST instead of FIN.
     fn reset(&mut self) {
@@ -39,9 +46,21 @@ impl Reset for TcpStream {
     }
 }
 
+impl CloseWrite for TcpStream {
+    fn close_write(&self) {
+        let _ = shutdown(self.as_raw_fd(), Shutdown::Write);
+    }
+}
+
 impl<S: Reset> Reset for Counted<S> {
     fn reset(&mut self) {
         self.get_mut().reset();
+    }
+}
+
+impl<S: CloseWrite> CloseWrite for Counted<S> {
+    fn close_write(&self) {
+        self.get_ref().close_write();
     }
 }
 
@@ -85,8 +104,8 @@ pub async fn relay(
                 Stop::Revoked(reason) => Err(revoked(&reason)),
                 Stop::Deadline => {
                     // Either side may have half-closed already; that is fine.
-                    let _ = shutdown(socket.as_raw_fd(), Shutdown::Write);
-                    let _ = shutdown(upstream.as_raw_fd(), Shutdown::Write);
+                    socket.close_write();
+                    upstream.close_write();
                     Ok(counted.moved())
                 }
             },
@@ -196,7 +215,7 @@ pub async fn relay_tunnel<A>(
     stop: impl Future<Output = Stop>,
 ) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + Reset,
+    A: AsyncRead + AsyncWrite + Unpin + Reset + CloseWrite,
 {
     let mut up = ToTunnel::default();
     let mut down = ToSocket::default();
@@ -225,11 +244,7 @@ where
                 let _ = tunnel.finish();
             }
             if !down.done {
-                let _ = tokio::time::timeout(
-                    DEADLINE_SHUTDOWN,
-                    tokio::io::AsyncWriteExt::shutdown(&mut socket),
-                )
-                .await;
+                socket.close_write();
             }
             Ok((up.bytes, down.bytes))
         }
@@ -340,9 +355,6 @@ impl ToSocket {
         Poll::Ready(Ok(()))
     }
 }
-
-/// How long a FIN to the pod may wait for room at the drain deadline.
-const DEADLINE_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The error a revoked connection's relay ends with.
 fn revoked(reason: &str) -> io::Error {

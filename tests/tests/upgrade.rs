@@ -238,16 +238,9 @@ fn replacing_both_agents_loses_no_byte_and_fails_no_connect() -> anyhow::Result<
     // With the streams gone, the old agents have nothing left to relay.
     for mut agent in old {
         let pid = agent.proc.pid();
-        let exit = agent
-            .wait_exit(EXIT_WITHIN)
-            .with_context(|| format!("the old agent (pid {pid}) after its connections ended"))?;
-        ensure!(
-            exit.status.success(),
-            "the old agent (pid {pid}) exited with {}:\n{}",
-            exit.status,
-            exit.stderr
-        );
-        let drained = exit.drain_finished()?;
+        let drained = agent
+            .drained(EXIT_WITHIN)
+            .context("the old agent, after its connections ended")?;
         ensure!(
             drained.closed_at_deadline == 0,
             "the old agent (pid {pid}) closed connections at the deadline: {}",
@@ -266,15 +259,8 @@ fn at_the_drain_deadline_the_old_agent_closes_what_is_left_and_exits() -> anyhow
     let mut held = held_connection(&mut t, PORT + 1)?;
     let began = Instant::now();
     let mut old = t.replace(1)?;
-    let exit = old.wait_exit(SHORT_DRAIN + EXIT_WITHIN)?;
+    let drained = old.drained(SHORT_DRAIN + EXIT_WITHIN)?;
     let lasted = began.elapsed();
-    ensure!(
-        exit.status.success(),
-        "the old agent exited with {}:\n{}",
-        exit.status,
-        exit.stderr
-    );
-    let drained = exit.drain_finished()?;
     println!(
         "old agent gone {lasted:?} after its successor started: {}",
         drained.line
@@ -324,15 +310,10 @@ fn sigterm_drains_says_so_and_exits_at_the_deadline() -> anyhow::Result<()> {
         "ferry_drain_connections is {open} with a connection held"
     );
 
-    let exit = t.agents[1].wait_exit(SHORT_DRAIN + SHORT_DRAIN + EXIT_WITHIN)?;
+    let drained = t.agents[1]
+        .drained(SHORT_DRAIN + SHORT_DRAIN + EXIT_WITHIN)
+        .context("after SIGTERM")?;
     let lasted = began.elapsed();
-    ensure!(
-        exit.status.success(),
-        "after SIGTERM the agent exited with {}:\n{}",
-        exit.status,
-        exit.stderr
-    );
-    let drained = exit.drain_finished()?;
     println!("agent gone {lasted:?} after SIGTERM: {}", drained.line);
     ensure!(drained.closed_at_deadline >= 1, "{}", drained.line);
     let ended: Ended = held

@@ -496,6 +496,9 @@ mod future_size {
         };
         let tracked = connections.open(meta, None);
         let size = std::mem::size_of_val(&tracked.stopped());
-        assert!(size <= 448, "the stop future takes {size} bytes per connection");
+        assert!(
+            size <= 448,
+            "the stop future takes {size} bytes per connection"
+        );
     }
 }

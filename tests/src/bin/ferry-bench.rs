@@ -516,14 +516,10 @@ impl Bench {
         let streams = streams.finish()?;
         for agent in &mut old {
             let pid = agent.proc.pid();
-            let exit = agent
-                .wait_exit(UPGRADE_OLD_EXIT)
-                .with_context(|| format!("the old agent {pid} once its connections ended"))?;
-            let drained = exit.drain_finished()?;
-            println!(
-                "upgrade: old agent {pid} ({}): {}",
-                exit.status, drained.line
-            );
+            let drained = agent
+                .drained(UPGRADE_OLD_EXIT)
+                .context("the old agent, once its connections ended")?;
+            println!("upgrade: old agent {pid}: {}", drained.line);
         }
 
         churn.mark()?;

@@ -66,6 +66,22 @@ impl Agent {
         let (status, _, stderr) = self.proc.wait_exit(timeout)?;
         Ok(AgentExit { status, stderr })
     }
+
+    /// Waits for a draining agent to exit, which must be with status 0 and
+    /// after its `drain finished` line.
+    pub fn drained(&mut self, timeout: Duration) -> anyhow::Result<DrainFinished> {
+        let pid = self.proc.pid();
+        let exit = self
+            .wait_exit(timeout)
+            .with_context(|| format!("the draining agent (pid {pid}) did not exit"))?;
+        anyhow::ensure!(
+            exit.status.success(),
+            "the draining agent (pid {pid}) exited with {}:\n{}",
+            exit.status,
+            exit.stderr
+        );
+        exit.drain_finished()
+    }
 }
 
 /// How an agent ended: [`Agent::wait_exit`].

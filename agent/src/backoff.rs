@@ -29,7 +29,7 @@ impl Backoff {
 pub fn jitter_sample() -> f64 {
     let mut bytes = [0u8; 8];
     // The system RNG does not fail on Linux; a zero sample is harmless anyway.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut bytes);
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 

@@ -185,6 +185,12 @@ pub struct IdentityArgs {
     pub token_file: Option<PathBuf>,
     #[arg(long, default_value = ferry_proto::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// TLS key exchange, on the tunnel (both ends) and towards the CA:
+    /// post-quantum (X25519MLKEM768 first; X25519 and secp256r1 still
+    /// accepted) or classical (X25519 and secp256r1 only, for a peer or a
+    /// network device that cannot take the larger ClientHello).
+    #[arg(long, env = "FERRY_KEY_EXCHANGE", default_value = "post-quantum")]
+    pub key_exchange: ferry_proto::crypto::KeyExchange,
 }
 
 #[derive(Debug, Clone, clap::Args)]

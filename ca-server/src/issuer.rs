@@ -176,7 +176,7 @@ impl Issuer {
 /// 128 random bits, top bit clear so the DER INTEGER stays positive.
 fn random_serial() -> Result<[u8; 16], String> {
     let mut serial = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut serial)
         .map_err(|_| "no randomness for a serial number".to_owned())?;
     serial[0] &= 0x7f;
     serial[0] |= 0x01;

@@ -11,8 +11,8 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-use ring::signature::{self, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -322,7 +322,7 @@ pub fn unix_now() -> u64 {
 /// Signs tokens the way the Kubernetes API server does, for clusters that
 /// are not there: an ES256 key whose public half goes into a JWKS file.
 pub struct Minter {
-    key: ring::signature::EcdsaKeyPair,
+    key: aws_lc_rs::signature::EcdsaKeyPair,
     kid: String,
     pub issuer: String,
 }
@@ -341,21 +341,21 @@ pub struct TokenRequest {
 
 impl Minter {
     pub fn generate(issuer: &str) -> Result<Self, String> {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             &rng,
         )
         .map_err(|e| format!("cannot generate a token key: {e}"))?;
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        let key = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             pkcs8.as_ref(),
-            &rng,
         )
         .map_err(|e| format!("cannot load the token key: {e}"))?;
-        use ring::signature::KeyPair as _;
+        use aws_lc_rs::signature::KeyPair as _;
         let kid = B64.encode(
-            &ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()).as_ref()[..12],
+            &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key().as_ref())
+                .as_ref()[..12],
         );
         Ok(Self {
             key,
@@ -366,7 +366,7 @@ impl Minter {
 
     /// The public key, as the JWKS a CA trusts.
     pub fn jwks(&self) -> Jwks {
-        use ring::signature::KeyPair as _;
+        use aws_lc_rs::signature::KeyPair as _;
         let point = self.key.public_key().as_ref();
         Jwks {
             keys: vec![Jwk {
@@ -386,7 +386,7 @@ impl Minter {
         let claims = token_claims(&self.issuer, request);
         encode("ES256", &self.kid, &claims, |signed| {
             self.key
-                .sign(&ring::rand::SystemRandom::new(), signed)
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), signed)
                 .map(|signature| signature.as_ref().to_vec())
                 .map_err(|e| format!("cannot sign a token: {e}"))
         })
@@ -452,24 +452,14 @@ mod tests {
         Verifier::new(&minter.jwks(), ISSUER, "ferry-ca").unwrap()
     }
 
-    /// A 2048-bit RSA key, as the API server's usually is. ring cannot make
-    /// RSA keys, so openssl does (DER on its stdout, never on disk).
+    /// A 2048-bit RSA key, as the API server's usually is.
     fn rsa_key() -> signature::RsaKeyPair {
-        let out = std::process::Command::new("openssl")
-            .args(["genpkey", "-algorithm", "RSA"])
-            .args(["-pkeyopt", "rsa_keygen_bits:2048", "-outform", "DER"])
-            .output()
-            .expect("cannot run openssl: `cargo xtask setup` installs it");
-        assert!(
-            out.status.success(),
-            "openssl genpkey: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        signature::RsaKeyPair::from_der(&out.stdout).expect("openssl's key")
+        signature::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("an RSA key")
     }
 
     fn rsa_jwks(key: &signature::RsaKeyPair, kid: &str) -> Jwks {
-        let public = signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
+        use aws_lc_rs::signature::KeyPair as _;
+        let public = signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public_key());
         Jwks {
             keys: vec![Jwk {
                 kty: "RSA".to_owned(),
@@ -486,10 +476,10 @@ mod tests {
 
     fn rs256_token(key: &signature::RsaKeyPair, kid: &str, claims: &Value) -> String {
         encode("RS256", kid, claims, |signed| {
-            let mut signature = vec![0; key.public().modulus_len()];
+            let mut signature = vec![0; key.public_modulus_len()];
             key.sign(
                 &signature::RSA_PKCS1_SHA256,
-                &ring::rand::SystemRandom::new(),
+                &aws_lc_rs::rand::SystemRandom::new(),
                 signed,
                 &mut signature,
             )

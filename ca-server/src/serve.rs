@@ -89,11 +89,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         policy: config.policy,
         metrics,
     };
-    let mut tls =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_cert_resolver(serving);
+    let mut tls = ServerConfig::builder_with_provider(ferry_proto::crypto::shared_provider(
+        ferry_proto::crypto::KeyExchange::PostQuantum,
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_no_client_auth()
+    .with_cert_resolver(serving);
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let incoming = tls_incoming(listener, TlsAcceptor::from(Arc::new(tls)));
     tonic::transport::Server::builder()
@@ -107,12 +108,68 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
 /// Accepted TLS connections; a client that fails its handshake is logged
 /// and dropped without disturbing the others.
+/// An agent's TLS connection to the CA, and what each of its requests
+/// learns of it ([`ConnectInfo`]).
+pub struct CaConnection {
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    info: ConnectInfo,
+}
+
+/// Where a request came from and how its connection was secured: tonic
+/// puts it in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    pub peer: SocketAddr,
+    /// The TLS key exchange group (`X25519MLKEM768`: post-quantum).
+    pub key_exchange: &'static str,
+}
+
+impl tonic::transport::server::Connected for CaConnection {
+    type ConnectInfo = ConnectInfo;
+
+    fn connect_info(&self) -> ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for CaConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CaConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
 fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-) -> tokio_stream::wrappers::ReceiverStream<
-    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<CaConnection, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -131,7 +188,9 @@ fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let key_exchange = ferry_proto::crypto::negotiated_group(tls.get_ref().1);
+                        let info = ConnectInfo { peer, key_exchange };
+                        let _ = tx.send(Ok(CaConnection { tls, info })).await;
                     }
                     Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
@@ -168,7 +227,7 @@ fn serving_key(issuer: &Issuer, names: &[String]) -> anyhow::Result<CertifiedKey
         .sign_server(names, &key)
         .map_err(anyhow::Error::msg)?;
     let private = PrivateKeyDer::try_from(key.serialize_der()).map_err(anyhow::Error::msg)?;
-    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&private)
+    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&private)
         .context("the serving key is not usable")?;
     Ok(CertifiedKey::new(
         vec![cert, issuer.cert_der.clone()],
@@ -197,10 +256,10 @@ async fn reload_issuer(
             .flat_map(|f| std::fs::read(f).unwrap_or_default())
             .collect()
     };
-    let mut seen = ring::digest::digest(&ring::digest::SHA256, &fingerprint());
+    let mut seen = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &fingerprint());
     loop {
         tokio::time::sleep(RELOAD_INTERVAL).await;
-        let now = ring::digest::digest(&ring::digest::SHA256, &fingerprint());
+        let now = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &fingerprint());
         if now.as_ref() == seen.as_ref() {
             continue;
         }

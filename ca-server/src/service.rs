@@ -101,14 +101,20 @@ impl Identity for Ca {
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
-        let peer = request.remote_addr();
+        let connection = request
+            .extensions()
+            .get::<crate::serve::ConnectInfo>()
+            .cloned();
+        let peer = connection.as_ref().map(|c| c.peer);
+        let key_exchange = connection.as_ref().map_or("unknown", |c| c.key_exchange);
         let request = request.into_inner();
-        match self.certify(&request, peer).await {
+        match self.certify(&request, peer, key_exchange).await {
             Ok(response) => Ok(Response::new(response)),
             Err(refusal) => {
                 self.metrics.refused(refusal.reason);
                 tracing::warn!(
                     peer = ?peer,
+                    key_exchange = %key_exchange,
                     identity = %request.identity.chars().take(300).collect::<String>(),
                     reason = refusal.reason,
                     error = %refusal.message,
@@ -125,6 +131,7 @@ impl Ca {
         &self,
         request: &CertifyRequest,
         peer: Option<SocketAddr>,
+        key_exchange: &'static str,
     ) -> Result<CertifyResponse, Refusal> {
         if request.csr_der.len() > MAX_CSR_BYTES {
             return Err(refuse(
@@ -201,6 +208,7 @@ impl Ca {
             caller = %username,
             node = %caller.node,
             peer = ?peer,
+            key_exchange = %key_exchange,
             serial = %leaf.serial_hex,
             not_after = %leaf.not_after,
             issuer = %issuer.label,

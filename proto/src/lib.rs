@@ -5,6 +5,7 @@
 
 use std::{fmt, str::FromStr};
 
+pub mod crypto;
 pub mod policy;
 pub mod workload_file;
 

@@ -49,7 +49,12 @@ fn certify(
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let client = CaClient::new(addr, CA_SERVER_NAME, bundle)?;
+            let client = CaClient::new(
+                addr,
+                CA_SERVER_NAME,
+                bundle,
+                ferry_proto::crypto::shared_provider(Default::default()),
+            )?;
             Ok(client.certify(request).await.map_err(|e| e.to_string()))
         })
     })

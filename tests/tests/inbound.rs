@@ -145,7 +145,7 @@ fn issue(
             policy,
         )
         .map_err(anyhow::Error::msg)?;
-    let signing = rustls::crypto::ring::default_provider()
+    let signing = rustls::crypto::aws_lc_rs::default_provider()
         .key_provider
         .load_private_key(
             rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
@@ -165,7 +165,7 @@ async fn ask_all(
     expected: SpiffeId,
     cases: &[(&str, Method, String, StatusCode, &str)],
 ) -> anyhow::Result<Vec<(StatusCode, String)>> {
-    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
+    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let sni = ServerName::try_from(expected.sni())?;
     let config = tls::client_config(&provider, certified, roots, expected.trust_domain())?;
     let tcp = tokio::net::TcpStream::connect(tunnel).await?;

@@ -19,8 +19,10 @@ use crate::{cmd, mounts};
 /// namespaces and veths, tcpdump to look at their traffic, openssl (the
 /// tests' independent certificate verifier), curl for the admin endpoint,
 /// stunnel4 (the benchmark's baseline: what one would use without a mesh),
-/// python3-venv for the venv that holds kubernetes-validate.
+/// python3-venv for the venv that holds kubernetes-validate, gcc for
+/// aws-lc-sys (the crypto provider's C core, built from source by cargo).
 pub const DEBIAN_PACKAGES: &[&str] = &[
+    "gcc",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

@@ -13,6 +13,7 @@ pub fn test(cargo_test_args: &[String]) -> Result<()> {
     setup::setup()?;
     check_formatting()?;
     check_lints()?;
+    check_one_crypto_provider()?;
     workspace::build_binaries()?;
     leaks::remove_stale()?;
     let suite = run_suite(cargo_test_args);
@@ -28,6 +29,52 @@ fn check_formatting() -> Result<()> {
     cmd::step("checking formatting");
     cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))
         .context("the code is not formatted: run `cargo fmt --all`, then rerun")
+}
+
+/// Crates that carry their own crypto: the workspace uses aws-lc-rs only
+/// (one provider: one set of algorithms, one thing to patch), so none of
+/// these may come back into what the binaries link.
+const OTHER_CRYPTO: &[&str] = &["ring", "openssl", "openssl-sys", "boring"];
+
+/// `cargo tree` of every workspace crate's normal dependencies must name
+/// none of [`OTHER_CRYPTO`].
+fn check_one_crypto_provider() -> Result<()> {
+    cmd::step("checking that aws-lc-rs is the only crypto provider");
+    let tree = cmd::output(Command::new("cargo").args([
+        "tree",
+        "--workspace",
+        "--edges",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+    ]))?;
+    let found = other_crypto(&tree);
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "{} in the dependency tree; see which crate pulls it in with `cargo tree -e normal -i {}`, and put that crate on its aws-lc-rs feature",
+        found.join(", "),
+        found[0].split(' ').next().unwrap_or_default()
+    ))
+}
+
+/// The packages of `tree` (one `name vX.Y.Z` a line) that are in [`OTHER_CRYPTO`].
+fn other_crypto(tree: &str) -> Vec<String> {
+    let mut found: Vec<String> = tree
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .next()
+                .is_some_and(|name| OTHER_CRYPTO.contains(&name))
+        })
+        .map(|line| line.split(" (").next().unwrap_or(line).to_owned())
+        .collect();
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// Clippy on every target, warnings as errors: a lint is fixed when it
@@ -86,5 +133,12 @@ mod tests {
         assert!(names_packages(&strings(&["--package=xtask"])));
         assert!(!names_packages(&strings(&["two_nodes", "--", "-p"])));
         assert!(!names_packages(&strings(&["--no-fail-fast"])));
+    }
+
+    #[test]
+    fn only_other_crypto_crates_are_found() {
+        let tree = "ferry-agent v0.1.0 (/work/agent)\naws-lc-rs v1.19.0\nring v0.17.14\nstring-interner v0.1.0\nring v0.17.14 (*)\n";
+        assert_eq!(super::other_crypto(tree), ["ring v0.17.14"]);
+        assert!(super::other_crypto("aws-lc-rs v1.19.0\nrustls v0.23.31\n").is_empty());
     }
 }

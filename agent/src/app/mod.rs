@@ -333,19 +333,25 @@ fn start_identities(
         );
         return Ok(None);
     };
-    let client = CaClient::new(ca_addr.clone(), &args.ca_server_name, trust_bundle.clone())?;
+    let provider = ferry_proto::crypto::shared_provider(args.key_exchange);
+    let client = CaClient::new(
+        ca_addr.clone(),
+        &args.ca_server_name,
+        trust_bundle.clone(),
+        Arc::clone(&provider),
+    )?;
     let manager = CertManager::new(
         IdentityConfig {
             trust_domain: args.trust_domain.clone(),
             trust_bundle: trust_bundle.clone(),
             token_file: token_file.clone(),
             backoff: identity::CA_BACKOFF,
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            provider,
         },
         client,
         Arc::clone(&metrics.identity),
     );
-    tracing::info!(ca = %ca_addr, trust_domain = %args.trust_domain, "getting workload certificates from the CA");
+    tracing::info!(ca = %ca_addr, trust_domain = %args.trust_domain, key_exchange = ?args.key_exchange, "getting workload certificates from the CA");
     Ok(Some(manager))
 }
 

@@ -23,17 +23,26 @@ impl CaClient {
     /// A client of the CA at `address` (`host:port`), whose serving
     /// certificate must chain to a root in `trust_bundle` (re-read at every
     /// connection) and name `server_name`. Connects on first use.
-    pub fn new(address: String, server_name: &str, trust_bundle: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(
+        address: String,
+        server_name: &str,
+        trust_bundle: PathBuf,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> anyhow::Result<Self> {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| anyhow::anyhow!("CA server name {server_name:?}: {e}"))?;
         let endpoint = Endpoint::from_shared(format!("http://{address}"))?
             .timeout(CA_TIMEOUT)
             .connect_timeout(CA_TIMEOUT);
         let connector = tower::service_fn(move |_: Uri| {
-            let (address, name, trust_bundle) =
-                (address.clone(), name.clone(), trust_bundle.clone());
+            let (address, name, trust_bundle, provider) = (
+                address.clone(),
+                name.clone(),
+                trust_bundle.clone(),
+                Arc::clone(&provider),
+            );
             async move {
-                let config = client_tls(&trust_bundle)?;
+                let config = client_tls(&trust_bundle, provider)?;
                 let tcp = TcpStream::connect(&address).await?;
                 let _ = tcp.set_nodelay(true);
                 let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -61,14 +70,16 @@ impl Certifier for CaClient {
     }
 }
 
-fn client_tls(trust_bundle: &std::path::Path) -> io::Result<ClientConfig> {
+fn client_tls(
+    trust_bundle: &std::path::Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> io::Result<ClientConfig> {
     let roots = read_roots(trust_bundle)?;
-    let mut config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(io::Error::other)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

@@ -639,7 +639,7 @@ mod tests {
                 trust_bundle: written.trust_bundle,
                 token_file: dir.join("token"),
                 backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
-                provider: Arc::new(rustls::crypto::ring::default_provider()),
+                provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
             },
             Arc::clone(&ca),
             Arc::clone(&metrics.identity),

@@ -77,6 +77,7 @@ impl<I: Identities> Inbound<I> {
         let Accepted {
             client,
             local,
+            key_exchange,
             mut connection,
         } = match self.server.accept(stream).await {
             Ok(accepted) => accepted,
@@ -85,7 +86,7 @@ impl<I: Identities> Inbound<I> {
                 return;
             }
         };
-        tracing::info!(client = %client, server = %local, "tunnel connection accepted");
+        tracing::info!(client = %client, server = %local, key_exchange = %key_exchange, "tunnel connection accepted");
         let peer = Peer {
             client,
             local,

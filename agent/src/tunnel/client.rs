@@ -25,6 +25,10 @@ pub struct TlsDialer<I> {
 impl<I: Identities> Dial for TlsDialer<I> {
     type Io = TlsStream<TcpStream>;
 
+    fn key_exchange(io: &Self::Io) -> Option<&'static str> {
+        Some(ferry_proto::crypto::negotiated_group(io.get_ref().1))
+    }
+
     async fn dial(&self, key: &PoolKey) -> Result<Self::Io, DialError> {
         let issued = self
             .identities

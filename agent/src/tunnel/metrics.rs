@@ -68,6 +68,12 @@ impl HandshakeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyExchangeLabels {
+    side: &'static str,
+    group: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -75,6 +81,7 @@ struct ReasonLabels {
 #[derive(Debug, Default)]
 pub struct TunnelMetrics {
     handshakes: Family<HandshakeLabels, Counter<u64, AtomicU64>>,
+    key_exchanges: Family<KeyExchangeLabels, Counter<u64, AtomicU64>>,
     pool_connections: Gauge<i64, AtomicI64>,
     pool_streams: Counter<u64, AtomicU64>,
     pool_closed: Family<ReasonLabels, Counter<u64, AtomicU64>>,
@@ -104,6 +111,11 @@ impl TunnelMetrics {
             self.handshakes.clone(),
         );
         registry.register(
+            "tunnel_key_exchanges",
+            "Completed tunnel handshakes by side and the key exchange group negotiated (X25519MLKEM768 is post-quantum)",
+            self.key_exchanges.clone(),
+        );
+        registry.register(
             "pool_connections",
             "Tunnel connections open in the pool",
             self.pool_connections.clone(),
@@ -123,6 +135,16 @@ impl TunnelMetrics {
     pub fn handshake(&self, side: Side, ok: bool) {
         self.handshakes
             .get_or_create(&HandshakeLabels::new(side, ok))
+            .inc();
+    }
+
+    /// A completed handshake on `side` negotiated `group`.
+    pub fn key_exchange(&self, side: Side, group: &'static str) {
+        self.key_exchanges
+            .get_or_create(&KeyExchangeLabels {
+                side: side.as_str(),
+                group,
+            })
             .inc();
     }
 

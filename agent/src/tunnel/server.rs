@@ -23,6 +23,8 @@ pub struct Accepted {
     pub client: SpiffeId,
     /// The local identity whose certificate this end presented.
     pub local: SpiffeId,
+    /// The key exchange group the handshake negotiated.
+    pub key_exchange: &'static str,
     pub connection: h2::server::Connection<TlsStream<TcpStream>, Bytes>,
 }
 
@@ -78,6 +80,10 @@ impl<I: Identities> Server<I> {
     pub async fn accept(&self, stream: TcpStream) -> Result<Accepted, AcceptError> {
         let accepted = self.handshake(stream).await;
         self.metrics.handshake(Side::Server, accepted.is_ok());
+        if let Ok(accepted) = &accepted {
+            self.metrics
+                .key_exchange(Side::Server, accepted.key_exchange);
+        }
         accepted
     }
 
@@ -105,6 +111,7 @@ impl<I: Identities> Server<I> {
                 local: local.clone(),
                 source,
             })?;
+        let key_exchange = ferry_proto::crypto::negotiated_group(tls.get_ref().1);
         let client = {
             let (_, session) = tls.get_ref();
             let chain = session
@@ -129,6 +136,7 @@ impl<I: Identities> Server<I> {
             Ok(connection) => Ok(Accepted {
                 client,
                 local,
+                key_exchange,
                 connection,
             }),
             Err(source) => Err(AcceptError::Http2 { client, source }),

@@ -99,6 +99,12 @@ impl Default for PoolConfig {
 pub trait Dial: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn dial(&self, key: &PoolKey) -> impl Future<Output = Result<Self::Io, DialError>> + Send;
+
+    /// The key exchange group the transport's handshake negotiated, if it
+    /// has one (`/pool` and `ferry_tunnel_key_exchanges_total` show it).
+    fn key_exchange(_io: &Self::Io) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Why a key could not get a new connection.
@@ -178,6 +184,7 @@ struct Connection {
     served: u64,
     opened: Instant,
     idle_since: Instant,
+    key_exchange: Option<&'static str>,
 }
 
 /// A stream slot on a pooled connection; gives the slot back when dropped.
@@ -324,7 +331,7 @@ impl<D: Dial> Pool<D> {
             let state = keys.entry(key.clone()).or_default();
             state.dialing = None;
             match outcome {
-                Ok((id, send)) => {
+                Ok((id, send, key_exchange)) => {
                     let now = Instant::now();
                     state.connections.push(Connection {
                         id,
@@ -333,7 +340,11 @@ impl<D: Dial> Pool<D> {
                         served: 0,
                         opened: now,
                         idle_since: now,
+                        key_exchange,
                     });
+                    if let Some(group) = key_exchange {
+                        self.metrics.key_exchange(Side::Client, group);
+                    }
                     state.failures = 0;
                     state.retry_at = None;
                     state.last_error = None;
@@ -359,8 +370,9 @@ impl<D: Dial> Pool<D> {
     async fn connect(
         self: &Arc<Self>,
         key: &PoolKey,
-    ) -> Result<(u64, SendRequest<Bytes>), DialError> {
+    ) -> Result<(u64, SendRequest<Bytes>, Option<&'static str>), DialError> {
         let io = self.dialer.dial(key).await?;
+        let key_exchange = D::key_exchange(&io);
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(wire::STREAM_WINDOW)
             .initial_connection_window_size(wire::CONNECTION_WINDOW)
@@ -390,7 +402,7 @@ impl<D: Dial> Pool<D> {
                 pool.remove(&key, id, close, &why);
             }
         });
-        Ok((id, send))
+        Ok((id, send, key_exchange))
     }
 
     fn remove(&self, key: &PoolKey, id: u64, close: PoolClose, why: &str) {

@@ -39,6 +39,9 @@ pub struct ConnectionView {
     pub age_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_ms: Option<u64>,
+    /// The TLS key exchange group (`X25519MLKEM768`: post-quantum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_exchange: Option<String>,
 }
 
 impl<D: Dial> Pool<D> {
@@ -64,6 +67,7 @@ impl<D: Dial> Pool<D> {
                         streams: c.active,
                         age_ms: millis(now - c.opened),
                         idle_ms: (c.active == 0).then(|| millis(now - c.idle_since)),
+                        key_exchange: c.key_exchange.map(str::to_owned),
                     })
                     .collect(),
                 dialing: state.dialing.is_some(),

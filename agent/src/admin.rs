@@ -60,11 +60,18 @@ impl AdminState {
     /// Every reason the agent is not ready: capture, identities, then a
     /// drain or a handover under way.
     pub fn not_ready(&self) -> Vec<String> {
+        let mut reasons = self.not_ready_to_serve();
+        reasons.extend(self.drain.not_ready());
+        reasons
+    }
+
+    /// What keeps the agent from serving every local pod: capture, then
+    /// identities (not whether it has started accepting, or drains).
+    pub fn not_ready_to_serve(&self) -> Vec<String> {
         let mut reasons = self.capture.not_ready();
         if let Some(identities) = &self.identities {
             reasons.extend(identities.not_ready());
         }
-        reasons.extend(self.drain.not_ready());
         reasons
     }
 

@@ -21,6 +21,7 @@
 pub mod bench;
 pub mod ca;
 pub mod cgroup;
+pub mod ciphers;
 pub mod http;
 pub mod inspect;
 pub mod kube_api;

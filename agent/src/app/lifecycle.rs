@@ -162,7 +162,7 @@ pub fn tokio_listener(listener: &std::net::TcpListener) -> anyhow::Result<TcpLis
 pub async fn ready(state: &AdminState) {
     let mut logged = Instant::now();
     loop {
-        let reasons = state.not_ready();
+        let reasons = state.not_ready_to_serve();
         if reasons.is_empty() {
             return;
         }

@@ -191,6 +191,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let admin_ports = match predecessor {
         Some(_) => Some(admin_ports),
         None => {
+            drain.set_not_ready(Some("starting: not accepting connections yet".to_owned()));
             admin_ports.serve();
             tracing::info!(addr = %args.admin_addr, "admin endpoint ready");
             None
@@ -209,7 +210,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     tokio::select! {
         waited = tokio::time::timeout(ready_wait, lifecycle::ready(&state)) => {
             if waited.is_err() {
-                tracing::warn!(reasons = ?state.not_ready(), waited = ?FIRST_ACCEPT_WAIT, "accepting connections before the agent is ready");
+                tracing::warn!(reasons = ?state.not_ready_to_serve(), waited = ?FIRST_ACCEPT_WAIT, "accepting connections before the agent is ready");
             }
         }
         () = signals.recv() => {
@@ -220,6 +221,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     for shard in shard_list {
         shard.start()?;
     }
+    drain.set_not_ready(None);
     for listener in &listeners.outbound {
         tracing::info!(addr = %listener.local_addr()?, shards, "outbound listener ready");
     }

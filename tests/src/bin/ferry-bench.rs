@@ -40,6 +40,8 @@ use ferry_tests::{
 use serde_json::{Value, json};
 
 const SERVER_PORT: u16 = 7000;
+/// What the `ciphers` scenario moves through each suite, both ways together.
+const CIPHER_BYTES: u64 = 512 * MIB;
 /// How many policies the `policies` scenario puts in the cluster.
 const POLICY_COUNT: usize = 1000;
 const NO_POLICIES_METRIC: &str = "crr-no-policies.perSecond";
@@ -113,7 +115,9 @@ const TIMED: [(&str, Mode, bool); 5] = [
 
 fn scenario_names() -> clap::builder::PossibleValuesParser {
     let timed = TIMED.iter().map(|(name, ..)| *name);
-    clap::builder::PossibleValuesParser::new(timed.chain(["idle", "policies", "upgrade"]))
+    clap::builder::PossibleValuesParser::new(
+        timed.chain(["idle", "policies", "ciphers", "upgrade"]),
+    )
 }
 
 impl Args {
@@ -255,6 +259,25 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
             .collect();
         for (metric, setup, value) in bench.memory(args.idle, &setups)? {
             samples.add(metric, setup, value);
+        }
+    }
+    if args.runs("ciphers") && args.over("ferry") {
+        let bytes = if args.quick { 4 * MIB } else { CIPHER_BYTES };
+        for runs in ferry_tests::ciphers::compare(args.rounds, bytes)? {
+            for run in runs {
+                println!(
+                    "ciphers {:>28}: {:.0} MiB/s ({} MiB in {:.2} s)",
+                    run.suite,
+                    run.mib_per_second(),
+                    run.bytes / MIB,
+                    run.seconds
+                );
+                samples.add(
+                    &format!("ciphers.{}.MiBPerSecond", run.suite),
+                    "ferry",
+                    run.mib_per_second(),
+                );
+            }
         }
     }
     // Last: it replaces the agents (and leaves new ones running).

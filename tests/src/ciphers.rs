@@ -1,0 +1,164 @@
+//! The TLS 1.3 cipher suites side by side, for choosing their order: a real
+//! rustls client and server (Ferry's provider, a P-256 chain under a test
+//! CA, full verification) in one process, connected by memory, each suite
+//! carrying the same bytes both ways. It times the record layer (seal and
+//! open, framing) without the network, which is what a suite changes.
+
+use std::{
+    io::{Read as _, Write as _},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection,
+    SupportedCipherSuite,
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+};
+
+/// What one suite moved, and how fast.
+#[derive(Debug, Clone)]
+pub struct SuiteRun {
+    pub suite: String,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl SuiteRun {
+    pub fn mib_per_second(&self) -> f64 {
+        self.bytes as f64 / self.seconds / (1024.0 * 1024.0)
+    }
+}
+
+/// The TLS 1.3 suites of Ferry's provider, in its order.
+pub fn suites() -> Vec<SupportedCipherSuite> {
+    ferry_proto::crypto::provider(Default::default())
+        .cipher_suites
+        .into_iter()
+        .filter(|suite| suite.tls13().is_some())
+        .collect()
+}
+
+/// Sends `bytes` in 16 KiB writes client → server and the same back, over a
+/// connection that may use `suite` only.
+pub fn run(suite: SupportedCipherSuite, bytes: u64) -> anyhow::Result<SuiteRun> {
+    let (client_config, server_config) = configs(suite)?;
+    let name = ServerName::try_from("bench.ferry.test")?;
+    let mut client = ClientConnection::new(client_config, name)?;
+    let mut server = ServerConnection::new(server_config)?;
+    while client.is_handshaking() || server.is_handshaking() {
+        pump(&mut client, &mut server)?;
+        pump(&mut server, &mut client)?;
+    }
+    anyhow::ensure!(
+        client.negotiated_cipher_suite() == Some(suite),
+        "negotiated {:?}",
+        client.negotiated_cipher_suite()
+    );
+    let chunk = vec![0x5a_u8; 16 * 1024];
+    let mut sink = vec![0_u8; 64 * 1024];
+    let started = Instant::now();
+    let mut moved = 0;
+    while moved < bytes {
+        client.writer().write_all(&chunk)?;
+        pump(&mut client, &mut server)?;
+        drain(&mut server, &mut sink)?;
+        server.writer().write_all(&chunk)?;
+        pump(&mut server, &mut client)?;
+        drain(&mut client, &mut sink)?;
+        moved += 2 * chunk.len() as u64;
+    }
+    Ok(SuiteRun {
+        suite: format!("{:?}", suite.suite()),
+        bytes: moved,
+        seconds: started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+/// Moves every TLS byte `from` has to send into `to`.
+fn pump(
+    from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+) -> anyhow::Result<()> {
+    let mut wire = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut wire)?;
+    }
+    let mut rest = &wire[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest)?;
+        to.process_new_packets().context("processing records")?;
+    }
+    Ok(())
+}
+
+/// Reads all the plaintext `connection` has received.
+fn drain(
+    connection: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    sink: &mut [u8],
+) -> anyhow::Result<()> {
+    loop {
+        match connection.reader().read(sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// A client and a server config that allow only `suite`, with a chain the
+/// client verifies.
+fn configs(suite: SupportedCipherSuite) -> anyhow::Result<(Arc<ClientConfig>, Arc<ServerConfig>)> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let leaf_key = KeyPair::generate()?;
+    let leaf =
+        CertificateParams::new(vec!["bench.ferry.test".to_owned()])?.signed_by(&leaf_key, &ca)?;
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![suite],
+        ..ferry_proto::crypto::provider(Default::default())
+    });
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.der().clone())?;
+    let client = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let server = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)?;
+    Ok((Arc::new(client), Arc::new(server)))
+}
+
+/// Runs every suite `rounds` times, alternating, `bytes` each; returns the
+/// runs by suite, in the provider's order.
+pub fn compare(rounds: usize, bytes: u64) -> anyhow::Result<Vec<Vec<SuiteRun>>> {
+    let suites = suites();
+    let mut runs = vec![Vec::new(); suites.len()];
+    for round in 0..rounds {
+        for i in 0..suites.len() {
+            // The order rotates per round, so no suite always goes first.
+            let i = (i + round) % suites.len();
+            runs[i].push(run(suites[i], bytes)?);
+        }
+    }
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_suite_carries_bytes_both_ways_and_is_the_one_negotiated() {
+        for suite in super::suites() {
+            let run = super::run(suite, 256 * 1024).unwrap();
+            assert!(run.bytes >= 256 * 1024, "{run:?}");
+        }
+        assert_eq!(super::suites().len(), 3, "TLS 1.3 has three suites here");
+    }
+}

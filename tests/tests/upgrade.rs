@@ -63,6 +63,11 @@ struct TwoNodes {
 }
 
 fn two_nodes(name: &str, drain: Duration) -> anyhow::Result<TwoNodes> {
+    two_nodes_with(name, drain, &[])
+}
+
+/// [`two_nodes`], both agents with `args` too.
+fn two_nodes_with(name: &str, drain: Duration, args: &[&str]) -> anyhow::Result<TwoNodes> {
     let mut cluster = Cluster::new(name)?;
     let n1 = cluster.add_node()?;
     let n2 = cluster.add_node()?;
@@ -70,8 +75,18 @@ fn two_nodes(name: &str, drain: Duration) -> anyhow::Result<TwoNodes> {
     let server = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
     let ca = cluster.start_ca()?;
     let agents = [
-        cluster.agent(n1).ca(&ca).drain_timeout(drain).start()?,
-        cluster.agent(n2).ca(&ca).drain_timeout(drain).start()?,
+        cluster
+            .agent(n1)
+            .ca(&ca)
+            .drain_timeout(drain)
+            .args(args)
+            .start()?,
+        cluster
+            .agent(n2)
+            .ca(&ca)
+            .drain_timeout(drain)
+            .args(args)
+            .start()?,
     ];
     // Churn closes thousands of connections; their ports must be reusable.
     load::reuse_time_wait_ports(&cluster)?;
@@ -320,6 +335,60 @@ fn sigterm_drains_says_so_and_exits_at_the_deadline() -> anyhow::Result<()> {
         .wait_for(CLOSE_NOTICED)
         .context("the held connection was not closed when the agent exited")?;
     println!("held connection: {}", ended.how);
+    Ok(())
+}
+
+#[test]
+fn an_agent_started_during_a_sigterm_drain_takes_over_the_node() -> anyhow::Result<()> {
+    let mut t = two_nodes("upgrade-late", LONG_DRAIN)?;
+    let held = held_connection(&mut t, PORT + 1)?;
+    t.agents[1].terminate()?;
+    let n2 = t.n2;
+    eventually(|| {
+        let (status, body) = t.cluster.admin_get(n2, "/healthz/ready")?;
+        ensure!(
+            status == 503 && body.contains("draining"),
+            "{status} {body}"
+        );
+        Ok(())
+    })?;
+    // Stop, then start: the new agent takes the admin, probe and handover
+    // sockets from the draining one and binds the data ports afresh.
+    let mut old = t.replace(1).context("an agent started during a drain")?;
+    let again = pod_addr(&t.cluster, t.server, Family::V4, PORT + 2);
+    exchange(&mut t.cluster, t.client, t.server, again, MIB)
+        .context("a new connection through the agent that took over")?;
+    ensure!(
+        old.proc.has_exited()?.is_none(),
+        "the old agent left while its held connection was open"
+    );
+    held.release()?;
+    let drained = old.drained(EXIT_WITHIN)?;
+    ensure!(drained.closed_at_deadline == 0, "{}", drained.line);
+    Ok(())
+}
+
+#[test]
+fn with_stay_until_terminated_a_drained_agent_waits_for_sigterm() -> anyhow::Result<()> {
+    let mut t = two_nodes_with("upgrade-stay", LONG_DRAIN, &["--stay-until-terminated"])?;
+    let mut old = t.replace(1)?;
+    // Nothing ran through it: its drain ends at once, and it stays.
+    eventually(|| {
+        let log = old.proc.stderr_tail();
+        ensure!(
+            log.contains("waiting for SIGTERM"),
+            "the old agent's log:\n{log}"
+        );
+        Ok(())
+    })?;
+    thread::sleep(Duration::from_secs(1));
+    ensure!(
+        old.proc.has_exited()?.is_none(),
+        "with --stay-until-terminated the drained agent exited before SIGTERM"
+    );
+    old.terminate()?;
+    let drained = old.drained(EXIT_WITHIN)?;
+    ensure!(drained.closed_at_deadline == 0, "{}", drained.line);
     Ok(())
 }
 

@@ -1,18 +1,25 @@
-//! Offline verification of Kubernetes ServiceAccount tokens (JWTs) against
-//! the API server's published keys (a JWKS file), and minting of such tokens
-//! for runs without a cluster (tests, the demo).
+//! Kubernetes ServiceAccount tokens: verified offline against the API
+//! server's published keys (a JWKS) with `jsonwebtoken`, and minted for runs
+//! without a cluster (tests, the demo).
 //!
-//! Only what projected ServiceAccount tokens use is accepted: ES256 and
-//! RS256 signatures, never `none` or an HMAC, and every time and audience
-//! claim checked.
+//! The library checks the signature and the registered claims (`iss`, `aud`,
+//! `exp`, `nbf`, with [`LEEWAY_SECS`]). What Ferry adds on top:
+//! - the algorithm is pinned per key: an EC P-256 key verifies ES256 only and
+//!   an RSA key RS256 only, so `none`, an HMAC (a public key used as the
+//!   shared secret) or a key of the wrong type never verifies anything;
+//! - the key is chosen by the token's `kid`, and a token without one is
+//!   accepted only when a single trusted key could have signed it;
+//! - the subject must be a ServiceAccount and the token must name the node of
+//!   the pod it was minted for.
 
-use std::{
-    path::Path,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, EncodingKey, Header, Validation,
+    errors::ErrorKind,
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -29,6 +36,18 @@ pub enum TokenError {
     Algorithm(String),
     #[error("the token's signature does not verify with any trusted key{0}")]
     Signature(String),
+    #[error(
+        "the token names no key (kid) and {0} trusted keys could have signed it; the API server always names its key"
+    )]
+    NoKeyId(usize),
+    #[error("the token is signed {alg} but its key {kid:?} is {key}")]
+    KeyType {
+        kid: String,
+        alg: &'static str,
+        key: &'static str,
+    },
+    #[error("the token has no {0:?} claim")]
+    MissingClaim(String),
     #[error("the token was issued by {found:?}, not by {expected:?}")]
     Issuer { found: String, expected: String },
     #[error("the token's audience {found:?} does not include {expected:?}")]
@@ -68,81 +87,55 @@ impl TokenIdentity {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Jwks {
-    pub keys: Vec<Jwk>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Jwk {
-    pub kty: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alg: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub crv: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub y: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub e: Option<String>,
-}
-
-/// A key a token may be signed with.
-enum TrustedKey {
-    Es256(Vec<u8>),
-    Rs256 { n: Vec<u8>, e: Vec<u8> },
+/// A key a token may be signed with, and the one algorithm it verifies.
+struct TrustedKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+    validation: Validation,
 }
 
 /// Verifies tokens against a set of trusted keys.
 pub struct Verifier {
-    keys: Vec<(Option<String>, TrustedKey)>,
+    keys: Vec<TrustedKey>,
     issuer: String,
     audience: String,
 }
 
 impl Verifier {
-    /// Reads a JWKS file; keys of other types are skipped, but at least one must be usable.
-    pub fn from_jwks_file(path: &Path, issuer: &str, audience: &str) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read JWKS {}: {e}", path.display()))?;
-        let jwks: Jwks = serde_json::from_str(&text)
-            .map_err(|e| format!("JWKS {} is not a JSON Web Key Set: {e}", path.display()))?;
-        Self::new(&jwks, issuer, audience).map_err(|e| format!("JWKS {}: {e}", path.display()))
+    /// Parses a JWKS document; keys Ferry does not accept (not EC P-256 or
+    /// RSA, or marked for another algorithm) are skipped, but one must be left.
+    pub fn from_jwks_json(text: &str, issuer: &str, audience: &str) -> Result<Self, String> {
+        let jwks: JwkSet =
+            serde_json::from_str(text).map_err(|e| format!("not a JSON Web Key Set: {e}"))?;
+        Self::new(&jwks, issuer, audience)
     }
 
-    pub fn new(jwks: &Jwks, issuer: &str, audience: &str) -> Result<Self, String> {
+    pub fn new(jwks: &JwkSet, issuer: &str, audience: &str) -> Result<Self, String> {
         let mut keys = Vec::new();
         for (i, jwk) in jwks.keys.iter().enumerate() {
-            let decode = |field: &Option<String>, name: &str| {
-                let value = field
-                    .as_deref()
-                    .ok_or_else(|| format!("keys[{i}] has no {name:?}"))?;
-                B64.decode(value)
-                    .map_err(|e| format!("keys[{i}].{name} is not base64url: {e}"))
+            let Some(alg) = accepted_algorithm(jwk) else {
+                continue;
             };
-            let key = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
-                ("EC", Some("P-256")) => {
-                    let (x, y) = (decode(&jwk.x, "x")?, decode(&jwk.y, "y")?);
-                    if x.len() != 32 || y.len() != 32 {
-                        return Err(format!("keys[{i}] is not a P-256 point"));
-                    }
-                    TrustedKey::Es256([&[4][..], &x, &y].concat())
-                }
-                ("RSA", _) => TrustedKey::Rs256 {
-                    n: decode(&jwk.n, "n")?,
-                    e: decode(&jwk.e, "e")?,
-                },
-                _ => continue,
-            };
-            keys.push((jwk.kid.clone(), key));
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{i}]: {e}"))?;
+            if alg == Algorithm::ES256 && key.try_get_as_bytes().map(<[u8]>::len) != Ok(65) {
+                return Err(format!("keys[{i}] is not a P-256 point"));
+            }
+            let mut validation = Validation::new(alg);
+            validation.leeway = LEEWAY_SECS;
+            validation.validate_nbf = true;
+            validation.set_issuer(&[issuer]);
+            validation.set_audience(&[audience]);
+            validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            keys.push(TrustedKey {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key,
+                validation,
+            });
         }
         if keys.is_empty() {
-            return Err("no usable key (EC P-256 or RSA)".to_owned());
+            return Err("no usable key (EC P-256 for ES256, or RSA for RS256)".to_owned());
         }
         Ok(Self {
             keys,
@@ -151,109 +144,179 @@ impl Verifier {
         })
     }
 
+    /// How many keys tokens may be signed with.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Checks signature, issuer, audience and times, and reads who the token is for.
-    pub fn verify(&self, token: &str, now: u64) -> Result<TokenIdentity, TokenError> {
+    pub fn verify(&self, token: &str) -> Result<TokenIdentity, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed(format!(
                 "{} bytes is more than {MAX_TOKEN_BYTES}",
                 token.len()
             )));
         }
-        let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed(
-                "it does not have three dot-separated parts".to_owned(),
-            ));
-        };
-        let header: Value = decode_json(header, "header")?;
-        let alg = header["alg"].as_str().unwrap_or_default();
-        let kid = header["kid"].as_str();
-        let signature = B64
-            .decode(signature)
-            .map_err(|e| TokenError::Malformed(format!("signature is not base64url: {e}")))?;
-        let signed = &token.as_bytes()[..header_len(token)];
-        let candidates = self
-            .keys
-            .iter()
-            .filter(|(key_id, _)| kid.is_none() || key_id.is_none() || key_id.as_deref() == kid);
-        let mut verified = false;
-        for (_, key) in candidates {
-            let ok = match (alg, key) {
-                ("ES256", TrustedKey::Es256(point)) => {
-                    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
-                        .verify(signed, &signature)
-                        .is_ok()
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| match named_algorithm(token) {
+                Some(alg) if !matches!(alg.as_str(), "ES256" | "RS256") => {
+                    TokenError::Algorithm(alg)
                 }
-                ("RS256", TrustedKey::Rs256 { n, e }) => signature::RsaPublicKeyComponents { n, e }
-                    .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, &signature)
-                    .is_ok(),
-                ("ES256" | "RS256", _) => false,
-                (other, _) => return Err(TokenError::Algorithm(other.to_owned())),
-            };
-            if ok {
-                verified = true;
-                break;
-            }
+                _ => TokenError::Malformed(format!("its header: {e}")),
+            })?;
+        if !matches!(header.alg, Algorithm::ES256 | Algorithm::RS256) {
+            return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
         }
-        if !verified {
-            if !matches!(alg, "ES256" | "RS256") {
-                return Err(TokenError::Algorithm(alg.to_owned()));
-            }
-            return Err(TokenError::Signature(
-                kid.map(|k| format!(" (kid {k:?})")).unwrap_or_default(),
-            ));
+        let key = self.key_for(header.kid.as_deref(), header.alg)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(|e| self.refusal(e.into_kind(), token, key))?
+            .claims;
+        let now = unix_now();
+        if let (None, Some(iat)) = (claims.nbf, claims.iat)
+            && iat > now + LEEWAY_SECS
+        {
+            return Err(TokenError::NotYetValid(iat - now));
         }
-        let claims: Claims = decode_json(payload, "payload")?;
-        self.check_claims(&claims, now)?;
         identity_of(&claims)
     }
 
-    fn check_claims(&self, claims: &Claims, now: u64) -> Result<(), TokenError> {
-        if claims.iss != self.issuer {
-            return Err(TokenError::Issuer {
-                found: claims.iss.clone(),
-                expected: self.issuer.clone(),
-            });
-        }
-        let audiences = match &claims.aud {
-            Value::String(one) => vec![one.clone()],
-            Value::Array(many) => many
-                .iter()
-                .filter_map(|a| a.as_str().map(str::to_owned))
-                .collect(),
-            _ => Vec::new(),
+    /// The key named by `kid`, or the only key of `alg` when there is no `kid`.
+    fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<&TrustedKey, TokenError> {
+        let Some(kid) = kid else {
+            let mut of_alg = self.keys.iter().filter(|k| k.alg == alg);
+            return match (of_alg.next(), of_alg.count()) {
+                (Some(only), 0) => Ok(only),
+                (Some(_), more) => Err(TokenError::NoKeyId(more + 1)),
+                (None, _) => Err(TokenError::Signature(format!(" (none is {alg:?})"))),
+            };
         };
-        if !audiences.contains(&self.audience) {
-            return Err(TokenError::Audience {
-                found: audiences,
-                expected: self.audience.clone(),
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.kid.as_deref() == Some(kid))
+            .ok_or_else(|| TokenError::Signature(format!(" (none has kid {kid:?})")))?;
+        if key.alg != alg {
+            return Err(TokenError::KeyType {
+                kid: kid.to_owned(),
+                alg: algorithm_name(alg),
+                key: key_type(key.alg),
             });
         }
-        let exp = claims
-            .exp
-            .ok_or_else(|| TokenError::Malformed("no exp claim".to_owned()))?;
-        if now > exp + LEEWAY_SECS {
-            return Err(TokenError::Expired(now - exp));
+        Ok(key)
+    }
+
+    /// Says what the library refused, with the values that were wrong. The
+    /// claims are read again only for the message: each of these refusals
+    /// comes after the signature verified.
+    fn refusal(&self, kind: ErrorKind, token: &str, key: &TrustedKey) -> TokenError {
+        let registered = || {
+            jsonwebtoken::dangerous::insecure_decode_claims::<Registered>(token).unwrap_or_default()
+        };
+        let now = unix_now();
+        match kind {
+            ErrorKind::InvalidSignature => TokenError::Signature(
+                key.kid
+                    .as_ref()
+                    .map(|kid| format!(" (kid {kid:?})"))
+                    .unwrap_or_default(),
+            ),
+            // The library also calls a claim missing when it has the wrong type.
+            ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim) => {
+                let present = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(token)
+                    .is_ok_and(|claims| claims.get(&claim).is_some());
+                if present {
+                    TokenError::Malformed(format!(
+                        "its {claim:?} claim is not of the expected type"
+                    ))
+                } else {
+                    TokenError::MissingClaim(claim)
+                }
+            }
+            ErrorKind::ExpiredSignature => {
+                TokenError::Expired(now.saturating_sub(registered().exp.unwrap_or(now)))
+            }
+            ErrorKind::ImmatureSignature => {
+                TokenError::NotYetValid(registered().nbf.unwrap_or(now).saturating_sub(now))
+            }
+            ErrorKind::InvalidIssuer => TokenError::Issuer {
+                found: strings(registered().iss).join(", "),
+                expected: self.issuer.clone(),
+            },
+            ErrorKind::InvalidAudience => TokenError::Audience {
+                found: strings(registered().aud),
+                expected: self.audience.clone(),
+            },
+            ErrorKind::Json(e) => {
+                TokenError::Malformed(format!("its claims are not the expected JSON: {e}"))
+            }
+            ErrorKind::Base64(e) => TokenError::Malformed(format!("it is not base64url: {e}")),
+            other => TokenError::Malformed(jsonwebtoken::errors::Error::from(other).to_string()),
         }
-        if let Some(nbf) = claims.nbf.or(claims.iat)
-            && nbf > now + LEEWAY_SECS
-        {
-            return Err(TokenError::NotYetValid(nbf - now));
-        }
-        Ok(())
     }
 }
 
-/// The claims of a Kubernetes projected ServiceAccount token that matter here.
+fn accepted_algorithm(jwk: &Jwk) -> Option<Algorithm> {
+    let alg = match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+            Algorithm::ES256
+        }
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        _ => return None,
+    };
+    let marked = jwk.common.key_algorithm.map(|a| a.to_string());
+    (marked.is_none() || marked.as_deref() == Some(algorithm_name(alg))).then_some(alg)
+}
+
+fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::ES256 => "ES256",
+        Algorithm::RS256 => "RS256",
+        _ => "another algorithm",
+    }
+}
+
+fn key_type(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::ES256 => "an EC P-256 key",
+        _ => "an RSA key",
+    }
+}
+
+/// The `alg` a header names, when the library cannot parse the header
+/// because it does not know the algorithm (`none`, say).
+fn named_algorithm(token: &str) -> Option<String> {
+    let header = B64.decode(token.split('.').next()?).ok()?;
+    let header: Value = serde_json::from_slice(&header).ok()?;
+    header.get("alg")?.as_str().map(str::to_owned)
+}
+
+/// `iss` and `aud` are a string or a list of strings.
+fn strings(value: Option<Value>) -> Vec<String> {
+    match value {
+        Some(Value::String(one)) => vec![one],
+        Some(Value::Array(many)) => many
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The registered claims, read only to explain a refusal.
+#[derive(Debug, Default, Deserialize)]
+struct Registered {
+    iss: Option<Value>,
+    aud: Option<Value>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+/// The claims of a Kubernetes projected ServiceAccount token that Ferry
+/// reads once the library has checked the registered ones.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
-    pub iss: String,
-    pub aud: Value,
-    pub sub: String,
     #[serde(default)]
-    pub exp: Option<u64>,
+    pub sub: String,
     #[serde(default)]
     pub nbf: Option<u64>,
     #[serde(default)]
@@ -300,19 +363,6 @@ fn identity_of(claims: &Claims) -> Result<TokenIdentity, TokenError> {
     })
 }
 
-fn decode_json<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result<T, TokenError> {
-    let bytes = B64
-        .decode(part)
-        .map_err(|e| TokenError::Malformed(format!("{what} is not base64url: {e}")))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| TokenError::Malformed(format!("{what} is not the expected JSON: {e}")))
-}
-
-/// The length of `header.payload`, the part the signature covers.
-fn header_len(token: &str) -> usize {
-    token.rfind('.').unwrap_or(0)
-}
-
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -322,7 +372,7 @@ pub fn unix_now() -> u64 {
 /// Signs tokens the way the Kubernetes API server does, for clusters that
 /// are not there: an ES256 key whose public half goes into a JWKS file.
 pub struct Minter {
-    key: aws_lc_rs::signature::EcdsaKeyPair,
+    key: EncodingKey,
     kid: String,
     pub issuer: String,
 }
@@ -341,73 +391,39 @@ pub struct TokenRequest {
 
 impl Minter {
     pub fn generate(issuer: &str) -> Result<Self, String> {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
         let rng = aws_lc_rs::rand::SystemRandom::new();
-        let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .map_err(|e| format!("cannot generate a token key: {e}"))?;
-        let key = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            pkcs8.as_ref(),
-        )
-        .map_err(|e| format!("cannot load the token key: {e}"))?;
-        use aws_lc_rs::signature::KeyPair as _;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|e| format!("cannot generate a token key: {e}"))?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+            .map_err(|e| format!("cannot load the token key: {e}"))?;
         let kid = B64.encode(
-            &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key().as_ref())
+            &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pair.public_key().as_ref())
                 .as_ref()[..12],
         );
         Ok(Self {
-            key,
+            key: EncodingKey::from_ec_der(pkcs8.as_ref()),
             kid,
             issuer: issuer.to_owned(),
         })
     }
 
     /// The public key, as the JWKS a CA trusts.
-    pub fn jwks(&self) -> Jwks {
-        use aws_lc_rs::signature::KeyPair as _;
-        let point = self.key.public_key().as_ref();
-        Jwks {
-            keys: vec![Jwk {
-                kty: "EC".to_owned(),
-                kid: Some(self.kid.clone()),
-                alg: Some("ES256".to_owned()),
-                crv: Some("P-256".to_owned()),
-                x: Some(B64.encode(&point[1..33])),
-                y: Some(B64.encode(&point[33..65])),
-                n: None,
-                e: None,
-            }],
-        }
+    pub fn jwks(&self) -> JwkSet {
+        let mut jwk = Jwk::from_encoding_key(&self.key, Algorithm::ES256)
+            .expect("a P-256 key has a public JWK");
+        jwk.common.key_id = Some(self.kid.clone());
+        JwkSet { keys: vec![jwk] }
     }
 
     pub fn mint(&self, request: &TokenRequest) -> Result<String, String> {
-        let claims = token_claims(&self.issuer, request);
-        encode("ES256", &self.kid, &claims, |signed| {
-            self.key
-                .sign(&aws_lc_rs::rand::SystemRandom::new(), signed)
-                .map(|signature| signature.as_ref().to_vec())
-                .map_err(|e| format!("cannot sign a token: {e}"))
-        })
+        let header = Header {
+            kid: Some(self.kid.clone()),
+            ..Header::new(Algorithm::ES256)
+        };
+        jsonwebtoken::encode(&header, &token_claims(&self.issuer, request), &self.key)
+            .map_err(|e| format!("cannot sign a token: {e}"))
     }
-}
-
-/// A compact JWT: header and claims, base64url, signed by `sign`.
-fn encode(
-    alg: &str,
-    kid: &str,
-    claims: &Value,
-    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
-) -> Result<String, String> {
-    let header = serde_json::json!({ "alg": alg, "kid": kid, "typ": "JWT" });
-    let signed = format!(
-        "{}.{}",
-        B64.encode(header.to_string()),
-        B64.encode(claims.to_string())
-    );
-    let signature = sign(signed.as_bytes())?;
-    Ok(format!("{signed}.{}", B64.encode(signature)))
 }
 
 /// The claims the API server puts in a projected ServiceAccount token.
@@ -433,6 +449,8 @@ fn token_claims(issuer: &str, request: &TokenRequest) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use aws_lc_rs::signature::{self, KeyPair as _};
+
     use super::*;
 
     const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -448,8 +466,50 @@ mod tests {
         }
     }
 
+    fn verifier_of(jwks: &JwkSet) -> Verifier {
+        Verifier::new(jwks, ISSUER, "ferry-ca").unwrap()
+    }
+
     fn verifier(minter: &Minter) -> Verifier {
-        Verifier::new(&minter.jwks(), ISSUER, "ferry-ca").unwrap()
+        verifier_of(&minter.jwks())
+    }
+
+    /// Both minters' keys in one JWKS, as during a key rotation.
+    fn both(a: &Minter, b: &Minter) -> JwkSet {
+        JwkSet {
+            keys: [a.jwks().keys, b.jwks().keys].concat(),
+        }
+    }
+
+    /// A compact JWT with any header, signed by `sign`: for the tokens the
+    /// library would refuse to make.
+    fn compact(header: Value, claims: &Value, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
+        let signed = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let signature = sign(signed.as_bytes());
+        format!("{signed}.{}", B64.encode(signature))
+    }
+
+    /// Signs `claims` with the minter's key under a header of our choosing.
+    fn es256(minter: &Minter, header: Value, claims: &Value) -> String {
+        let pair = signature::EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            minter.key.as_bytes(),
+        )
+        .unwrap();
+        compact(header, claims, |signed| {
+            pair.sign(&aws_lc_rs::rand::SystemRandom::new(), signed)
+                .unwrap()
+                .as_ref()
+                .to_vec()
+        })
+    }
+
+    fn header(minter: &Minter) -> Value {
+        serde_json::json!({ "alg": "ES256", "kid": minter.kid, "typ": "JWT" })
     }
 
     /// A 2048-bit RSA key, as the API server's usually is.
@@ -457,25 +517,18 @@ mod tests {
         signature::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("an RSA key")
     }
 
-    fn rsa_jwks(key: &signature::RsaKeyPair, kid: &str) -> Jwks {
-        use aws_lc_rs::signature::KeyPair as _;
+    fn rsa_jwks(key: &signature::RsaKeyPair, kid: &str) -> JwkSet {
         let public = signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public_key());
-        Jwks {
-            keys: vec![Jwk {
-                kty: "RSA".to_owned(),
-                kid: Some(kid.to_owned()),
-                alg: Some("RS256".to_owned()),
-                crv: None,
-                x: None,
-                y: None,
-                n: Some(B64.encode(&public.n)),
-                e: Some(B64.encode(&public.e)),
-            }],
-        }
+        serde_json::from_value(serde_json::json!({ "keys": [{
+            "kty": "RSA", "kid": kid, "alg": "RS256",
+            "n": B64.encode(&public.n), "e": B64.encode(&public.e),
+        }]}))
+        .unwrap()
     }
 
     fn rs256_token(key: &signature::RsaKeyPair, kid: &str, claims: &Value) -> String {
-        encode("RS256", kid, claims, |signed| {
+        let header = serde_json::json!({ "alg": "RS256", "kid": kid, "typ": "JWT" });
+        compact(header, claims, |signed| {
             let mut signature = vec![0; key.public_modulus_len()];
             key.sign(
                 &signature::RSA_PKCS1_SHA256,
@@ -483,10 +536,9 @@ mod tests {
                 signed,
                 &mut signature,
             )
-            .map_err(|e| e.to_string())?;
-            Ok(signature)
+            .unwrap();
+            signature
         })
-        .unwrap()
     }
 
     #[test]
@@ -494,8 +546,8 @@ mod tests {
         let key = rsa_key();
         let claims = token_claims(ISSUER, &request());
         let token = rs256_token(&key, "rsa-1", &claims);
-        let rsa = Verifier::new(&rsa_jwks(&key, "rsa-1"), ISSUER, "ferry-ca").unwrap();
-        let who = rsa.verify(&token, unix_now()).unwrap();
+        let rsa = verifier_of(&rsa_jwks(&key, "rsa-1"));
+        let who = rsa.verify(&token).unwrap();
         assert_eq!(
             who.username(),
             "system:serviceaccount:ferry-system:ferry-agent"
@@ -503,7 +555,7 @@ mod tests {
         assert_eq!(who.node, "n1");
 
         // Another RSA key, a verifier with only an EC key, a changed payload.
-        let other = Verifier::new(&rsa_jwks(&rsa_key(), "rsa-1"), ISSUER, "ferry-ca").unwrap();
+        let other = verifier_of(&rsa_jwks(&rsa_key(), "rsa-1"));
         let ec_only = verifier(&Minter::generate(ISSUER).unwrap());
         let mut forged = claims;
         forged["kubernetes.io"]["namespace"] = "kube-system".into();
@@ -516,10 +568,7 @@ mod tests {
             ("a changed payload", &rsa, &tampered),
         ] {
             assert!(
-                matches!(
-                    verifier.verify(token, unix_now()),
-                    Err(TokenError::Signature(_))
-                ),
+                matches!(verifier.verify(token), Err(TokenError::Signature(_))),
                 "{what}: accepted"
             );
         }
@@ -529,7 +578,7 @@ mod tests {
     fn a_minted_token_verifies_and_names_its_service_account_and_node() {
         let minter = Minter::generate(ISSUER).unwrap();
         let token = minter.mint(&request()).unwrap();
-        let who = verifier(&minter).verify(&token, unix_now()).unwrap();
+        let who = verifier(&minter).verify(&token).unwrap();
         assert_eq!(
             who.username(),
             "system:serviceaccount:ferry-system:ferry-agent"
@@ -542,25 +591,30 @@ mod tests {
     fn refuses_wrong_audience_expiry_key_issuer_and_tampering() {
         let minter = Minter::generate(ISSUER).unwrap();
         let verifier = verifier(&minter);
-        let now = unix_now();
 
         let mut wrong_audience = request();
         wrong_audience.audience = vec!["https://kubernetes.default.svc".to_owned()];
         let error = verifier
-            .verify(&minter.mint(&wrong_audience).unwrap(), now)
+            .verify(&minter.mint(&wrong_audience).unwrap())
             .unwrap_err();
-        assert!(matches!(error, TokenError::Audience { .. }), "{error}");
+        assert_eq!(
+            error,
+            TokenError::Audience {
+                found: vec!["https://kubernetes.default.svc".to_owned()],
+                expected: "ferry-ca".to_owned()
+            }
+        );
 
         let mut expired = request();
         expired.lifetime_secs = -600;
         let error = verifier
-            .verify(&minter.mint(&expired).unwrap(), now)
+            .verify(&minter.mint(&expired).unwrap())
             .unwrap_err();
-        assert!(matches!(error, TokenError::Expired(_)), "{error}");
+        assert!(matches!(error, TokenError::Expired(600..=602)), "{error}");
 
         let stranger = Minter::generate(ISSUER).unwrap();
         let error = verifier
-            .verify(&stranger.mint(&request()).unwrap(), now)
+            .verify(&stranger.mint(&request()).unwrap())
             .unwrap_err();
         assert!(matches!(error, TokenError::Signature(_)), "{error}");
 
@@ -570,9 +624,15 @@ mod tests {
         };
         let other = Verifier::new(&other_issuer.jwks(), ISSUER, "ferry-ca").unwrap();
         let error = other
-            .verify(&other_issuer.mint(&request()).unwrap(), now)
+            .verify(&other_issuer.mint(&request()).unwrap())
             .unwrap_err();
-        assert!(matches!(error, TokenError::Issuer { .. }), "{error}");
+        assert_eq!(
+            error,
+            TokenError::Issuer {
+                found: "https://evil".to_owned(),
+                expected: ISSUER.to_owned()
+            }
+        );
 
         let token = minter.mint(&request()).unwrap();
         let mut parts: Vec<&str> = token.split('.').collect();
@@ -582,7 +642,7 @@ mod tests {
                 .replace("ferry-agent\"", "admin\""),
         );
         parts[1] = &forged;
-        let error = verifier.verify(&parts.join("."), now).unwrap_err();
+        let error = verifier.verify(&parts.join(".")).unwrap_err();
         assert!(matches!(error, TokenError::Signature(_)), "{error}");
     }
 
@@ -594,16 +654,262 @@ mod tests {
         let (_, rest) = token.split_once('.').unwrap();
         for alg in ["none", "HS256"] {
             let header = B64.encode(format!(r#"{{"alg":"{alg}"}}"#));
-            let error = verifier
-                .verify(&format!("{header}.{rest}"), unix_now())
-                .unwrap_err();
+            let error = verifier.verify(&format!("{header}.{rest}")).unwrap_err();
             assert_eq!(error, TokenError::Algorithm(alg.to_owned()));
         }
         for garbage in ["", "a.b", "a.b.c.d", "!!.!!.!!"] {
-            assert!(matches!(
-                verifier.verify(garbage, unix_now()).unwrap_err(),
-                TokenError::Malformed(_)
-            ));
+            let error = verifier.verify(garbage).unwrap_err();
+            assert!(
+                matches!(error, TokenError::Malformed(_)),
+                "{garbage:?}: {error}"
+            );
         }
+    }
+
+    #[test]
+    fn an_unsigned_token_with_an_empty_signature_is_refused() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let claims = token_claims(ISSUER, &request());
+        for alg in ["none", "None", "NONE"] {
+            let token = compact(
+                serde_json::json!({ "alg": alg, "kid": minter.kid }),
+                &claims,
+                |_| Vec::new(),
+            );
+            let error = verifier(&minter).verify(&token).unwrap_err();
+            assert_eq!(error, TokenError::Algorithm(alg.to_owned()));
+        }
+    }
+
+    /// The classic confusion: an HMAC keyed with the verifier's public key,
+    /// which an attacker knows, in every form a careless verifier might use.
+    #[test]
+    fn an_hmac_keyed_with_the_public_key_is_refused() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let jwks = minter.jwks();
+        let pair = signature::EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            minter.key.as_bytes(),
+        )
+        .unwrap();
+        let secrets = [
+            pair.public_key().as_ref().to_vec(),
+            serde_json::to_vec(&jwks).unwrap(),
+            serde_json::to_vec(&jwks.keys[0]).unwrap(),
+        ];
+        let claims = token_claims(ISSUER, &request());
+        for (i, secret) in secrets.iter().enumerate() {
+            for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+                let header = Header {
+                    kid: Some(minter.kid.clone()),
+                    ..Header::new(alg)
+                };
+                let token = jsonwebtoken::encode(
+                    &header,
+                    &claims,
+                    &EncodingKey::from_secret(secret).unwrap(),
+                )
+                .unwrap();
+                let error = verifier(&minter).verify(&token).unwrap_err();
+                assert_eq!(
+                    error,
+                    TokenError::Algorithm(format!("{alg:?}")),
+                    "secret {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_without_a_kid_needs_a_single_key_that_could_have_signed_it() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let claims = token_claims(ISSUER, &request());
+        let unnamed = es256(&minter, serde_json::json!({ "alg": "ES256" }), &claims);
+        verifier(&minter).verify(&unnamed).expect("the only key");
+
+        let rotating = verifier_of(&both(&minter, &Minter::generate(ISSUER).unwrap()));
+        assert_eq!(
+            rotating.verify(&unnamed).unwrap_err(),
+            TokenError::NoKeyId(2)
+        );
+        // With its kid, the same token verifies during the rotation.
+        let named = es256(&minter, header(&minter), &claims);
+        rotating.verify(&named).expect("the named key");
+
+        // One EC key and one RSA key: only one could have signed ES256.
+        let mixed = JwkSet {
+            keys: [minter.jwks().keys, rsa_jwks(&rsa_key(), "rsa-1").keys].concat(),
+        };
+        verifier_of(&mixed)
+            .verify(&unnamed)
+            .expect("the only EC key");
+    }
+
+    #[test]
+    fn a_kid_of_a_key_of_the_wrong_type_is_refused() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let rsa = rsa_key();
+        let jwks = JwkSet {
+            keys: [minter.jwks().keys, rsa_jwks(&rsa, "rsa-1").keys].concat(),
+        };
+        let claims = token_claims(ISSUER, &request());
+        // RS256, signed by the RSA key, but naming the EC key.
+        let rs256 = rs256_token(&rsa, &minter.kid, &claims);
+        assert_eq!(
+            verifier_of(&jwks).verify(&rs256).unwrap_err(),
+            TokenError::KeyType {
+                kid: minter.kid.clone(),
+                alg: "RS256",
+                key: "an EC P-256 key"
+            }
+        );
+        // ES256, signed by the EC key, but naming the RSA key.
+        let es = es256(
+            &minter,
+            serde_json::json!({ "alg": "ES256", "kid": "rsa-1" }),
+            &claims,
+        );
+        assert_eq!(
+            verifier_of(&jwks).verify(&es).unwrap_err(),
+            TokenError::KeyType {
+                kid: "rsa-1".to_owned(),
+                alg: "ES256",
+                key: "an RSA key"
+            }
+        );
+    }
+
+    #[test]
+    fn keys_ferry_does_not_accept_are_skipped_and_never_verify() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let mut jwks = serde_json::to_value(minter.jwks()).unwrap();
+        let secret = B64.encode(b"a shared secret in the JWKS");
+        let extra = serde_json::json!([
+            { "kty": "oct", "kid": "hmac", "k": secret },
+            { "kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": B64.encode([7u8; 32]) },
+            { "kty": "EC", "kid": "p384", "crv": "P-384", "x": B64.encode([1u8; 48]), "y": B64.encode([2u8; 48]) },
+            { "kty": "RSA", "kid": "pss", "alg": "PS256", "n": B64.encode([3u8; 256]), "e": "AQAB" },
+        ]);
+        jwks["keys"]
+            .as_array_mut()
+            .unwrap()
+            .extend(extra.as_array().unwrap().iter().cloned());
+        let verifier =
+            Verifier::from_jwks_json(&jwks.to_string(), ISSUER, "ferry-ca").expect("one usable");
+        assert_eq!(verifier.key_count(), 1);
+        let header = Header {
+            kid: Some("hmac".to_owned()),
+            ..Header::new(Algorithm::HS256)
+        };
+        let claims = token_claims(ISSUER, &request());
+        let hmac = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(b"a shared secret in the JWKS").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            verifier.verify(&hmac).unwrap_err(),
+            TokenError::Algorithm("HS256".to_owned())
+        );
+        let only_others = serde_json::json!({ "keys": extra }).to_string();
+        let error = Verifier::from_jwks_json(&only_others, ISSUER, "ferry-ca")
+            .err()
+            .expect("nothing usable");
+        assert!(error.contains("no usable key"), "{error}");
+        let error = Verifier::from_jwks_json("{\"keys\": 3}", ISSUER, "ferry-ca")
+            .err()
+            .expect("not a JWKS");
+        assert!(error.starts_with("not a JSON Web Key Set"), "{error}");
+    }
+
+    #[test]
+    fn each_missing_or_mistyped_claim_is_named() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let verifier = verifier(&minter);
+        let full = token_claims(ISSUER, &request());
+        for claim in ["exp", "iss", "aud", "sub"] {
+            let mut claims = full.clone();
+            claims.as_object_mut().unwrap().remove(claim);
+            let error = verifier
+                .verify(&es256(&minter, header(&minter), &claims))
+                .unwrap_err();
+            assert_eq!(error, TokenError::MissingClaim(claim.to_owned()));
+            assert_eq!(
+                error.to_string(),
+                format!("the token has no {claim:?} claim")
+            );
+        }
+        let mut claims = full.clone();
+        claims["exp"] = "tomorrow".into();
+        let error = verifier
+            .verify(&es256(&minter, header(&minter), &claims))
+            .unwrap_err();
+        assert!(
+            matches!(&error, TokenError::Malformed(m) if m.contains("\"exp\"")),
+            "{error}"
+        );
+
+        let mut claims = full.clone();
+        claims["sub"] = "system:node:n1".into();
+        let error = verifier
+            .verify(&es256(&minter, header(&minter), &claims))
+            .unwrap_err();
+        assert_eq!(error, TokenError::Subject("system:node:n1".to_owned()));
+
+        let mut claims = full;
+        claims["kubernetes.io"]
+            .as_object_mut()
+            .unwrap()
+            .remove("node");
+        let error = verifier
+            .verify(&es256(&minter, header(&minter), &claims))
+            .unwrap_err();
+        assert_eq!(error, TokenError::NoNode);
+    }
+
+    #[test]
+    fn times_are_checked_with_the_leeway() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let verifier = verifier(&minter);
+        let now = unix_now();
+        let at = |exp: u64, nbf: Option<u64>, iat: Option<u64>| {
+            let mut claims = token_claims(ISSUER, &request());
+            claims["exp"] = exp.into();
+            let object = claims.as_object_mut().unwrap();
+            object.remove("nbf");
+            object.remove("iat");
+            if let Some(nbf) = nbf {
+                claims["nbf"] = nbf.into();
+            }
+            if let Some(iat) = iat {
+                claims["iat"] = iat.into();
+            }
+            verifier.verify(&es256(&minter, header(&minter), &claims))
+        };
+        at(now - 30, None, None).expect("expired within the leeway");
+        assert!(matches!(
+            at(now - 120, None, None),
+            Err(TokenError::Expired(119..=121))
+        ));
+        at(now + 600, Some(now + 30), None).expect("not before, within the leeway");
+        assert!(matches!(
+            at(now + 600, Some(now + 300), None),
+            Err(TokenError::NotYetValid(299..=300))
+        ));
+        // Without nbf, a token issued in the future is not valid yet either.
+        assert!(matches!(
+            at(now + 600, None, Some(now + 300)),
+            Err(TokenError::NotYetValid(299..=300))
+        ));
+    }
+
+    #[test]
+    fn an_oversized_token_is_refused_before_parsing() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        let error = verifier(&minter)
+            .verify(&"a".repeat(MAX_TOKEN_BYTES + 1))
+            .unwrap_err();
+        assert!(matches!(error, TokenError::Malformed(m) if m.contains("more than")));
     }
 }

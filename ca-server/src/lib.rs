@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod csr;
 pub mod issuer;
+pub mod jwks;
 pub mod jwt;
 pub mod kubernetes;
 mod metrics;

@@ -5,7 +5,7 @@ use ferry_ca::{
     bootstrap,
     cli::{Cli, Command, LogFormat},
     issuer::LeafPolicy,
-    jwt,
+    jwks::JwksFile,
     kubernetes::{KubePods, TokenReviewer},
     nodes::PodIndex,
     serve::{self, ServeConfig},
@@ -80,10 +80,10 @@ async fn serve_async(args: ferry_ca::cli::ServeArgs) -> anyhow::Result<()> {
         None
     };
     let authenticator = match (&args.jwks, &client) {
-        (Some(jwks), _) => Authenticator::Jwks(
-            jwt::Verifier::from_jwks_file(jwks, &args.token_issuer, &args.token_audience)
+        (Some(jwks), _) => Authenticator::Jwks(std::sync::Arc::new(
+            JwksFile::load(jwks, &args.token_issuer, &args.token_audience)
                 .map_err(anyhow::Error::msg)?,
-        ),
+        )),
         (None, Some(client)) => {
             Authenticator::TokenReview(TokenReviewer::new(client.clone(), &args.token_audience))
         }

@@ -22,6 +22,8 @@ pub struct Metrics {
     refused: Family<Reason, Counter<u64, AtomicU64>>,
     issuer_expiry: Gauge<i64, AtomicI64>,
     issuer_reload_failures: Counter<u64, AtomicU64>,
+    jwks_keys: Gauge<i64, AtomicI64>,
+    jwks_reload_failures: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -31,6 +33,8 @@ impl Default for Metrics {
         let refused = Family::default();
         let issuer_expiry = Gauge::default();
         let issuer_reload_failures = Counter::default();
+        let jwks_keys = Gauge::default();
+        let jwks_reload_failures = Counter::default();
         registry.register(
             "certificates_issued",
             "Leaf certificates signed",
@@ -51,12 +55,24 @@ impl Default for Metrics {
             "Replacement issuer files refused",
             issuer_reload_failures.clone(),
         );
+        registry.register(
+            "jwks_keys",
+            "Token signing keys in use from the JWKS file (0 without --jwks)",
+            jwks_keys.clone(),
+        );
+        registry.register(
+            "jwks_reload_failures",
+            "Replacement JWKS files refused",
+            jwks_reload_failures.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             issued,
             refused,
             issuer_expiry,
             issuer_reload_failures,
+            jwks_keys,
+            jwks_reload_failures,
         }
     }
 }
@@ -80,6 +96,14 @@ impl Metrics {
 
     pub fn issuer_reload_failed(&self) {
         self.issuer_reload_failures.inc();
+    }
+
+    pub fn jwks_keys(&self, keys: usize) {
+        self.jwks_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    pub fn jwks_reload_failed(&self) {
+        self.jwks_reload_failures.inc();
     }
 
     pub fn render(&self) -> String {

@@ -75,6 +75,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.server_names.clone(),
         Arc::clone(&metrics),
     ));
+    if let Authenticator::Jwks(keys) = &config.authenticator {
+        tokio::spawn(crate::jwks::watch(Arc::clone(keys), Arc::clone(&metrics)));
+    }
     tokio::spawn(crate::metrics_http::serve(
         metrics_listener,
         Arc::clone(&metrics),

@@ -15,6 +15,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     csr,
     issuer::{Issuer, LeafPolicy},
+    jwks::JwksFile,
     jwt::{self, TokenIdentity},
     kubernetes::{KubePods, TokenReviewer},
     metrics::Metrics,
@@ -29,7 +30,7 @@ pub const MAX_CSR_BYTES: usize = 8 * 1024;
 /// How callers prove who they are.
 pub enum Authenticator {
     /// Offline, against the API server's keys.
-    Jwks(jwt::Verifier),
+    Jwks(Arc<JwksFile>),
     /// Online: the API server reviews each token.
     TokenReview(TokenReviewer),
 }
@@ -44,9 +45,7 @@ impl Authenticator {
             ));
         }
         match self {
-            Self::Jwks(verifier) => verifier
-                .verify(token, jwt::unix_now())
-                .map_err(|e| e.to_string()),
+            Self::Jwks(keys) => keys.verifier().verify(token).map_err(|e| e.to_string()),
             Self::TokenReview(reviewer) => reviewer.review(token).await,
         }
     }

@@ -472,6 +472,67 @@ fn a_replaced_issuer_is_used_without_a_restart_and_a_corrupt_one_is_refused() ->
     Ok(())
 }
 
+/// The API server rotates its signing key: the new key is published beside
+/// the old one, then the old one is dropped. A running CA follows the JWKS
+/// file, and a broken replacement leaves the keys in use.
+#[test]
+fn a_rotated_token_key_is_followed_without_a_restart() -> anyhow::Result<()> {
+    let setup = setup("ca-jwks")?;
+    let node = setup.cluster.node(setup.n1).name.clone();
+    let old = Minter::generate(ferry_tests::ca::TOKEN_ISSUER).map_err(anyhow::Error::msg)?;
+    let new = Minter::generate(ferry_tests::ca::TOKEN_ISSUER).map_err(anyhow::Error::msg)?;
+    let signed_by = |minter: &Minter| -> anyhow::Result<CertifyRequest> {
+        let token = minter
+            .mint(&CaFixture::agent_request(&node))
+            .map_err(anyhow::Error::msg)?;
+        Ok(CertifyRequest {
+            token,
+            ..request(&setup, API, csr(&p256(), &[API]))?
+        })
+    };
+    let send = |request: CertifyRequest| certify(&setup, &setup.ca.trust_bundle, request);
+    let jwks_of = |minters: &[&Minter]| {
+        let keys: Vec<_> = minters.iter().flat_map(|m| m.jwks().keys).collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    };
+    let until = |what: &str, done: &dyn Fn() -> anyhow::Result<bool>| -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done()? {
+            ensure!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    };
+
+    refused(
+        send(signed_by(&new)?)?,
+        &["Unauthenticated", "does not verify with any trusted key"],
+    )?;
+    // The fixture's own minter signed the keys the CA started with.
+    std::fs::write(&setup.ca.jwks, jwks_of(&[&setup.ca.minter, &old, &new]))?;
+    until("the CA did not take the new keys", &|| {
+        Ok(metrics(&setup)?.contains("ferry_ca_jwks_keys 3"))
+    })?;
+    send(signed_by(&new)?)?.map_err(anyhow::Error::msg)?;
+    send(signed_by(&old)?)?.map_err(anyhow::Error::msg)?;
+
+    std::fs::write(&setup.ca.jwks, jwks_of(&[&new]))?;
+    until("the CA did not drop the old keys", &|| {
+        Ok(metrics(&setup)?.contains("ferry_ca_jwks_keys 1"))
+    })?;
+    refused(send(signed_by(&old)?)?, &["does not verify"])?;
+
+    std::fs::write(
+        &setup.ca.jwks,
+        "{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}",
+    )?;
+    until("the broken JWKS was not noticed", &|| {
+        Ok(metrics(&setup)?.contains("ferry_ca_jwks_reload_failures_total 1"))
+    })?;
+    send(signed_by(&new)?)?.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
 #[test]
 fn in_a_cluster_tokens_are_reviewed_by_the_api_server_and_pods_watched() -> anyhow::Result<()> {
     let mut cluster = Cluster::new("ca-kubernetes")?;

@@ -6,11 +6,16 @@
 use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use ferry_ca::jwt::{Minter, TokenRequest};
+use ferry_ca::{
+    issuer::{Issuer, LeafPolicy},
+    jwt::{Minter, TokenRequest},
+};
+use rustls::{RootCertStore, sign::CertifiedKey};
 
 use crate::{
     AgentCa, Cluster, Place, Proc, bin_path,
@@ -54,6 +59,9 @@ pub struct CaOptions {
     /// Run as in a cluster: tokens checked by TokenReview and pods watched,
     /// both through a stand-in API server, instead of a JWKS and the workload file.
     pub kubernetes: bool,
+    /// The `ferry-ca` to run instead of the one built beside this binary
+    /// (another build of it, to compare).
+    pub binary: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -63,7 +71,10 @@ impl Cluster {
     }
 
     pub fn start_ca_with(&mut self, options: &CaOptions) -> anyhow::Result<CaFixture> {
-        let ca_bin = bin_path("ferry-ca")?;
+        let ca_bin = match &options.binary {
+            Some(binary) => binary.clone(),
+            None => bin_path("ferry-ca")?,
+        };
         let dir = self.tempdir().join("ca");
         let dir_text = dir.to_str().context("tempdir is not UTF-8")?.to_owned();
         let output = std::process::Command::new(&ca_bin)
@@ -227,5 +238,40 @@ impl CaFixture {
 
     pub fn mint(&self, request: &TokenRequest) -> anyhow::Result<String> {
         self.minter.mint(request).map_err(anyhow::Error::msg)
+    }
+
+    /// A certificate for `identity`, signed the way the CA signs one (its
+    /// own `Issuer::sign_leaf` with the mesh's issuer), and the mesh's roots:
+    /// for a TLS client that is no agent.
+    pub fn client_certificate(
+        &self,
+        identity: &str,
+    ) -> anyhow::Result<(Arc<CertifiedKey>, Arc<RootCertStore>)> {
+        let issuer =
+            Issuer::load(&self.issuer_dir, &self.trust_bundle).map_err(anyhow::Error::msg)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let policy = LeafPolicy {
+            lifetime: Duration::from_secs(3600),
+            clock_skew: Duration::from_secs(60),
+        };
+        let leaf = issuer
+            .sign_leaf(
+                &identity.parse()?,
+                &rcgen::PublicKeyData::subject_public_key_info(&key),
+                policy,
+            )
+            .map_err(anyhow::Error::msg)?;
+        let signing = rustls::crypto::aws_lc_rs::default_provider()
+            .key_provider
+            .load_private_key(
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+                    .map_err(anyhow::Error::msg)?,
+            )?;
+        let certified = CertifiedKey::new(vec![leaf.der, issuer.cert_der], signing);
+        let mut roots = RootCertStore::empty();
+        for root in issuer.roots {
+            roots.add(root)?;
+        }
+        Ok((Arc::new(certified), Arc::new(roots)))
     }
 }

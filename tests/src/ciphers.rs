@@ -112,22 +112,31 @@ fn drain(
 /// A client and a server config that allow only `suite`, with a chain the
 /// client verifies.
 fn configs(suite: SupportedCipherSuite) -> anyhow::Result<(Arc<ClientConfig>, Arc<ServerConfig>)> {
+    configs_with(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![suite],
+        ..ferry_proto::crypto::provider(Default::default())
+    })
+}
+
+/// A client and a server config on `provider`, with a chain the client verifies.
+fn configs_with(
+    provider: rustls::crypto::CryptoProvider,
+) -> anyhow::Result<(Arc<ClientConfig>, Arc<ServerConfig>)> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let leaf_key = KeyPair::generate()?;
     let leaf =
         CertificateParams::new(vec!["bench.ferry.test".to_owned()])?.signed_by(&leaf_key, &ca)?;
-    let provider = Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: vec![suite],
-        ..ferry_proto::crypto::provider(Default::default())
-    });
+    let provider = Arc::new(provider);
     let mut roots = RootCertStore::empty();
     roots.add(ca.der().clone())?;
-    let client = ClientConfig::builder_with_provider(Arc::clone(&provider))
+    let mut client = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every handshake a full one, as a new pooled connection's is.
+    client.resumption = rustls::client::Resumption::disabled();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
     let server = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -151,8 +160,100 @@ pub fn compare(rounds: usize, bytes: u64) -> anyhow::Result<Vec<Vec<SuiteRun>>> 
     Ok(runs)
 }
 
+/// Full handshakes with one key exchange group.
+#[derive(Debug, Clone)]
+pub struct HandshakeRun {
+    pub group: String,
+    pub handshakes: u64,
+    pub seconds: f64,
+    /// The client's first flight (its ClientHello), in bytes.
+    pub client_hello_bytes: usize,
+}
+
+impl HandshakeRun {
+    pub fn per_second(&self) -> f64 {
+        self.handshakes as f64 / self.seconds
+    }
+}
+
+/// The key exchange groups of Ferry's provider, in its order.
+pub fn groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+    ferry_proto::crypto::provider(Default::default()).kx_groups
+}
+
+/// `count` full TLS 1.3 handshakes (P-256 chain verified, no resumption)
+/// offering and accepting `group` only: both sides' work, on one core.
+pub fn handshakes(
+    group: &'static dyn rustls::crypto::SupportedKxGroup,
+    count: u64,
+) -> anyhow::Result<HandshakeRun> {
+    let (client_config, server_config) = configs_with(rustls::crypto::CryptoProvider {
+        kx_groups: vec![group],
+        ..ferry_proto::crypto::provider(Default::default())
+    })?;
+    let name = ServerName::try_from("bench.ferry.test")?;
+    let mut client_hello_bytes = 0;
+    let started = Instant::now();
+    for _ in 0..count {
+        let mut client = ClientConnection::new(Arc::clone(&client_config), name.clone())?;
+        let mut server = ServerConnection::new(Arc::clone(&server_config))?;
+        let mut first = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut first)?;
+        }
+        client_hello_bytes = first.len();
+        let mut rest = &first[..];
+        while !rest.is_empty() {
+            server.read_tls(&mut rest)?;
+            server.process_new_packets()?;
+        }
+        while client.is_handshaking() || server.is_handshaking() {
+            pump(&mut server, &mut client)?;
+            pump(&mut client, &mut server)?;
+        }
+        anyhow::ensure!(
+            client.negotiated_key_exchange_group().map(|g| g.name()) == Some(group.name()),
+            "negotiated {:?}",
+            client.negotiated_key_exchange_group().map(|g| g.name())
+        );
+    }
+    Ok(HandshakeRun {
+        group: format!("{:?}", group.name()),
+        handshakes: count,
+        seconds: started.elapsed().as_secs_f64().max(1e-9),
+        client_hello_bytes,
+    })
+}
+
+/// Every group `rounds` times, the order rotating; runs by group.
+pub fn compare_handshakes(rounds: usize, count: u64) -> anyhow::Result<Vec<Vec<HandshakeRun>>> {
+    let groups = groups();
+    let mut runs = vec![Vec::new(); groups.len()];
+    for round in 0..rounds {
+        for i in 0..groups.len() {
+            let i = (i + round) % groups.len();
+            runs[i].push(handshakes(groups[i], count)?);
+        }
+    }
+    Ok(runs)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_group_completes_handshakes_and_the_hybrid_one_sends_more() {
+        let runs: Vec<_> = super::groups()
+            .into_iter()
+            .map(|group| super::handshakes(group, 2).unwrap())
+            .collect();
+        assert_eq!(runs[0].group, "X25519MLKEM768", "{runs:?}");
+        // ML-KEM-768's encapsulation key is 1,184 bytes on top of X25519's 32.
+        assert!(
+            runs[0].client_hello_bytes > runs[1].client_hello_bytes + 1184,
+            "{runs:?}"
+        );
+    }
+
     #[test]
     fn every_suite_carries_bytes_both_ways_and_is_the_one_negotiated() {
         for suite in super::suites() {

@@ -24,6 +24,7 @@ pub mod cgroup;
 pub mod ciphers;
 pub mod http;
 pub mod inspect;
+pub mod issuance;
 pub mod kube_api;
 pub mod load;
 pub mod netns;

@@ -3,16 +3,14 @@
 //! asks for what an agent never would. Each request gets its own status
 //! with a reason, is counted by reason, and the port keeps serving.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::ensure;
 use bytes::Bytes;
 use ferry_agent::{identity::tls, tunnel::wire::REASON_HEADER};
-use ferry_ca::issuer::{Issuer, LeafPolicy};
 use ferry_proto::SpiffeId;
 use ferry_tests::{
     Cluster, PORT, PodOptions,
-    ca::CaFixture,
     inspect::{metric_value, metrics},
     netns,
     testapp::{Family, TestApp, pod_addr},
@@ -90,7 +88,7 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
             "only CONNECT",
         ),
     ];
-    let client = issue(&ca, "spiffe://cluster.local/ns/shop/sa/web")?;
+    let client = ca.client_certificate("spiffe://cluster.local/ns/shop/sa/web")?;
     let answers = netns::in_netns(&cluster.node(n1).netns, || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -124,39 +122,6 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
         );
     }
     Ok(())
-}
-
-/// A certificate for `identity`, signed the way the CA signs one (its own
-/// `Issuer::sign_leaf` with the mesh's issuer), for a client that is no agent.
-fn issue(
-    ca: &CaFixture,
-    identity: &str,
-) -> anyhow::Result<(Arc<CertifiedKey>, Arc<RootCertStore>)> {
-    let issuer = Issuer::load(&ca.issuer_dir, &ca.trust_bundle).map_err(anyhow::Error::msg)?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let policy = LeafPolicy {
-        lifetime: Duration::from_secs(3600),
-        clock_skew: Duration::from_secs(60),
-    };
-    let leaf = issuer
-        .sign_leaf(
-            &identity.parse()?,
-            &rcgen::PublicKeyData::subject_public_key_info(&key),
-            policy,
-        )
-        .map_err(anyhow::Error::msg)?;
-    let signing = rustls::crypto::aws_lc_rs::default_provider()
-        .key_provider
-        .load_private_key(
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
-                .map_err(anyhow::Error::msg)?,
-        )?;
-    let certified = CertifiedKey::new(vec![leaf.der, issuer.cert_der], signing);
-    let mut roots = RootCertStore::empty();
-    for root in issuer.roots {
-        roots.add(root)?;
-    }
-    Ok((Arc::new(certified), Arc::new(roots)))
 }
 
 async fn ask_all(

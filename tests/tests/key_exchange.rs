@@ -3,12 +3,26 @@
 //! groups with `--key-exchange classical`) still connects, both ways, on
 //! X25519. What was negotiated shows in `/pool`, in
 //! `ferry_tunnel_key_exchanges_total` and in the CA's line for each request.
+//! And a client that is no agent, offering X25519MLKEM768 alone, completes
+//! the tunnel port's mTLS handshake (Debian 12's OpenSSL 3.0 has no ML-KEM,
+//! so the client is rustls).
+
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{Context as _, ensure};
+use ferry_agent::identity::tls;
+use ferry_proto::SpiffeId;
 use ferry_tests::{
     Cluster, MIB, NodeId, PORT, PodOptions,
     inspect::{admin_json, eventually, metric_value, metrics},
-    testapp::{Family, exchange, pod_addr},
+    netns,
+    testapp::{Family, TestApp, exchange, pod_addr},
+};
+use rustls::{
+    NamedGroup, RootCertStore,
+    crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs::kx_group},
+    pki_types::ServerName,
+    sign::CertifiedKey,
 };
 use serde_json::Value;
 
@@ -121,4 +135,105 @@ fn agents_negotiate_post_quantum_and_a_classical_one_still_connects_both_ways() 
         "the default agent's connection to the classical one is not on X25519: {pq_groups:?}"
     );
     Ok(())
+}
+
+/// An outside client with a certificate of the trust domain, offering one
+/// key exchange group only: with X25519MLKEM768 the handshake completes (the
+/// server takes the client's certificate and answers a `CONNECT`); with a
+/// group Ferry does not accept (secp384r1) the handshake is refused.
+#[test]
+fn a_client_offering_only_x25519mlkem768_completes_the_tunnel_handshake() -> anyhow::Result<()> {
+    let mut cluster = Cluster::new("key-exchange-client")?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let db = cluster.add_pod(n2, PodOptions::meshed("db-0", "shop", "db"))?;
+    let ca = cluster.start_ca()?;
+    let _agent = cluster.agent(n2).ca(&ca).start()?;
+    let _serve =
+        TestApp::serve(pod_addr(&cluster, db, Family::V4, PORT)).start(&mut cluster, db)?;
+    let tunnel = SocketAddr::from((cluster.node(n2).ipv4, ferry_proto::TUNNEL_PORT));
+    let target = pod_addr(&cluster, db, Family::V4, PORT).to_string();
+    let client = ca.client_certificate("spiffe://cluster.local/ns/shop/sa/web")?;
+    let db_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/db".parse()?;
+
+    let (group, status) = netns::in_netns(&cluster.node(n1).netns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(connect_offering(
+            kx_group::X25519MLKEM768,
+            tunnel,
+            client.clone(),
+            &db_id,
+            &target,
+        ))
+    })?;
+    ensure!(
+        group == Some(NamedGroup::X25519MLKEM768) && status == http::StatusCode::OK,
+        "offering only X25519MLKEM768: negotiated {group:?}, CONNECT answered {status}"
+    );
+    let samples = metrics(&cluster, n2)?;
+    let labels = [("side", "server"), ("group", "X25519MLKEM768")];
+    let count = metric_value(&samples, "ferry_tunnel_key_exchanges_total", &labels);
+    ensure!(
+        count >= 1.0,
+        "the agent counted no X25519MLKEM768 handshake: {count}"
+    );
+
+    let refused = netns::in_netns(&cluster.node(n1).netns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(runtime
+            .block_on(connect_offering(
+                kx_group::SECP384R1,
+                tunnel,
+                client.clone(),
+                &db_id,
+                &target,
+            ))
+            .map_err(|e| format!("{e:#}")))
+    })?;
+    match refused {
+        Ok(answer) => anyhow::bail!("offering only secp384r1 was accepted: {answer:?}"),
+        Err(error) => ensure!(
+            error.contains("HandshakeFailure"),
+            "offering only secp384r1 failed otherwise than by a handshake failure: {error}"
+        ),
+    }
+    Ok(())
+}
+
+/// A TLS handshake with the tunnel port offering only `group`, then one
+/// `CONNECT` to `target`: the group negotiated and the answer's status.
+async fn connect_offering(
+    group: &'static dyn SupportedKxGroup,
+    tunnel: SocketAddr,
+    (certified, roots): (Arc<CertifiedKey>, Arc<RootCertStore>),
+    expected: &SpiffeId,
+    target: &str,
+) -> anyhow::Result<(Option<NamedGroup>, http::StatusCode)> {
+    let provider = Arc::new(CryptoProvider {
+        kx_groups: vec![group],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
+    let config = tls::client_config(&provider, certified, roots, expected.trust_domain())?;
+    let tcp = tokio::net::TcpStream::connect(tunnel).await?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(expected.sni())?, tcp)
+        .await?;
+    let negotiated = stream
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| g.name());
+    let (send, connection) = h2::client::handshake(stream).await?;
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target)
+        .body(())?;
+    let mut send = send.ready().await?;
+    let (response, _body) = send.send_request(request, false)?;
+    Ok((negotiated, response.await?.status()))
 }

@@ -42,6 +42,8 @@ use serde_json::{Value, json};
 const SERVER_PORT: u16 = 7000;
 /// What the `ciphers` scenario moves through each suite, both ways together.
 const CIPHER_BYTES: u64 = 512 * MIB;
+/// Full handshakes per key exchange group in the `ciphers` scenario.
+const HANDSHAKES: u64 = 2000;
 /// How many policies the `policies` scenario puts in the cluster.
 const POLICY_COUNT: usize = 1000;
 const NO_POLICIES_METRIC: &str = "crr-no-policies.perSecond";
@@ -100,6 +102,10 @@ struct Args {
     /// Run only these setups (repeatable).
     #[arg(long = "setup", value_parser = SETUPS)]
     setups: Vec<String>,
+    /// Another `ferry-ca` build for the `issuance` scenario to run beside
+    /// this one (e.g. one from an older commit), each in turn per round.
+    #[arg(long)]
+    baseline_ca: Option<PathBuf>,
 }
 
 /// Timed scenarios: name, `ferry-load` mode, and whether the server pod is on
@@ -116,7 +122,7 @@ const TIMED: [(&str, Mode, bool); 5] = [
 fn scenario_names() -> clap::builder::PossibleValuesParser {
     let timed = TIMED.iter().map(|(name, ..)| *name);
     clap::builder::PossibleValuesParser::new(
-        timed.chain(["idle", "policies", "ciphers", "upgrade"]),
+        timed.chain(["idle", "policies", "ciphers", "issuance", "upgrade"]),
     )
 }
 
@@ -215,10 +221,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Check>, Value)> {
+    let mut samples = Samples::default();
+    // On a cluster of its own, before the bench's: it starts and stops CAs.
+    if args.runs("issuance") && args.over("ferry") {
+        issuance(args, &mut samples)?;
+    }
     let mut bench = Bench::start(args.seconds, &args.agent_args)?;
     let connect4_before = prog_stats("ferry_connect4")?;
     let sock_ops_before = prog_stats("ferry_sock_ops")?;
-    let mut samples = Samples::default();
     for round in 0..args.rounds {
         for (scenario, mode, same_node) in TIMED.into_iter().filter(|(s, ..)| args.runs(s)) {
             for k in 0..SETUPS.len() {
@@ -276,6 +286,29 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
                     &format!("ciphers.{}.MiBPerSecond", run.suite),
                     "ferry",
                     run.mib_per_second(),
+                );
+            }
+        }
+    }
+    if args.runs("ciphers") && args.over("ferry") {
+        let count = if args.quick { 20 } else { HANDSHAKES };
+        for runs in ferry_tests::ciphers::compare_handshakes(args.rounds, count)? {
+            for run in runs {
+                println!(
+                    "handshakes {:>16}: {:.0}/s (ClientHello {} bytes)",
+                    run.group,
+                    run.per_second(),
+                    run.client_hello_bytes
+                );
+                samples.add(
+                    &format!("handshakes.{}.perSecond", run.group),
+                    "ferry",
+                    run.per_second(),
+                );
+                samples.add(
+                    &format!("handshakes.{}.clientHelloBytes", run.group),
+                    "ferry",
+                    run.client_hello_bytes as f64,
                 );
             }
         }
@@ -370,6 +403,58 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
         "sockOps": { "nsPerConnect": sock_ops_ns, "callsPerConnect": sock_ops_calls },
     });
     Ok((samples, checks, extra))
+}
+
+/// Certificates per CA CPU second, this build's `ferry-ca` and, with
+/// `--baseline-ca`, another one beside it.
+fn issuance(args: &Args, samples: &mut Samples) -> anyhow::Result<()> {
+    let ours = ferry_tests::bin_path("ferry-ca")?;
+    let mut binaries = vec![ours.clone()];
+    binaries.extend(args.baseline_ca.clone());
+    let seconds = args.seconds.max(1.0);
+    for (round, runs) in ferry_tests::issuance::compare(&binaries, args.rounds, seconds)?
+        .into_iter()
+        .enumerate()
+    {
+        for run in runs {
+            let which = if run.binary == ours {
+                "this build"
+            } else {
+                "baseline"
+            };
+            println!(
+                "round {} issuance {which:>10}: {:.0} certificates/s, {:.0} per CA CPU second \
+                 ({} in {:.1} s, CA CPU {:.2} s)",
+                round + 1,
+                run.per_second(),
+                run.per_cpu_second(),
+                run.issued,
+                run.seconds,
+                run.cpu_seconds
+            );
+            let prefix = if run.binary == ours {
+                "issuance"
+            } else {
+                "issuance-baseline"
+            };
+            samples.add(&format!("{prefix}.perSecond"), "ferry", run.per_second());
+            samples.add(
+                &format!("{prefix}.perCpuSecond"),
+                "ferry",
+                run.per_cpu_second(),
+            );
+        }
+    }
+    if let (Some(ours), Some(baseline)) = (
+        samples.median("issuance.perCpuSecond", "ferry"),
+        samples.median("issuance-baseline.perCpuSecond", "ferry"),
+    ) {
+        println!(
+            "issuance per CA CPU second: this build {ours:.0}, baseline {baseline:.0}: {:.2} ×",
+            ours / baseline
+        );
+    }
+    Ok(())
 }
 
 fn record(samples: &mut Samples, scenario: &str, mode: Mode, setup: &str, result: &Measured) {

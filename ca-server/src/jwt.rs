@@ -391,18 +391,25 @@ pub struct TokenRequest {
 
 impl Minter {
     pub fn generate(issuer: &str) -> Result<Self, String> {
-        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
             .map_err(|e| format!("cannot generate a token key: {e}"))?;
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+        Self::from_pkcs8(pkcs8.as_ref(), issuer)
+    }
+
+    /// A minter with a given P-256 key (PKCS#8 DER): the fuzz targets sign
+    /// with a fixed key so that their runs are reproducible.
+    pub fn from_pkcs8(pkcs8: &[u8], issuer: &str) -> Result<Self, String> {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
             .map_err(|e| format!("cannot load the token key: {e}"))?;
         let kid = B64.encode(
             &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pair.public_key().as_ref())
                 .as_ref()[..12],
         );
         Ok(Self {
-            key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            key: EncodingKey::from_ec_der(pkcs8),
             kid,
             issuer: issuer.to_owned(),
         })
@@ -483,7 +490,7 @@ mod tests {
 
     /// A compact JWT with any header, signed by `sign`: for the tokens the
     /// library would refuse to make.
-    fn compact(header: Value, claims: &Value, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
+    fn compact(header: &Value, claims: &Value, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
         let signed = format!(
             "{}.{}",
             B64.encode(header.to_string()),
@@ -494,7 +501,7 @@ mod tests {
     }
 
     /// Signs `claims` with the minter's key under a header of our choosing.
-    fn es256(minter: &Minter, header: Value, claims: &Value) -> String {
+    fn es256(minter: &Minter, header: &Value, claims: &Value) -> String {
         let pair = signature::EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             minter.key.as_bytes(),
@@ -528,7 +535,7 @@ mod tests {
 
     fn rs256_token(key: &signature::RsaKeyPair, kid: &str, claims: &Value) -> String {
         let header = serde_json::json!({ "alg": "RS256", "kid": kid, "typ": "JWT" });
-        compact(header, claims, |signed| {
+        compact(&header, claims, |signed| {
             let mut signature = vec![0; key.public_modulus_len()];
             key.sign(
                 &signature::RSA_PKCS1_SHA256,
@@ -672,7 +679,7 @@ mod tests {
         let claims = token_claims(ISSUER, &request());
         for alg in ["none", "None", "NONE"] {
             let token = compact(
-                serde_json::json!({ "alg": alg, "kid": minter.kid }),
+                &serde_json::json!({ "alg": alg, "kid": minter.kid }),
                 &claims,
                 |_| Vec::new(),
             );
@@ -724,7 +731,7 @@ mod tests {
     fn a_token_without_a_kid_needs_a_single_key_that_could_have_signed_it() {
         let minter = Minter::generate(ISSUER).unwrap();
         let claims = token_claims(ISSUER, &request());
-        let unnamed = es256(&minter, serde_json::json!({ "alg": "ES256" }), &claims);
+        let unnamed = es256(&minter, &serde_json::json!({ "alg": "ES256" }), &claims);
         verifier(&minter).verify(&unnamed).expect("the only key");
 
         let rotating = verifier_of(&both(&minter, &Minter::generate(ISSUER).unwrap()));
@@ -733,7 +740,7 @@ mod tests {
             TokenError::NoKeyId(2)
         );
         // With its kid, the same token verifies during the rotation.
-        let named = es256(&minter, header(&minter), &claims);
+        let named = es256(&minter, &header(&minter), &claims);
         rotating.verify(&named).expect("the named key");
 
         // One EC key and one RSA key: only one could have signed ES256.
@@ -766,7 +773,7 @@ mod tests {
         // ES256, signed by the EC key, but naming the RSA key.
         let es = es256(
             &minter,
-            serde_json::json!({ "alg": "ES256", "kid": "rsa-1" }),
+            &serde_json::json!({ "alg": "ES256", "kid": "rsa-1" }),
             &claims,
         );
         assert_eq!(
@@ -832,7 +839,7 @@ mod tests {
             let mut claims = full.clone();
             claims.as_object_mut().unwrap().remove(claim);
             let error = verifier
-                .verify(&es256(&minter, header(&minter), &claims))
+                .verify(&es256(&minter, &header(&minter), &claims))
                 .unwrap_err();
             assert_eq!(error, TokenError::MissingClaim(claim.to_owned()));
             assert_eq!(
@@ -843,7 +850,7 @@ mod tests {
         let mut claims = full.clone();
         claims["exp"] = "tomorrow".into();
         let error = verifier
-            .verify(&es256(&minter, header(&minter), &claims))
+            .verify(&es256(&minter, &header(&minter), &claims))
             .unwrap_err();
         assert!(
             matches!(&error, TokenError::Malformed(m) if m.contains("\"exp\"")),
@@ -853,7 +860,7 @@ mod tests {
         let mut claims = full.clone();
         claims["sub"] = "system:node:n1".into();
         let error = verifier
-            .verify(&es256(&minter, header(&minter), &claims))
+            .verify(&es256(&minter, &header(&minter), &claims))
             .unwrap_err();
         assert_eq!(error, TokenError::Subject("system:node:n1".to_owned()));
 
@@ -863,7 +870,7 @@ mod tests {
             .unwrap()
             .remove("node");
         let error = verifier
-            .verify(&es256(&minter, header(&minter), &claims))
+            .verify(&es256(&minter, &header(&minter), &claims))
             .unwrap_err();
         assert_eq!(error, TokenError::NoNode);
     }
@@ -885,7 +892,7 @@ mod tests {
             if let Some(iat) = iat {
                 claims["iat"] = iat.into();
             }
-            verifier.verify(&es256(&minter, header(&minter), &claims))
+            verifier.verify(&es256(&minter, &header(&minter), &claims))
         };
         at(now - 30, None, None).expect("expired within the leeway");
         assert!(matches!(

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use ferry_agent::identity::ca_client::CaClient;
 use ferry_ca::{
     issuer::{Issuer, LeafPolicy},
     jwt::{Minter, TokenRequest},
@@ -166,6 +167,18 @@ impl Cluster {
             api,
         })
     }
+}
+
+/// The agent's own CA client for the CA at `addr`, checking it against
+/// `bundle`; call it inside a tokio runtime in the fabric namespace, where
+/// the CA listens (e.g. in [`netns::block_on_in`]).
+pub fn ca_client(addr: SocketAddr, bundle: &Path) -> anyhow::Result<CaClient> {
+    CaClient::new(
+        addr.to_string(),
+        CA_SERVER_NAME,
+        bundle.to_owned(),
+        ferry_proto::crypto::shared_provider(Default::default()),
+    )
 }
 
 /// What an agent needs to get certificates from this CA:

@@ -15,13 +15,13 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use ferry_agent::identity::{Certifier as _, ca_client::CaClient};
+use ferry_agent::identity::Certifier as _;
 use ferry_proto::identity::v1::CertifyRequest;
 use rcgen::{CertificateParams, KeyPair, SanType, string::Ia5String};
 
 use crate::{
     Cluster, NodeId, PodOptions,
-    ca::{CA_SERVER_NAME, CaFixture, CaOptions},
+    ca::{CaFixture, CaOptions, ca_client},
     netns,
 };
 
@@ -136,44 +136,33 @@ fn drive(
     requests: &Arc<Vec<CertifyRequest>>,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let (addr, bundle) = (ca.addr.to_string(), ca.trust_bundle.clone());
-    let requests = Arc::clone(requests);
-    netns::in_netns(cluster.fabric_netns(), move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async move {
-            let client = CaClient::new(
-                addr,
-                CA_SERVER_NAME,
-                bundle,
-                ferry_proto::crypto::shared_provider(Default::default()),
-            )?;
-            let until = Instant::now() + duration;
-            let mut tasks = Vec::new();
-            for worker in 0..IN_FLIGHT {
-                let (client, requests) = (client.clone(), Arc::clone(&requests));
-                tasks.push(tokio::spawn(async move {
-                    let mut issued = 0u64;
-                    loop {
-                        let request = requests[(worker + issued as usize) % requests.len()].clone();
-                        client
-                            .certify(request)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("certify: {e}"))?;
-                        issued += 1;
-                        if Instant::now() >= until {
-                            return anyhow::Ok(issued);
-                        }
+    let (addr, bundle) = (ca.addr, &ca.trust_bundle);
+    netns::block_on_in(cluster.fabric_netns(), || async {
+        let client = ca_client(addr, bundle)?;
+        let until = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for worker in 0..IN_FLIGHT {
+            let (client, requests) = (client.clone(), Arc::clone(requests));
+            tasks.push(tokio::spawn(async move {
+                let mut issued = 0u64;
+                loop {
+                    let request = requests[(worker + issued as usize) % requests.len()].clone();
+                    client
+                        .certify(request)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("certify: {e}"))?;
+                    issued += 1;
+                    if Instant::now() >= until {
+                        return anyhow::Ok(issued);
                     }
-                }));
-            }
-            let mut issued = 0;
-            for task in tasks {
-                issued += task.await??;
-            }
-            Ok(issued)
-        })
+                }
+            }));
+        }
+        let mut issued = 0;
+        for task in tasks {
+            issued += task.await??;
+        }
+        Ok(issued)
     })
 }
 

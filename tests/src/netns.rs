@@ -55,6 +55,20 @@ pub fn in_netns<T: Send>(
     })
 }
 
+/// Runs the future `make` returns on a one-thread tokio runtime, on a
+/// thread that has entered namespace `name` (see [`in_netns`]).
+pub fn block_on_in<T: Send, F: std::future::Future<Output = anyhow::Result<T>>>(
+    name: &str,
+    make: impl FnOnce() -> F + Send,
+) -> anyhow::Result<T> {
+    in_netns(name, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(make())
+    })
+}
+
 /// Sets a sysctl of namespace `name`, e.g. `net/ipv4/ip_forward`. The
 /// `/proc/sys/net` a thread opens is that of its own namespace.
 pub(crate) fn set_sysctl(name: &str, key: &str, value: &str) -> anyhow::Result<()> {

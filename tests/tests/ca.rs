@@ -6,12 +6,12 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
-use ferry_agent::identity::{Certifier as _, ca_client::CaClient};
+use ferry_agent::identity::Certifier as _;
 use ferry_ca::jwt::Minter;
 use ferry_proto::identity::v1::{CertifyRequest, CertifyResponse};
 use ferry_tests::{
     Cluster, NodeId, PodOptions,
-    ca::{CA_SERVER_NAME, CaFixture},
+    ca::{CaFixture, ca_client},
     http, netns,
 };
 use rcgen::{CertificateParams, KeyPair, SanType, string::Ia5String};
@@ -42,21 +42,10 @@ fn certify(
     bundle: &Path,
     request: CertifyRequest,
 ) -> anyhow::Result<Result<CertifyResponse, String>> {
-    let addr = setup.ca.addr.to_string();
-    let bundle = bundle.to_owned();
-    netns::in_netns(setup.cluster.fabric_netns(), move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async move {
-            let client = CaClient::new(
-                addr,
-                CA_SERVER_NAME,
-                bundle,
-                ferry_proto::crypto::shared_provider(Default::default()),
-            )?;
-            Ok(client.certify(request).await.map_err(|e| e.to_string()))
-        })
+    let addr = setup.ca.addr;
+    netns::block_on_in(setup.cluster.fabric_netns(), || async {
+        let client = ca_client(addr, bundle)?;
+        Ok(client.certify(request).await.map_err(|e| e.to_string()))
     })
 }
 

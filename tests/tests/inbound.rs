@@ -89,11 +89,8 @@ fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> 
         ),
     ];
     let client = ca.client_certificate("spiffe://cluster.local/ns/shop/sa/web")?;
-    let answers = netns::in_netns(&cluster.node(n1).netns, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(ask_all(tunnel, client, db_id, &cases))
+    let answers = netns::block_on_in(&cluster.node(n1).netns, || {
+        ask_all(tunnel, client, db_id, &cases)
     })?;
     for ((what, _, target, status, reason), (got, got_reason)) in cases.iter().zip(&answers) {
         ensure!(

@@ -156,17 +156,14 @@ fn a_client_offering_only_x25519mlkem768_completes_the_tunnel_handshake() -> any
     let client = ca.client_certificate("spiffe://cluster.local/ns/shop/sa/web")?;
     let db_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/db".parse()?;
 
-    let (group, status) = netns::in_netns(&cluster.node(n1).netns, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(connect_offering(
+    let (group, status) = netns::block_on_in(&cluster.node(n1).netns, || {
+        connect_offering(
             kx_group::X25519MLKEM768,
             tunnel,
             client.clone(),
             &db_id,
             &target,
-        ))
+        )
     })?;
     ensure!(
         group == Some(NamedGroup::X25519MLKEM768) && status == http::StatusCode::OK,
@@ -180,19 +177,10 @@ fn a_client_offering_only_x25519mlkem768_completes_the_tunnel_handshake() -> any
         "the agent counted no X25519MLKEM768 handshake: {count}"
     );
 
-    let refused = netns::in_netns(&cluster.node(n1).netns, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        Ok(runtime
-            .block_on(connect_offering(
-                kx_group::SECP384R1,
-                tunnel,
-                client.clone(),
-                &db_id,
-                &target,
-            ))
-            .map_err(|e| format!("{e:#}")))
+    let refused = netns::block_on_in(&cluster.node(n1).netns, || async {
+        let offered =
+            connect_offering(kx_group::SECP384R1, tunnel, client.clone(), &db_id, &target);
+        Ok(offered.await.map_err(|e| format!("{e:#}")))
     })?;
     match refused {
         Ok(answer) => anyhow::bail!("offering only secp384r1 was accepted: {answer:?}"),

@@ -122,3 +122,96 @@ pub async fn open<D: Dial>(
         return Ok((stream, checkout));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::DuplexStream;
+
+    use super::*;
+    use crate::tunnel::pool::PoolConfig;
+
+    /// Dials in-process HTTP/2 peers. The first `resetting` connections
+    /// reset every stream before answering (a peer agent gone between
+    /// checkout and use); later ones answer `status`.
+    struct Peers {
+        dials: AtomicUsize,
+        resetting: usize,
+        status: StatusCode,
+    }
+
+    impl Dial for Arc<Peers> {
+        type Io = DuplexStream;
+
+        async fn dial(&self, _key: &PoolKey) -> Result<DuplexStream, DialError> {
+            let resets = self.dials.fetch_add(1, Ordering::SeqCst) < self.resetting;
+            let status = self.status;
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(server).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    if resets {
+                        respond.send_reset(h2::Reason::CONNECT_ERROR);
+                    } else {
+                        let mut response = http::Response::new(());
+                        *response.status_mut() = status;
+                        let _ = respond.send_response(response, false);
+                    }
+                }
+            });
+            Ok(client)
+        }
+    }
+
+    async fn open_with(resetting: usize, status: StatusCode) -> (Result<(), OpenError>, usize) {
+        let peers = Arc::new(Peers {
+            dials: AtomicUsize::new(0),
+            resetting,
+            status,
+        });
+        let pool = Pool::new(PoolConfig::default(), Arc::clone(&peers), Arc::default());
+        let key = PoolKey {
+            source: "spiffe://cluster.local/ns/a/sa/client".parse().unwrap(),
+            destination: "spiffe://cluster.local/ns/b/sa/server".parse().unwrap(),
+            address: SocketAddr::from(([198, 19, 0, 2], 15008)),
+        };
+        let target = SocketAddr::from(([198, 18, 2, 10], 8080));
+        let opened = open(&pool, &key, target).await.map(drop);
+        (opened, peers.dials.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_stream_reset_before_the_answer_is_sent_again_on_a_fresh_connection() {
+        let (opened, dials) = open_with(OPEN_ATTEMPTS - 1, StatusCode::OK).await;
+        opened.expect("the last try reaches a peer that answers");
+        assert_eq!(dials, OPEN_ATTEMPTS);
+    }
+
+    #[tokio::test]
+    async fn after_the_last_try_the_reset_is_the_error() {
+        let (opened, dials) = open_with(OPEN_ATTEMPTS, StatusCode::OK).await;
+        let error = opened.unwrap_err();
+        assert!(matches!(error, OpenError::Stream { .. }), "{error}");
+        assert_eq!(dials, OPEN_ATTEMPTS, "no try after the last");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_answer_and_is_not_sent_again() {
+        let (opened, dials) = open_with(0, StatusCode::FORBIDDEN).await;
+        let error = opened.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                OpenError::Refused {
+                    status: StatusCode::FORBIDDEN,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(dials, 1);
+    }
+}

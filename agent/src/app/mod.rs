@@ -203,13 +203,20 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     // connections that arrive meanwhile queue on the bound sockets, and a
     // peer's dial waits for this node's certificates instead of failing
     // its handshake (and backing off) while they are requested.
-    let ready_wait = match &predecessor {
-        Some(_) => Duration::MAX,
-        None => FIRST_ACCEPT_WAIT,
+    let alone = predecessor.is_none();
+    let ready = async {
+        if alone {
+            tokio::time::timeout(FIRST_ACCEPT_WAIT, lifecycle::ready(&state))
+                .await
+                .is_ok()
+        } else {
+            lifecycle::ready(&state).await;
+            true
+        }
     };
     tokio::select! {
-        waited = tokio::time::timeout(ready_wait, lifecycle::ready(&state)) => {
-            if waited.is_err() {
+        ready = ready => {
+            if !ready {
                 tracing::warn!(reasons = ?state.not_ready_to_serve(), waited = ?FIRST_ACCEPT_WAIT, "accepting connections before the agent is ready");
             }
         }

@@ -234,17 +234,25 @@ fn logging(req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// `%XX` escapes, as a client puts `,` `=` `:` into a query.
+/// `%XX` escapes, as a client puts `,` `=` `:` into a query. Read as bytes:
+/// a query may hold UTF-8, and a `%` before a multi-byte character is no escape.
 fn percent_decode(s: &str) -> String {
+    fn hex(digit: u8) -> Option<u8> {
+        char::from(digit)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(byte) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(high), Some(low)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
         {
-            out.push(byte);
+            out.push(high << 4 | low);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -368,5 +376,22 @@ pub fn check_admin_addr(addr: SocketAddr) -> Result<SocketAddr, NotLoopback> {
         Ok(addr)
     } else {
         Err(NotLoopback(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decodes_a_query_value_of_any_bytes() {
+        assert_eq!(
+            percent_decode("info%2Cferry_agent%3Ddebug"),
+            "info,ferry_agent=debug"
+        );
+        assert_eq!(percent_decode("a%1b%5b2J%0a"), "a\u{1b}[2J\n");
+        // Not escapes: kept as they are, never a panic on a multi-byte character.
+        assert_eq!(percent_decode("%aé%é%"), "%aé%é%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

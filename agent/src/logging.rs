@@ -109,6 +109,6 @@ pub fn set_filter(filter: &str) -> Result<(), FilterError> {
     })?;
     (control.reload)(parsed)?;
     *control.current.lock().expect("log filter lock") = filter.to_owned();
-    tracing::info!(filter, "log filter changed");
+    tracing::info!(filter = %ferry_proto::Untrusted(filter), "log filter changed");
     Ok(())
 }

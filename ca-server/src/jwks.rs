@@ -11,6 +11,8 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
+use ferry_proto::Untrusted;
+
 use crate::{jwt::Verifier, metrics::Metrics, serve::RELOAD_INTERVAL};
 
 pub struct JwksFile {
@@ -79,7 +81,7 @@ pub async fn watch(jwks: Arc<JwksFile>, metrics: Arc<Metrics>) {
             }
             Err(error) => {
                 metrics.jwks_reload_failed();
-                tracing::error!(%error, "refused the replacement token keys (JWKS); the keys in use stay");
+                tracing::error!(error = %Untrusted(&error), "refused the replacement token keys (JWKS); the keys in use stay");
             }
         }
     }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use ferry_proto::Untrusted;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
@@ -102,7 +103,7 @@ impl KubePods {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 if let Err(error) = event {
-                    tracing::warn!(%error, "pod watch interrupted; it resumes on its own");
+                    tracing::warn!(error = %Untrusted(&error), "pod watch interrupted; it resumes on its own");
                 }
             }
         });

@@ -128,9 +128,13 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_filter)
         .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cli.log_filter))?;
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal, as the agent: a pod's log is a file, where
+    // the escapes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

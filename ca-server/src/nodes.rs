@@ -8,7 +8,7 @@ use std::{
     time::SystemTime,
 };
 
-use ferry_proto::workload_file::WorkloadFile;
+use ferry_proto::{Untrusted, workload_file::WorkloadFile};
 
 pub struct PodIndex {
     path: PathBuf,
@@ -41,7 +41,7 @@ impl PodIndex {
             match read(&self.path) {
                 Ok((modified, file)) => *state = Loaded { modified, file },
                 Err(error) => {
-                    tracing::error!(%error, "keeping the last good workload file");
+                    tracing::error!(error = %Untrusted(&error), "keeping the last good workload file");
                     state.modified = modified;
                 }
             }

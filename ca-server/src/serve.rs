@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ferry_proto::identity::v1::identity_server::IdentityServer;
+use ferry_proto::{Untrusted, identity::v1::identity_server::IdentityServer};
 use rcgen::KeyPair;
 use rustls::{
     ServerConfig,
@@ -195,7 +195,9 @@ fn tls_incoming(
                         let info = ConnectInfo { peer, key_exchange };
                         let _ = tx.send(Ok(CaConnection { tls, info })).await;
                     }
-                    Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
+                    Ok(Err(error)) => {
+                        tracing::info!(%peer, error = %Untrusted(&error), "TLS handshake failed")
+                    }
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 }
             });

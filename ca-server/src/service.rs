@@ -7,7 +7,7 @@ use std::{
 };
 
 use ferry_proto::{
-    SpiffeId,
+    SpiffeId, Untrusted,
     identity::v1::{CertifyRequest, CertifyResponse, identity_server::Identity},
 };
 use tonic::{Code, Request, Response, Status};
@@ -37,6 +37,9 @@ pub enum Authenticator {
 
 impl Authenticator {
     async fn authenticate(&self, token: &str) -> Result<TokenIdentity, String> {
+        if token.is_empty() {
+            return Err("the request carries no token".to_owned());
+        }
         if token.len() > jwt::MAX_TOKEN_BYTES {
             return Err(format!(
                 "the token is {} bytes; at most {} are accepted",
@@ -114,9 +117,9 @@ impl Identity for Ca {
                 tracing::warn!(
                     peer = ?peer,
                     key_exchange = %key_exchange,
-                    identity = %request.identity.chars().take(300).collect::<String>(),
+                    identity = %Untrusted(&request.identity),
                     reason = refusal.reason,
-                    error = %refusal.message,
+                    error = %Untrusted(&refusal.message),
                     "refused a certificate request"
                 );
                 Err(Status::new(refusal.code, refusal.message))
@@ -204,8 +207,8 @@ impl Ca {
         self.metrics.issued();
         tracing::info!(
             identity = %identity,
-            caller = %username,
-            node = %caller.node,
+            caller = %Untrusted(&username),
+            node = %Untrusted(&caller.node),
             peer = ?peer,
             key_exchange = %key_exchange,
             serial = %leaf.serial_hex,

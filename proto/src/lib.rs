@@ -1,13 +1,17 @@
 //! What the Ferry agent and the Ferry CA agree on: the identity API
 //! (`ferry.identity.v1.Identity/Certify`, generated from `identity.proto`),
 //! the SPIFFE identity of a workload, the workload file format (the facts
-//! both read when there is no cluster), and the well-known ports and names.
+//! both read when there is no cluster), the well-known ports and names, and
+//! how text from outside is shown in a log line ([`Untrusted`]).
 
 use std::{fmt, str::FromStr};
 
 pub mod crypto;
 pub mod policy;
+pub mod untrusted;
 pub mod workload_file;
+
+pub use untrusted::Untrusted;
 
 /// The generated gRPC code of `identity.proto`.
 pub mod identity {

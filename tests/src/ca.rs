@@ -63,6 +63,8 @@ pub struct CaOptions {
     /// The `ferry-ca` to run instead of the one built beside this binary
     /// (another build of it, to compare).
     pub binary: Option<PathBuf>,
+    /// More arguments for `ferry-ca serve`, e.g. `["--log-format", "json"]`.
+    pub args: Vec<String>,
 }
 
 impl Cluster {
@@ -132,6 +134,7 @@ impl Cluster {
         if let Some(skew) = &options.clock_skew {
             args.extend(["--clock-skew".to_owned(), skew.clone()]);
         }
+        args.extend(options.args.iter().cloned());
         let proc = self.spawn(Place::Fabric, &ca_bin, &args)?;
         let fabric = self.fabric_netns().to_owned();
         let deadline = Instant::now() + CA_READY_TIMEOUT;

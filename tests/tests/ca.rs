@@ -175,6 +175,11 @@ fn bad_requests_are_refused_with_a_reason_and_good_ones_still_served() -> anyhow
             vec!["InvalidArgument", "not a DER PKCS#10"],
         ),
         (
+            "empty CSR",
+            request(&setup, API, Vec::new())?,
+            vec!["InvalidArgument", "the CSR is empty"],
+        ),
+        (
             "SAN for someone else",
             request(&setup, API, csr(&p256(), &[DB]))?,
             vec!["exactly one URI SAN", DB],
@@ -187,7 +192,7 @@ fn bad_requests_are_refused_with_a_reason_and_good_ones_still_served() -> anyhow
         (
             "RSA key",
             request(&setup, API, rsa_csr(setup.cluster.tempdir())?)?,
-            vec!["must be ECDSA P-256"],
+            vec!["must be ECDSA P-256, not RSA"],
         ),
         (
             "signed by another key",
@@ -261,6 +266,11 @@ fn bad_requests_are_refused_with_a_reason_and_good_ones_still_served() -> anyhow
             "garbage".to_owned(),
             vec!["Unauthenticated", "not a JWT"],
         ),
+        (
+            "no token",
+            String::new(),
+            vec!["Unauthenticated", "the request carries no token"],
+        ),
     ];
     for (what, token, expected) in token_cases {
         refused(certify(&setup, &bundle, with_token(token)?)?, &expected)
@@ -272,8 +282,8 @@ fn bad_requests_are_refused_with_a_reason_and_good_ones_still_served() -> anyhow
     let metrics = metrics(&setup)?;
     for line in [
         "ferry_ca_certificates_issued_total 2",
-        "ferry_ca_requests_refused_total{reason=\"bad_csr\"} 5",
-        "ferry_ca_requests_refused_total{reason=\"unauthenticated\"} 4",
+        "ferry_ca_requests_refused_total{reason=\"bad_csr\"} 6",
+        "ferry_ca_requests_refused_total{reason=\"unauthenticated\"} 5",
         "ferry_ca_requests_refused_total{reason=\"not_an_agent\"} 1",
         "ferry_ca_requests_refused_total{reason=\"no_pod_on_node\"} 1",
     ] {

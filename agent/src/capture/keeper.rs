@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use ferry_proto::Untrusted;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -85,7 +86,7 @@ pub async fn keep_captured(
             .map(ToString::to_string)
             .collect();
         for failure in &failures {
-            tracing::error!(error = %failure, "capture failed; retrying in {CAPTURE_RETRY:?}");
+            tracing::error!(error = %Untrusted(failure), "capture failed; retrying in {CAPTURE_RETRY:?}");
         }
         metrics.reconciled(capture.attachments().count(), failures.len());
         let retry = !failures.is_empty();

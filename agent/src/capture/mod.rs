@@ -32,6 +32,7 @@ use ferry_agent_ebpf::{
     CAPTURE_IPV4, CAPTURE_IPV6, CaptureConfig, OriginalDst, PodCapture, PodPort, SockKey,
     map_names, program_names,
 };
+use ferry_proto::Untrusted;
 use serde::{Deserialize, Serialize};
 
 pub use keeper::{CAPTURE_RETRY, CaptureStatus, CaptureView, keep_captured, node_local_addresses};
@@ -308,7 +309,7 @@ impl Capture {
             self.attach_or_adopt(name, &dir, &pin)
                 .map_err(|source| attach_err(&key, name, source))?;
         }
-        tracing::info!(pod = %key, cgroup = %cgroup.display(), cgroup_id, "capturing pod");
+        tracing::info!(pod = %Untrusted(&key), cgroup = %Untrusted(cgroup.display()), cgroup_id, "capturing pod");
         self.attached.insert(cgroup_id, wanted);
         Ok(cgroup_id)
     }
@@ -426,7 +427,7 @@ impl Capture {
             .or_else(ignore_not_found)
             .map_err(err)?;
         if let Some(gone) = self.attached.remove(&id) {
-            tracing::info!(pod = %gone.pod, cgroup_id = id, "stopped capturing pod");
+            tracing::info!(pod = %Untrusted(&gone.pod), cgroup_id = id, "stopped capturing pod");
         } else {
             tracing::info!(cgroup_id = id, "detached capture left by a previous agent");
         }

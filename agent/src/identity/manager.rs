@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_proto::{SpiffeId, identity::v1::CertifyRequest};
+use ferry_proto::{SpiffeId, Untrusted, identity::v1::CertifyRequest};
 use rcgen::{CertificateParams, KeyPair, PublicKeyData as _, SanType, string::Ia5String};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -329,7 +329,7 @@ fn local_identities(table: &WorkloadTable, trust_domain: &str) -> BTreeSet<Spiff
             |pod| match SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account) {
                 Ok(identity) => Some(identity),
                 Err(error) => {
-                    tracing::error!(pod = %pod.key(), %error, "pod has no valid identity");
+                    tracing::error!(pod = %Untrusted(pod.key()), error = %Untrusted(&error), "pod has no valid identity");
                     None
                 }
             },
@@ -483,7 +483,7 @@ async fn keep_certified<C: Certifier>(
                     .is_some_and(|c| c.not_after > SystemTime::now());
                 tracing::warn!(
                     %identity,
-                    %error,
+                    error = %Untrusted(&error),
                     failures,
                     retry_in = ?wait,
                     serving_old_certificate = still_valid,

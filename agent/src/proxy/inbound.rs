@@ -11,7 +11,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use ferry_proto::SpiffeId;
+use ferry_proto::{SpiffeId, Untrusted};
 use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use tokio::net::{TcpListener, TcpStream};
@@ -82,7 +82,7 @@ impl<I: Identities> Inbound<I> {
         } = match self.server.accept(stream).await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(%error, "inbound tunnel connection refused");
+                tracing::warn!(error = %Untrusted(&error), "inbound tunnel connection refused");
                 return;
             }
         };
@@ -144,7 +144,7 @@ impl<I: Identities> Inbound<I> {
                     client = %peer.client,
                     authority = ?request.uri().authority().map(|a| a.as_str()),
                     status = refused.status().as_u16(),
-                    reason = %refused,
+                    reason = %Untrusted(&refused),
                     "tunnel request refused"
                 );
                 let refusal = wire::refusal(refused.status(), &refused.to_string());
@@ -153,7 +153,7 @@ impl<I: Identities> Inbound<I> {
             }
         };
         metrics.policy_allowed(policy.as_deref());
-        let span = tracing::info_span!("inbound", src.identity = %peer.client, dst.pod = %pod, dst.addr = %address);
+        let span = tracing::info_span!("inbound", src.identity = %peer.client, dst.pod = %Untrusted(&pod), dst.addr = %address);
         async move {
             let socket = match upstream::connect(address).await {
                 Ok(socket) => socket,

@@ -7,6 +7,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use ferry_proto::Untrusted;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
@@ -84,7 +85,7 @@ impl Outbound {
                 if let Refused::Policy(denied) = &refused {
                     metrics.policy_denied(Direction::Outbound, denied);
                 }
-                tracing::warn!(src.addr = %peer, dst.addr = %original_dst, reason = %refused, "connection refused");
+                tracing::warn!(src.addr = %peer, dst.addr = %original_dst, reason = %Untrusted(&refused), "connection refused");
                 return self.fail(&client, &Error::Refused(refused));
             }
         };
@@ -110,10 +111,10 @@ impl Outbound {
         };
         let span = tracing::info_span!(
             "outbound",
-            src.pod = meta.source_pod.as_deref().unwrap_or("unknown"),
+            src.pod = %Untrusted(meta.source_pod.as_deref().unwrap_or("unknown")),
             src.addr = %peer,
             dst.addr = %original_dst,
-            dst.pod = meta.destination_pod.as_deref().unwrap_or("none"),
+            dst.pod = %Untrusted(meta.destination_pod.as_deref().unwrap_or("none")),
             route = ?meta.route,
         );
         let _active = balanced.then(|| self.balancer.start(target));
@@ -176,7 +177,7 @@ impl Outbound {
 
     fn upstream_failed(&self, client: &TcpStream, error: &Error) {
         tracing::warn!(
-            %error,
+            error = %Untrusted(error),
             "cannot reach the original destination; resetting the client"
         );
         self.fail(client, error);

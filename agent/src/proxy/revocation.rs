@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use ferry_proto::Untrusted;
 use tokio::sync::watch;
 
 use super::{connections::Connections, metrics::Direction};
@@ -46,8 +47,8 @@ pub async fn follow_policies(
                 direction = if direction == Direction::Inbound { "inbound" } else { "outbound" },
                 src.identity = meta.source_identity.as_deref().unwrap_or("-"),
                 dst.identity = meta.destination_identity.as_deref().unwrap_or("-"),
-                dst.pod = meta.destination_pod.as_deref().unwrap_or("-"),
-                reason = %connection.reason,
+                dst.pod = %Untrusted(meta.destination_pod.as_deref().unwrap_or("-")),
+                reason = %Untrusted(&connection.reason),
                 "connection revoked: the policies no longer admit it; resetting both ends"
             );
         }

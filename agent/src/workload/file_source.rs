@@ -8,6 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use ferry_proto::Untrusted;
 use tokio::sync::watch;
 
 use super::{PolicySettings, WorkloadTable, file::WorkloadFile};
@@ -61,7 +62,7 @@ impl FileSource {
                     tx.send_replace(Arc::new(table));
                 }
                 Err(error) => {
-                    tracing::error!(%error, "ignoring the changed workload file; keeping the last good one")
+                    tracing::error!(error = %Untrusted(&error), "ignoring the changed workload file; keeping the last good one")
                 }
             }
         }

@@ -16,7 +16,10 @@ use std::{
     time::Duration,
 };
 
-use ferry_proto::policy::{AuthorizationPolicy, DEFAULT_POLICY_ANNOTATION};
+use ferry_proto::{
+    Untrusted,
+    policy::{AuthorizationPolicy, DEFAULT_POLICY_ANNOTATION},
+};
 use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::{
@@ -162,7 +165,7 @@ impl KubeSource {
             let table = self.table();
             let missing = missing_cgroups(&table);
             for pod in missing.difference(&awaiting_cgroups) {
-                tracing::info!(%pod, root = %self.cgroups.root.display(), "waiting for kubelet to create the pod's cgroup");
+                tracing::info!(pod = %Untrusted(pod), root = %self.cgroups.root.display(), "waiting for kubelet to create the pod's cgroup");
             }
             awaiting_cgroups = missing;
             tx.send_if_modified(|current| {
@@ -230,7 +233,7 @@ where
             match event {
                 Ok(_) => changed.notify_one(),
                 Err(error) => {
-                    tracing::warn!(kind, %error, "Kubernetes watch interrupted; resuming with backoff")
+                    tracing::warn!(kind, error = %Untrusted(&error), "Kubernetes watch interrupted; resuming with backoff")
                 }
             }
         }
@@ -467,7 +470,7 @@ fn excluded_ports(pod: &Pod) -> Vec<u16> {
                 tracing::warn!(
                     pod = ?pod.metadata.name,
                     annotation = EXCLUDED_PORTS_ANNOTATION,
-                    value = %text,
+                    value = %Untrusted(text),
                     "ignoring a port that is not a number"
                 );
                 None

@@ -18,7 +18,10 @@ use std::{
     sync::Arc,
 };
 
-use ferry_proto::policy::{DEFAULT_POLICY_ANNOTATION, DefaultPolicy};
+use ferry_proto::{
+    Untrusted,
+    policy::{DEFAULT_POLICY_ANNOTATION, DefaultPolicy},
+};
 use serde::{Deserialize, Serialize, Serializer};
 
 use policy::{Caller, CompiledPolicy, PodPolicies, PolicyView, Verdict};
@@ -423,11 +426,11 @@ impl WorkloadTable {
     /// source calls it when it publishes a table with new policies).
     pub fn log_policy_problems(&self) {
         for problem in &self.policy_problems {
-            tracing::warn!(%problem, "policy setting ignored");
+            tracing::warn!(problem = %Untrusted(problem), "policy setting ignored");
         }
         for policy in self.policies.iter().filter(|p| !p.problems.is_empty()) {
             tracing::warn!(
-                policy = %policy.key,
+                policy = %Untrusted(&policy.key),
                 problems = ?policy.problems,
                 "authorization policy applied without what it got wrong"
             );

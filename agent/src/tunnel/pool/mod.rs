@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use ferry_proto::SpiffeId;
+use ferry_proto::{SpiffeId, Untrusted};
 use h2::client::SendRequest;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -357,7 +357,7 @@ impl<D: Dial> Pool<D> {
                     let error = Arc::new(error);
                     let delay = self.back_off(state, Arc::clone(&error));
                     self.metrics.handshake(Side::Client, false);
-                    tracing::warn!(%key, %error, retry_in = ?delay, "tunnel dial failed");
+                    tracing::warn!(%key, error = %Untrusted(&error), retry_in = ?delay, "tunnel dial failed");
                     Err(error)
                 }
             }
@@ -397,7 +397,7 @@ impl<D: Dial> Pool<D> {
                 },
                 error = keepalive(&mut ping_pong, interval, timeout) => (PoolClose::Keepalive, error),
             };
-            tracing::info!(%key, connection = id, why, "tunnel connection ended");
+            tracing::info!(%key, connection = id, why = %Untrusted(&why), "tunnel connection ended");
             if let Some(pool) = pool.upgrade() {
                 pool.remove(&key, id, close, &why);
             }
@@ -420,7 +420,7 @@ impl<D: Dial> Pool<D> {
             close
         };
         self.metrics.pool_connection_closed(close);
-        tracing::debug!(%key, connection = id, close = ?close, why, "tunnel connection left the pool");
+        tracing::debug!(%key, connection = id, close = ?close, why = %Untrusted(why), "tunnel connection left the pool");
         // A peer that drains (GOAWAY) did not fail; anything else that ends
         // a connection before it carried a stream is as good as a failed dial.
         if removed.served == 0 && close != PoolClose::GoAway {

@@ -32,6 +32,7 @@ mod process;
 mod sim;
 pub mod stream;
 pub mod testapp;
+pub mod tunnel_client;
 pub mod wire;
 
 use std::{path::PathBuf, time::Duration};

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::ensure;
 use bytes::Bytes;
-use ferry_agent::{identity::tls, tunnel::wire::REASON_HEADER};
+use ferry_agent::tunnel::wire::REASON_HEADER;
 use ferry_proto::SpiffeId;
 use ferry_tests::{
     Cluster, PORT, PodOptions,
@@ -16,7 +16,7 @@ use ferry_tests::{
     testapp::{Family, TestApp, pod_addr},
 };
 use http::{Method, Request, StatusCode};
-use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::ServerName, sign::CertifiedKey};
+use rustls::{RootCertStore, sign::CertifiedKey};
 
 #[test]
 fn the_tunnel_port_refuses_what_an_agent_must_not_carry() -> anyhow::Result<()> {
@@ -127,15 +127,8 @@ async fn ask_all(
     expected: SpiffeId,
     cases: &[(&str, Method, String, StatusCode, &str)],
 ) -> anyhow::Result<Vec<(StatusCode, String)>> {
-    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let sni = ServerName::try_from(expected.sni())?;
-    let config = tls::client_config(&provider, certified, roots, expected.trust_domain())?;
-    let tcp = tokio::net::TcpStream::connect(tunnel).await?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(sni, tcp)
-        .await?;
-    let (mut send, connection) = h2::client::handshake(stream).await?;
-    tokio::spawn(connection);
+    let mut send =
+        ferry_tests::tunnel_client::connect(tunnel, (certified, roots), &expected).await?;
     let mut answers = Vec::new();
     for (_, method, target, _, _) in cases {
         let request = Request::builder()

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use bytes::Bytes;
-use ferry_agent::identity::{Certifier as _, ca_client::CaClient, tls};
+use ferry_agent::identity::{Certifier as _, ca_client::CaClient};
 use ferry_proto::{
     SpiffeId,
     identity::v1::{CertifyRequest, CertifyResponse},
@@ -31,7 +31,7 @@ use ferry_tests::{
 };
 use http::{HeaderValue, Method, Request};
 use rcgen::{CertificateParams, KeyPair, SanType, string::Ia5String};
-use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::ServerName, sign::CertifiedKey};
+use rustls::{RootCertStore, sign::CertifiedKey};
 
 /// Every forged line starts with this day: no line of a log may.
 const FORGED_DAY: &str = "1999-12-31";
@@ -273,15 +273,8 @@ async fn connect_all(
     (certified, roots): (Arc<CertifiedKey>, Arc<RootCertStore>),
     expected: SpiffeId,
 ) -> anyhow::Result<()> {
-    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let sni = ServerName::try_from(expected.sni())?;
-    let config = tls::client_config(&provider, certified, roots, expected.trust_domain())?;
-    let tcp = tokio::net::TcpStream::connect(tunnel).await?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(sni, tcp)
-        .await?;
-    let (mut send, connection) = h2::client::handshake(stream).await?;
-    tokio::spawn(connection);
+    let mut send =
+        ferry_tests::tunnel_client::connect(tunnel, (certified, roots), &expected).await?;
     let requests = [
         Request::builder()
             .method(Method::CONNECT)

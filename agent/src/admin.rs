@@ -139,6 +139,9 @@ pub async fn serve_admin(
 /// The readiness page, on the admin address and on the probe port.
 pub const READY_PATH: &str = "/healthz/ready";
 
+/// `GET` shows the log filter, `POST ?level=` replaces it.
+pub const LOGGING_PATH: &str = "/logging";
+
 /// Serves only `/healthz/ready` (the kubelet's probe) and `/metrics`
 /// (Prometheus): the probe port listens on every address. Until `stop`
 /// resolves, as [`serve_admin`].
@@ -198,7 +201,7 @@ async fn serve(
 
 /// `GET /logging` shows the filter; `POST /logging?level=<filter>` replaces it
 /// (EnvFilter syntax, e.g. `info,ferry_agent::tunnel=debug`).
-fn logging(req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn logging<B>(req: &Request<B>) -> Response<Full<Bytes>> {
     let Some(current) = logging::current_filter() else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -236,7 +239,7 @@ fn logging(req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
 
 /// `%XX` escapes, as a client puts `,` `=` `:` into a query. Read as bytes:
 /// a query may hold UTF-8, and a `%` before a multi-byte character is no escape.
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     fn hex(digit: u8) -> Option<u8> {
         char::from(digit)
             .to_digit(16)
@@ -262,65 +265,136 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    if req.uri().path() == "/logging"
-        && (req.method() == Method::POST || req.method() == Method::GET)
-    {
-        return logging(req);
+/// A page of the agent's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    Ready,
+    ConfigDump,
+    Workloads,
+    Connections,
+    Certs,
+    Pool,
+    Policies,
+    Metrics,
+}
+
+impl Page {
+    /// Every page, in the order the 404 lists them.
+    pub const ALL: [Page; 8] = [
+        Page::ConfigDump,
+        Page::Workloads,
+        Page::Connections,
+        Page::Certs,
+        Page::Pool,
+        Page::Policies,
+        Page::Metrics,
+        Page::Ready,
+    ];
+
+    /// The path a `GET` of this page names.
+    pub fn path(self) -> &'static str {
+        match self {
+            Page::Ready => READY_PATH,
+            Page::ConfigDump => "/config_dump",
+            Page::Workloads => "/workloads",
+            Page::Connections => "/connections",
+            Page::Certs => "/certs",
+            Page::Pool => "/pool",
+            Page::Policies => "/policies",
+            Page::Metrics => "/metrics",
+        }
+    }
+}
+
+/// Where the admin endpoint sends a request: to a page of the agent's
+/// state, or to an answer made from the request alone (the log filter, a
+/// refusal).
+#[derive(Debug)]
+pub enum Route {
+    Page(Page),
+    Answer(Response<Full<Bytes>>),
+}
+
+/// The admin endpoint's routing: by method, path and query only, so any
+/// request (whatever its body) can be routed, and tested, without the
+/// agent's state.
+pub fn route<B>(req: &Request<B>) -> Route {
+    let path = req.uri().path();
+    if path == LOGGING_PATH && (req.method() == Method::POST || req.method() == Method::GET) {
+        return Route::Answer(logging(req));
     }
     if req.method() != Method::GET {
-        return text(
+        return Route::Answer(text(
             StatusCode::METHOD_NOT_ALLOWED,
             "only GET is supported\n".into(),
-        );
+        ));
     }
-    match req.uri().path() {
-        READY_PATH => ready(state),
-        "/config_dump" => {
-            let table = state.workloads.borrow().clone();
-            let reasons = state.not_ready();
-            json(&ConfigDump {
-                pid: std::process::id(),
-                config: state.config.clone(),
-                node: table.node.clone(),
-                workloads: table.workloads.iter().map(|w| w.as_ref().clone()).collect(),
-                services: table.services.iter().map(|s| s.as_ref().clone()).collect(),
-                capture: state.capture.view(),
-                connections: state.connections.live(),
-                totals: state.metrics.totals(),
-                mtls: state.identities.is_some(),
-                certificates: state.certs(),
-                policies: state.policies(&table),
-                policy_problems: table.policy_problems.clone(),
-                pool: state.pool_view(),
-                ready: reasons.is_empty(),
-                not_ready_reasons: reasons,
-            })
+    match Page::ALL.into_iter().find(|page| page.path() == path) {
+        Some(page) => Route::Page(page),
+        None => {
+            let pages: Vec<&str> = Page::ALL.iter().map(|page| page.path()).collect();
+            Route::Answer(text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no such page {path}; try {}, {LOGGING_PATH}\n",
+                    pages.join(", ")
+                ),
+            ))
         }
-        "/workloads" => {
-            let table = state.workloads.borrow().clone();
-            json(
-                &table
-                    .workloads
-                    .iter()
-                    .map(AsRef::as_ref)
-                    .collect::<Vec<&Workload>>(),
-            )
+    }
+}
+
+fn route_admin(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match route(req) {
+        Route::Answer(response) => response,
+        Route::Page(page) => state.page(page),
+    }
+}
+
+impl AdminState {
+    fn page(&self, page: Page) -> Response<Full<Bytes>> {
+        match page {
+            Page::Ready => ready(self),
+            Page::ConfigDump => {
+                let table = self.workloads.borrow().clone();
+                let reasons = self.not_ready();
+                json(&ConfigDump {
+                    pid: std::process::id(),
+                    config: self.config.clone(),
+                    node: table.node.clone(),
+                    workloads: table.workloads.iter().map(|w| w.as_ref().clone()).collect(),
+                    services: table.services.iter().map(|s| s.as_ref().clone()).collect(),
+                    capture: self.capture.view(),
+                    connections: self.connections.live(),
+                    totals: self.metrics.totals(),
+                    mtls: self.identities.is_some(),
+                    certificates: self.certs(),
+                    policies: self.policies(&table),
+                    policy_problems: table.policy_problems.clone(),
+                    pool: self.pool_view(),
+                    ready: reasons.is_empty(),
+                    not_ready_reasons: reasons,
+                })
+            }
+            Page::Workloads => {
+                let table = self.workloads.borrow().clone();
+                json(
+                    &table
+                        .workloads
+                        .iter()
+                        .map(AsRef::as_ref)
+                        .collect::<Vec<&Workload>>(),
+                )
+            }
+            Page::Connections => json(&self.connections.live()),
+            Page::Certs => json(&self.certs()),
+            Page::Pool => json(&self.pool_view()),
+            Page::Policies => {
+                let table = self.workloads.borrow().clone();
+                json(&self.policies(&table))
+            }
+            Page::Metrics => metrics_text(self),
         }
-        "/connections" => json(&state.connections.live()),
-        "/certs" => json(&state.certs()),
-        "/pool" => json(&state.pool_view()),
-        "/policies" => {
-            let table = state.workloads.borrow().clone();
-            json(&state.policies(&table))
-        }
-        "/metrics" => metrics_text(state),
-        path => text(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no such page {path}; try /config_dump, /workloads, /connections, /certs, /pool, /policies, /metrics, /logging, /healthz/ready\n"
-            ),
-        ),
     }
 }
 
@@ -382,6 +456,48 @@ pub fn check_admin_addr(addr: SocketAddr) -> Result<SocketAddr, NotLoopback> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route_of(method: Method, uri: &str) -> Route {
+        route(&Request::builder().method(method).uri(uri).body(()).unwrap())
+    }
+
+    fn status_of(route: Route) -> StatusCode {
+        match route {
+            Route::Answer(response) => response.status(),
+            Route::Page(page) => panic!("{page:?} is not an answer"),
+        }
+    }
+
+    #[test]
+    fn routes_by_method_and_path_alone() {
+        for page in Page::ALL {
+            assert!(
+                matches!(route_of(Method::GET, page.path()), Route::Page(p) if p == page),
+                "{page:?}"
+            );
+        }
+        assert!(matches!(
+            route_of(Method::GET, "/config_dump?x=1"),
+            Route::Page(Page::ConfigDump)
+        ));
+        assert!(matches!(
+            route_of(Method::GET, READY_PATH),
+            Route::Page(Page::Ready)
+        ));
+        assert_eq!(
+            status_of(route_of(Method::POST, "/workloads")),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            status_of(route_of(Method::GET, "/nope")),
+            StatusCode::NOT_FOUND
+        );
+        // No logger is installed in unit tests.
+        assert_eq!(
+            status_of(route_of(Method::POST, "/logging?level=debug")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 
     #[test]
     fn percent_decodes_a_query_value_of_any_bytes() {

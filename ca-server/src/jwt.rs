@@ -15,6 +15,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use ferry_proto::Untrusted;
 use jsonwebtoken::{
     Algorithm, DecodingKey, EncodingKey, Header, Validation,
     errors::ErrorKind,
@@ -162,7 +163,7 @@ impl Verifier {
                 Some(alg) if !matches!(alg.as_str(), "ES256" | "RS256") => {
                     TokenError::Algorithm(alg)
                 }
-                _ => TokenError::Malformed(format!("its header: {e}")),
+                _ => TokenError::Malformed(format!("its header: {}", Untrusted(&e))),
             })?;
         if !matches!(header.alg, Algorithm::ES256 | Algorithm::RS256) {
             return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
@@ -246,9 +247,10 @@ impl Verifier {
                 found: strings(registered().aud),
                 expected: self.audience.clone(),
             },
-            ErrorKind::Json(e) => {
-                TokenError::Malformed(format!("its claims are not the expected JSON: {e}"))
-            }
+            ErrorKind::Json(e) => TokenError::Malformed(format!(
+                "its claims are not the expected JSON: {}",
+                Untrusted(&e)
+            )),
             ErrorKind::Base64(e) => TokenError::Malformed(format!("it is not base64url: {e}")),
             other => TokenError::Malformed(jsonwebtoken::errors::Error::from(other).to_string()),
         }
@@ -513,6 +515,26 @@ mod tests {
                 .as_ref()
                 .to_vec()
         })
+    }
+
+    /// Found by the jwt fuzz target: serde's error quotes the header's
+    /// `alg` as it is, and this message goes into the gRPC status and the log.
+    #[test]
+    fn a_malformed_header_is_refused_without_its_control_characters() {
+        let minter = Minter::generate(ISSUER).unwrap();
+        // Not UTF-8 in a field nobody reads: only the typed parse gets to `alg`.
+        let header = [&br#"{"alg":"ES256\n\u001b[2J","x":""#[..], b"\xff\"}"].concat();
+        let token = format!(
+            "{}.{}.{}",
+            B64.encode(header),
+            B64.encode("{}"),
+            B64.encode("x")
+        );
+        let error = verifier(&minter).verify(&token).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, TokenError::Malformed(_)), "{error:?}");
+        assert!(message.contains("ES256\\n"), "{message}");
+        assert!(!message.chars().any(char::is_control), "{message:?}");
     }
 
     fn header(minter: &Minter) -> Value {

@@ -56,7 +56,7 @@ pub fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, Strin
 }
 
 /// Splits a whole HTTP/1.1 response into status code and (de-chunked) body.
-fn parse_response(response: &[u8]) -> Result<(u16, String), BadResponse> {
+pub fn parse_response(response: &[u8]) -> Result<(u16, String), BadResponse> {
     let text = String::from_utf8_lossy(response);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         return Err(BadResponse::NoHeaderEnd(text.into_owned()));
@@ -83,7 +83,7 @@ fn parse_response(response: &[u8]) -> Result<(u16, String), BadResponse> {
 }
 
 /// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut body: &str) -> Result<String, BadResponse> {
+pub fn dechunk(mut body: &str) -> Result<String, BadResponse> {
     let mut out = String::new();
     loop {
         let (size_line, rest) = body

@@ -13,7 +13,7 @@ use std::{net::SocketAddr, sync::Arc};
 use bytes::Bytes;
 use ferry_proto::{SpiffeId, Untrusted};
 use h2::server::SendResponse;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
@@ -31,7 +31,10 @@ use crate::{
         stream::TunnelStream,
         wire,
     },
-    workload::policy::{Caller, Verdict},
+    workload::{
+        WorkloadTable,
+        policy::{Caller, Verdict},
+    },
 };
 
 pub struct Inbound<I> {
@@ -42,24 +45,25 @@ pub struct Inbound<I> {
 }
 
 /// A `CONNECT` this agent serves.
-struct Admitted {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
     /// The pod's address and port.
-    address: SocketAddr,
+    pub address: SocketAddr,
     /// `namespace/name` of the pod.
-    pod: String,
+    pub pod: String,
     /// The `Allow` policy that admitted it; `None`: the namespace's default.
-    policy: Option<String>,
+    pub policy: Option<String>,
 }
 
 /// Who asked, over which tunnel connection: the same for each of its streams.
-#[derive(Clone)]
-struct Peer {
+#[derive(Debug, Clone)]
+pub struct Peer {
     /// The identity the client's certificate proved.
-    client: SpiffeId,
+    pub client: SpiffeId,
     /// The local identity this end presented.
-    local: SpiffeId,
+    pub local: SpiffeId,
     /// The client agent's address.
-    address: SocketAddr,
+    pub address: SocketAddr,
 }
 
 impl<I: Identities> Inbound<I> {
@@ -191,47 +195,10 @@ impl<I: Identities> Inbound<I> {
         .await;
     }
 
-    /// Where a `CONNECT` may go, or why not.
+    /// Where a `CONNECT` may go, by the table in force, or why not.
     fn admit(&self, request: &Request<h2::RecvStream>, peer: &Peer) -> Result<Admitted, Refused> {
-        if request.method() != Method::CONNECT {
-            return Err(Refused::Method(request.method().clone()));
-        }
-        let authority = request.uri().authority().ok_or(Refused::NoAuthority)?;
-        let address: SocketAddr = authority
-            .as_str()
-            .parse()
-            .map_err(|_| Refused::BadAuthority(authority.to_string()))?;
         let table = self.inputs.workloads.borrow().clone();
-        let pod = table
-            .by_ip(address.ip())
-            .ok_or(Refused::NoPod(address.ip()))?;
-        if pod.node != self.node {
-            return Err(Refused::NotLocal {
-                pod: pod.key(),
-                node: pod.node.clone(),
-                local: self.node.clone(),
-            });
-        }
-        if !pod.meshed {
-            return Err(Refused::NotMeshed(pod.key()));
-        }
-        let local = &peer.local;
-        let runs_as = SpiffeId::new(local.trust_domain(), &pod.namespace, &pod.service_account)?;
-        if &runs_as != local {
-            return Err(Refused::WrongIdentity {
-                pod: pod.key(),
-                runs_as: Box::new(runs_as),
-                local: Box::new(local.clone()),
-            });
-        }
-        match table.authorize(Caller::Identity(&peer.client), pod, address.port()) {
-            Verdict::Allowed { policy } => Ok(Admitted {
-                address,
-                pod: pod.key(),
-                policy,
-            }),
-            Verdict::Denied(denied) => Err(Refused::Policy(denied)),
-        }
+        admit(request.method(), request.uri(), &table, &self.node, peer)
     }
 
     /// The client's agent learns why (and resets its application's socket).
@@ -242,5 +209,146 @@ impl<I: Identities> Inbound<I> {
             .connection_failed(Direction::Inbound, error.reason());
         tracing::warn!(%error, "cannot reach the destination pod");
         let _ = respond.send_response(wire::refusal(error.status(), &error.to_string()), true);
+    }
+}
+
+/// Where a `CONNECT` (its method and URI) may go, or why not: a meshed pod
+/// of `node` in `table`, running as the identity `peer` was given on this
+/// end, and allowed by policy to hear from `peer`'s client identity.
+pub fn admit(
+    method: &Method,
+    uri: &Uri,
+    table: &WorkloadTable,
+    node: &str,
+    peer: &Peer,
+) -> Result<Admitted, Refused> {
+    if method != Method::CONNECT {
+        return Err(Refused::Method(method.clone()));
+    }
+    let authority = uri.authority().ok_or(Refused::NoAuthority)?;
+    let address: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| Refused::BadAuthority(authority.to_string()))?;
+    let pod = table
+        .by_ip(address.ip())
+        .ok_or(Refused::NoPod(address.ip()))?;
+    if pod.node != node {
+        return Err(Refused::NotLocal {
+            pod: pod.key(),
+            node: pod.node.clone(),
+            local: node.to_owned(),
+        });
+    }
+    if !pod.meshed {
+        return Err(Refused::NotMeshed(pod.key()));
+    }
+    let local = &peer.local;
+    let runs_as = SpiffeId::new(local.trust_domain(), &pod.namespace, &pod.service_account)?;
+    if &runs_as != local {
+        return Err(Refused::WrongIdentity {
+            pod: pod.key(),
+            runs_as: Box::new(runs_as),
+            local: Box::new(local.clone()),
+        });
+    }
+    match table.authorize(Caller::Identity(&peer.client), pod, address.port()) {
+        Verdict::Allowed { policy } => Ok(Admitted {
+            address,
+            pod: pod.key(),
+            policy,
+        }),
+        Verdict::Denied(denied) => Err(Refused::Policy(denied)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> WorkloadTable {
+        let text = "
+nodes: [{ name: n1, addresses: [198.19.0.1] }, { name: n2, addresses: [198.19.0.2] }]
+namespaces: [{ name: shop, labels: { ferry.dev/mesh: enabled } }, { name: legacy }]
+pods:
+  - { name: web, namespace: shop, serviceAccount: web, node: n1, ips: [198.18.1.2], cgroup: /x/web, labels: { app: web } }
+  - { name: db, namespace: shop, serviceAccount: db, node: n2, ips: [198.18.2.2] }
+  - { name: old, namespace: legacy, serviceAccount: old, node: n1, ips: [198.18.1.3] }
+policies:
+  - { name: web-from-shop, namespace: shop, spec: { selector: { matchLabels: { app: web } }, from: [{ namespace: shop }] } }
+";
+        WorkloadTable::for_test(text, "n1")
+    }
+
+    fn peer(client: &str, local: &str) -> Peer {
+        Peer {
+            client: client.parse().unwrap(),
+            local: local.parse().unwrap(),
+            address: "198.19.0.2:40000".parse().unwrap(),
+        }
+    }
+
+    const SHOP_API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+    const SHOP_WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn connect(authority: &str, peer: &Peer) -> Result<Admitted, Refused> {
+        let uri: Uri = authority.parse().unwrap();
+        admit(&Method::CONNECT, &uri, &table(), "n1", peer)
+    }
+
+    #[test]
+    fn admits_a_connect_to_a_meshed_local_pod_of_the_tunnels_identity() {
+        let admitted = connect("198.18.1.2:8080", &peer(SHOP_API, SHOP_WEB)).unwrap();
+        assert_eq!(
+            admitted,
+            Admitted {
+                address: "198.18.1.2:8080".parse().unwrap(),
+                pod: "shop/web".to_owned(),
+                policy: Some("shop/web-from-shop".to_owned()),
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_connect_to_a_meshed_local_pod() {
+        let web = peer(SHOP_API, SHOP_WEB);
+        let uri: Uri = "198.18.1.2:8080".parse().unwrap();
+        assert_eq!(
+            admit(&Method::GET, &uri, &table(), "n1", &web),
+            Err(Refused::Method(Method::GET))
+        );
+        assert_eq!(
+            connect("web.shop:8080", &web),
+            Err(Refused::BadAuthority("web.shop:8080".to_owned()))
+        );
+        assert_eq!(
+            connect("198.18.9.9:80", &web),
+            Err(Refused::NoPod("198.18.9.9".parse().unwrap()))
+        );
+        assert_eq!(
+            connect("198.18.2.2:5432", &web),
+            Err(Refused::NotLocal {
+                pod: "shop/db".to_owned(),
+                node: "n2".to_owned(),
+                local: "n1".to_owned(),
+            })
+        );
+        assert_eq!(
+            connect("198.18.1.3:80", &web),
+            Err(Refused::NotMeshed("legacy/old".to_owned()))
+        );
+        let db = peer(SHOP_API, "spiffe://cluster.local/ns/shop/sa/db");
+        assert!(
+            matches!(
+                connect("198.18.1.2:8080", &db),
+                Err(Refused::WrongIdentity { ref pod, .. }) if pod == "shop/web"
+            ),
+            "a tunnel opened to shop/db does not reach shop/web"
+        );
+        let ops = peer("spiffe://cluster.local/ns/ops/sa/x", SHOP_WEB);
+        assert!(matches!(
+            connect("198.18.1.2:8080", &ops),
+            Err(Refused::Policy(_))
+        ));
     }
 }

@@ -146,7 +146,6 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::{PolicySettings, file::WorkloadFile};
 
     fn table() -> WorkloadTable {
         let text = "
@@ -162,11 +161,7 @@ services:
   - { name: db, namespace: shop, clusterIPs: [10.96.0.10], ports: [{ port: 80, targetPort: 8080 }], endpoints: [db, db-2] }
 policies: [{ name: api-admits-nobody, namespace: shop, spec: { selector: { matchLabels: { app: api } }, from: [] } }]
 ";
-        let settings = PolicySettings {
-            trust_domain: "cluster.local".to_owned(),
-            cluster_default: ferry_proto::policy::DefaultPolicy::AllUnauthenticated,
-        };
-        WorkloadTable::from_file(&WorkloadFile::parse(text, None).unwrap(), "n1", &settings)
+        WorkloadTable::for_test(text, "n1")
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -76,12 +76,41 @@ struct Stores {
 }
 
 /// Every object of the five kinds, as the stores hold them.
-struct Listed {
-    namespaces: Vec<Arc<Namespace>>,
-    pods: Vec<Arc<Pod>>,
-    services: Vec<Arc<KubeService>>,
-    slices: Vec<Arc<EndpointSlice>>,
-    policies: Vec<Arc<AuthorizationPolicy>>,
+pub struct Listed {
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<KubeService>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub policies: Vec<Arc<AuthorizationPolicy>>,
+}
+
+impl Listed {
+    /// Objects as the API server sends them, trimmed as the reflectors keep
+    /// them (`keep_*`).
+    pub fn kept(
+        namespaces: Vec<Namespace>,
+        pods: Vec<Pod>,
+        services: Vec<KubeService>,
+        slices: Vec<EndpointSlice>,
+        policies: Vec<AuthorizationPolicy>,
+    ) -> Self {
+        fn kept<K>(objects: Vec<K>, keep: fn(&mut K)) -> Vec<Arc<K>> {
+            objects
+                .into_iter()
+                .map(|mut object| {
+                    keep(&mut object);
+                    Arc::new(object)
+                })
+                .collect()
+        }
+        Self {
+            namespaces: kept(namespaces, keep_namespace),
+            pods: kept(pods, keep_pod),
+            services: kept(services, keep_service),
+            slices: kept(slices, keep_slice),
+            policies: kept(policies, keep_policy),
+        }
+    }
 }
 
 impl KubeSource {
@@ -291,8 +320,8 @@ fn keep_slice(slice: &mut EndpointSlice) {
 }
 
 /// The table `node` sees, from the five kinds as listed: pure, so every
-/// rule below is tested without an API server.
-fn build_table(
+/// rule below is tested (and fuzzed) without an API server.
+pub fn build_table(
     node: &LocalNode,
     listed: &Listed,
     settings: &PolicySettings,

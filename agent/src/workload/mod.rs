@@ -447,6 +447,21 @@ impl WorkloadTable {
         self.by_ip.get(&ip.to_canonical())
     }
 
+    /// The table `node` builds from the workload file `text`, in the trust
+    /// domain `cluster.local` with everyone allowed by default: for tests.
+    #[cfg(test)]
+    pub fn for_test(text: &str, node: &str) -> Self {
+        let settings = PolicySettings {
+            trust_domain: "cluster.local".to_owned(),
+            cluster_default: DefaultPolicy::AllUnauthenticated,
+        };
+        Self::from_file(
+            &file::WorkloadFile::parse(text, None).unwrap(),
+            node,
+            &settings,
+        )
+    }
+
     /// The meshed pods on this node: the ones whose cgroups get the capture programs.
     pub fn local_meshed(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads
@@ -474,18 +489,7 @@ pods:
   - { name: b, namespace: legacy, serviceAccount: b, node: n1, ips: [198.18.1.3], cgroup: /x/b }
   - { name: c, namespace: shop, serviceAccount: c, node: n2, ips: [198.18.2.2] }
 ";
-        WorkloadTable::from_file(
-            &file::WorkloadFile::parse(text, None).unwrap(),
-            "n1",
-            &settings(),
-        )
-    }
-
-    fn settings() -> PolicySettings {
-        PolicySettings {
-            trust_domain: "cluster.local".to_owned(),
-            cluster_default: DefaultPolicy::AllUnauthenticated,
-        }
+        WorkloadTable::for_test(text, "n1")
     }
 
     #[test]
@@ -534,11 +538,7 @@ pods:
 policies:
   - { name: a-from-ops, namespace: shop, spec: { selector: { matchLabels: { app: a } }, from: [{ namespace: ops }] } }
 ";
-        let table = WorkloadTable::from_file(
-            &file::WorkloadFile::parse(text, None).unwrap(),
-            "n1",
-            &settings(),
-        );
+        let table = WorkloadTable::for_test(text, "n1");
         let pod = |ip: &str| table.by_ip(ip.parse().unwrap()).unwrap().clone();
         let (a, d, b) = (pod("198.18.1.2"), pod("198.18.1.4"), pod("198.18.1.3"));
         let id = |s: &str| s.parse::<SpiffeId>().unwrap();
@@ -590,11 +590,7 @@ policies:
   - { name: plaintext, namespace: shop, spec: { from: [{ unauthenticated: true }] } }
   - { name: plaintext, namespace: open, spec: { from: [{ unauthenticated: true }] } }
 ";
-        let table = WorkloadTable::from_file(
-            &file::WorkloadFile::parse(text, None).unwrap(),
-            "n1",
-            &settings(),
-        );
+        let table = WorkloadTable::for_test(text, "n1");
         let pod = |ip: &str| table.by_ip(ip.parse().unwrap()).unwrap().clone();
         assert!(table.plaintext(&pod("198.18.1.2")).refused, "strict");
         assert!(!table.plaintext(&pod("198.18.1.3")).refused, "permissive");

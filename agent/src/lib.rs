@@ -16,6 +16,7 @@
 //! | threads | [`shard`] | the data plane's threads |
 //! | observation | [`metrics`], [`admin`], [`inspect`] | the registry, the admin endpoint, `inspect` |
 //! | entry | [`cli`], [`app`] | the command line, and the agent put together |
+//! | tests | [`properties`] | property tests of the pure cores (test builds only) |
 
 pub mod backoff;
 pub mod logging;
@@ -44,5 +45,8 @@ pub mod inspect;
 pub mod cli;
 
 pub mod app;
+
+#[cfg(test)]
+mod properties;
 
 pub use app::run;

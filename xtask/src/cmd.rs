@@ -4,8 +4,10 @@
 use std::{
     env,
     ffi::OsStr,
+    fs::File,
     io,
     os::unix::process::CommandExt as _,
+    path::Path,
     process::{Command, ExitStatus, Output},
 };
 
@@ -31,6 +33,22 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     announce(cmd);
     let status = cmd.status().map_err(|err| start_error(cmd, &err))?;
     check_status(cmd, status)
+}
+
+/// Runs `cmd` with stdout and stderr both written to `log`, for programs
+/// too talkative for the terminal; returns how it exited, success or not.
+pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<ExitStatus> {
+    println!(
+        "$ {} > {} 2>&1",
+        display(cmd),
+        quote(&log.display().to_string())
+    );
+    let file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let stderr = file
+        .try_clone()
+        .with_context(|| format!("cannot share {}", log.display()))?;
+    cmd.stdout(file).stderr(stderr);
+    cmd.status().map_err(|err| start_error(cmd, &err))
 }
 
 /// Runs `cmd` and returns its stdout; on failure the error carries its stderr.

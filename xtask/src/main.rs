@@ -3,14 +3,16 @@
 //! readable, checked by the compiler, and behave the same on every machine.
 //!
 //! - `setup`: installs and mounts everything the build and the tests need;
-//! - `test`: setup, format check, build, leak check, `cargo test --workspace`,
-//!   leak check again;
+//! - `test`: setup, format check, lints, a short fuzz run, build, leak check,
+//!   `cargo test --workspace`, leak check again;
 //! - `demo`: setup, build, then runs `target/debug/ferry-demo`;
-//! - `bench`: setup, release build, then runs `target/release/ferry-bench`.
+//! - `bench`: setup, release build, then runs `target/release/ferry-bench`;
+//! - `fuzz`: runs the fuzz targets of `fuzz/` (cargo-fuzz, nightly) for a while.
 
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod leaks;
 mod mounts;
 mod setup;
@@ -38,7 +40,7 @@ enum Task {
     /// Install and mount what building and testing Ferry needs (root; idempotent).
     ///
     /// Debian packages (LLVM 22, bpftool, iproute2, tcpdump), the nightly
-    /// toolchain's rust-src, bpf-linker 0.13.0 built against LLVM 22, bpffs at
+    /// toolchain's rust-src, bpf-linker 0.13.0 built against LLVM 22, cargo-fuzz, bpffs at
     /// /sys/fs/bpf and a cgroup v2 hierarchy.
     Setup,
     /// Run setup, check formatting, build, and run the whole test suite.
@@ -59,6 +61,20 @@ enum Task {
         /// Passed to ferry-bench as they are.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         bench_args: Vec<String>,
+    },
+    /// Fuzz the parsers on Ferry's trust boundaries (`fuzz/`, cargo-fuzz with nightly).
+    ///
+    /// Each target runs in turn for --seconds over its working corpus
+    /// (fuzz/corpus/<target>, which the committed seeds in fuzz/seeds/<target> are
+    /// copied into), then a table shows executions and coverage per target. A crash,
+    /// hang, leak or out-of-memory fails the run, naming the input libFuzzer saved in
+    /// fuzz/artifacts/<target>/. Example: `cargo xtask fuzz --seconds 600 jwt`.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// The targets to run (default: every file of fuzz/fuzz_targets/).
+        targets: Vec<String>,
     },
     /// Run setup, build, and start the demo (`target/debug/ferry-demo`).
     Demo {
@@ -88,6 +104,7 @@ fn run(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test_suite::test(&cargo_test_args),
         Task::Demo { demo_args } => demo::demo(&demo_args),
         Task::Bench { bench_args } => bench::bench(&bench_args),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
     }
 }
 

@@ -42,6 +42,10 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Without this prefix bpf-linker's build finds Debian's default LLVM 14.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
+/// cargo-fuzz drives the fuzz targets (`fuzz/`, `cargo xtask fuzz`) with the
+/// nightly toolchain, whose rustc ships the sanitizer runtimes it links.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// The manifests test (`tests/tests/manifests.rs`) checks `daemonset/` with
 /// kubernetes-validate from PyPI, installed into a venv of its own because
 /// Debian 12's pip refuses to install into the system Python.
@@ -59,7 +63,8 @@ pub fn setup() -> Result<()> {
     ensure_root()?;
     ensure_debian_packages()?;
     ensure_rust_components()?;
-    ensure_bpf_linker()?;
+    ensure_cargo_tool(&BPF_LINKER)?;
+    ensure_fuzzing()?;
     ensure_kubernetes_validate()?;
     ensure_bpffs()?;
     ensure_cgroup2()?;
@@ -180,46 +185,69 @@ fn ensure_component(toolchain: &str, component: &str) -> Result<()> {
         })
 }
 
-fn ensure_bpf_linker() -> Result<()> {
-    cmd::step(&format!(
-        "checking bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
-    ));
-    match bpf_linker_version() {
-        Some(version) if version == BPF_LINKER_VERSION => {
-            cmd::note(&format!("bpf-linker {version}"));
+/// A tool `cargo install` builds, pinned to one version.
+struct CargoTool {
+    /// What `--version` calls it.
+    name: &'static str,
+    version: &'static str,
+    /// The command that prints `<name> <version>`.
+    probe: &'static [&'static str],
+    install: fn() -> Result<()>,
+}
+
+const BPF_LINKER: CargoTool = CargoTool {
+    name: "bpf-linker",
+    version: BPF_LINKER_VERSION,
+    probe: &["bpf-linker", "--version"],
+    install: install_bpf_linker,
+};
+
+const CARGO_FUZZ: CargoTool = CargoTool {
+    name: "cargo-fuzz",
+    version: CARGO_FUZZ_VERSION,
+    probe: &["cargo", "fuzz", "--version"],
+    install: install_cargo_fuzz,
+};
+
+/// Installs `tool` unless the version on PATH is the pinned one.
+fn ensure_cargo_tool(tool: &CargoTool) -> Result<()> {
+    let CargoTool { name, version, .. } = tool;
+    cmd::step(&format!("checking {name} {version}"));
+    match tool.installed() {
+        Some(found) if found == *version => {
+            cmd::note(&format!("{name} {found}"));
             return Ok(());
         }
-        Some(version) => cmd::note(&format!(
-            "found bpf-linker {version}, need {BPF_LINKER_VERSION}"
-        )),
+        Some(found) => cmd::note(&format!("found {name} {found}, need {version}")),
         None => cmd::note("not found on PATH"),
     }
-    install_bpf_linker()?;
-    match bpf_linker_version() {
-        Some(version) if version == BPF_LINKER_VERSION => {
-            cmd::note(&format!("installed bpf-linker {version}"));
+    (tool.install)()?;
+    match tool.installed() {
+        Some(found) if found == *version => {
+            cmd::note(&format!("installed {name} {found}"));
             Ok(())
         }
         found => bail!(
-            "cargo installed bpf-linker {BPF_LINKER_VERSION} into {}, but `bpf-linker` on PATH is {}: \
+            "cargo installed {name} {version} into {}, but `{}` runs {}: \
              put that directory first on PATH, then rerun",
             cargo_bin_dir().display(),
-            found.map_or_else(
-                || "missing".to_owned(),
-                |version| format!("version {version}")
-            ),
+            tool.probe.join(" "),
+            found.map_or_else(|| "nothing".to_owned(), |found| format!("version {found}")),
         ),
     }
 }
 
-/// The version `bpf-linker --version` reports (`bpf-linker 0.13.0`), if it runs.
-fn bpf_linker_version() -> Option<String> {
-    let out = cmd::probe(Command::new("bpf-linker").arg("--version")).ok()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    out.status
-        .success()
-        .then(|| stdout.split_whitespace().nth(1).map(str::to_owned))
-        .flatten()
+impl CargoTool {
+    /// The version the probe reports (`bpf-linker 0.13.0`), if it runs.
+    fn installed(&self) -> Option<String> {
+        let (program, args) = self.probe.split_first()?;
+        let out = cmd::probe(Command::new(program).args(args)).ok()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status
+            .success()
+            .then(|| stdout.split_whitespace().nth(1).map(str::to_owned))
+            .flatten()
+    }
 }
 
 /// Builds bpf-linker from crates.io against Debian's LLVM 22 (a few minutes).
@@ -252,6 +280,35 @@ fn install_bpf_linker() -> Result<()> {
              (Debian package llvm-22-dev) and that crates.io is reachable, then rerun"
         )
     })
+}
+
+/// cargo-fuzz [`CARGO_FUZZ_VERSION`] and the nightly toolchain it builds
+/// with. The only setup `cargo xtask fuzz` needs, so fuzzing runs without root.
+pub fn ensure_fuzzing() -> Result<()> {
+    ensure_cargo_tool(&CARGO_FUZZ)?;
+    ensure_nightly()
+}
+
+fn install_cargo_fuzz() -> Result<()> {
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
+    .context("cannot install cargo-fuzz: check that crates.io is reachable, then rerun")
+}
+
+fn ensure_nightly() -> Result<()> {
+    cmd::probe(Command::new("rustc").arg("+nightly").arg("--version"))?
+        .status
+        .success()
+        .then_some(())
+        .context(
+            "the nightly toolchain is missing (cargo-fuzz builds with it): \
+             install it with `rustup toolchain install nightly`, then rerun",
+        )
 }
 
 /// Where `cargo install` puts binaries: `$CARGO_INSTALL_ROOT/bin`, else `$CARGO_HOME/bin`.

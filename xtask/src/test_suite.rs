@@ -1,12 +1,13 @@
 //! `cargo xtask test`: the one command that says whether the workspace is
-//! good: setup, format check, clippy, build, `cargo test --workspace`, with
-//! leak checks around the suite because the end-to-end tests change the machine.
+//! good: setup, format check, clippy, a few seconds of each fuzz target,
+//! build, `cargo test --workspace`, with leak checks around the suite because
+//! the end-to-end tests change the machine.
 
 use std::process::Command;
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::{cmd, leaks, setup, workspace};
+use crate::{cmd, fuzz, leaks, setup, workspace};
 
 /// Runs every stage in order; `cargo_test_args` go to `cargo test --workspace`.
 pub fn test(cargo_test_args: &[String]) -> Result<()> {
@@ -14,6 +15,7 @@ pub fn test(cargo_test_args: &[String]) -> Result<()> {
     check_formatting()?;
     check_lints()?;
     check_one_crypto_provider()?;
+    fuzz::smoke()?;
     workspace::build_binaries()?;
     leaks::remove_stale()?;
     let suite = run_suite(cargo_test_args);
@@ -28,7 +30,10 @@ pub fn test(cargo_test_args: &[String]) -> Result<()> {
 fn check_formatting() -> Result<()> {
     cmd::step("checking formatting");
     cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))
-        .context("the code is not formatted: run `cargo fmt --all`, then rerun")
+        .context("the code is not formatted: run `cargo fmt --all`, then rerun")?;
+    // The fuzz crate is a workspace of its own.
+    cmd::run(Command::new("cargo").args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))
+        .context("the fuzz targets are not formatted: run `cargo fmt` in fuzz/, then rerun")
 }
 
 /// Crates that carry their own crypto: the workspace uses aws-lc-rs only

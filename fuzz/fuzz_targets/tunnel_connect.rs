@@ -18,15 +18,15 @@
 //! and the pod named is that pod; and the policy allows the client, by the
 //! rules of `WORKLOADS` worked out here without the policy code. A request
 //! is refused for its method exactly when it is not a `CONNECT`, as not
-//! local only for a pod of another node, as not meshed only for a local
-//! unmeshed pod. Every refusal says why in a clean message, and its
+//! local exactly when it names a pod of another node, as not meshed only
+//! for a local unmeshed pod. Every refusal says why in a clean message, and its
 //! answer carries that message to the client intact. A reason read back is
 //! empty or the first header's text, which has no control character but a
 //! tab (logged through `Untrusted`, which escapes it).
 
 #![no_main]
 
-use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+use std::{net::SocketAddr, sync::OnceLock, task::Poll, time::Duration};
 
 use bytes::Bytes;
 use ferry_agent::{
@@ -41,7 +41,10 @@ use ferry_fuzz::{NODE, PREFACE, assert_clean_message, tunnel_peer, workload_tabl
 use ferry_proto::{SpiffeId, Untrusted};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    sync::Notify,
+};
 
 /// Requests read from one input: enough for every kind of stream to meet
 /// the others on one connection, few enough to stay fast.
@@ -64,20 +67,40 @@ fuzz_target!(|data: &[u8]| {
     });
 });
 
+/// The PING the client sends after the input's frames, and the server's
+/// answer to it: once the answer is back, h2 has read every frame before it.
+const PING: [u8; 17] = *b"\0\0\x08\x06\0\0\0\0\0ferryfuz";
+const PING_ACK: [u8; 17] = *b"\0\0\x08\x06\x01\0\0\0\0ferryfuz";
+
 /// An h2 server, configured as the agent's tunnel server, reading `frames`
 /// after the preface, as `Inbound` does: each request admitted or refused.
+///
+/// The client's side stays open: h2 would take its end for a broken
+/// connection and drop requests it has read but not yet handed out (the
+/// break-it-on-purpose check found this target never reached `admit` when
+/// the client's side closed after the input). The whole frames of the input
+/// end with a [`PING`] instead; once its answer is back, the server hands
+/// out what it holds and the input is done.
 async fn serve(frames: &[u8], peer: &Peer) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (mut from_server, mut to_server) = tokio::io::split(client);
+    let answered = Notify::new();
     let write = async {
         let _ = to_server.write_all(PREFACE).await;
-        let _ = to_server.write_all(frames).await;
-        let _ = to_server.shutdown().await;
+        let _ = to_server.write_all(whole_frames(frames)).await;
+        let _ = to_server.write_all(&PING).await;
     };
     // Whatever the server answers is read, so it never waits on a full pipe.
     let read = async {
-        let mut sink = [0; 4096];
-        while from_server.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        let mut seen = Vec::new();
+        let mut buffer = [0; 4096];
+        while let Ok(n @ 1..) = from_server.read(&mut buffer).await {
+            seen.extend_from_slice(&buffer[..n]);
+            if seen.windows(PING_ACK.len()).any(|w| w == PING_ACK) {
+                answered.notify_one();
+                seen.clear();
+            }
+        }
     };
     let accept = async {
         let Ok(mut connection) = h2::server::Builder::new()
@@ -90,15 +113,49 @@ async fn serve(frames: &[u8], peer: &Peer) {
         else {
             return;
         };
-        for _ in 0..MAX_STREAMS {
-            let Some(Ok((request, mut respond))) = connection.accept().await else {
+        let (mut served, mut done) = (0, false);
+        while served < MAX_STREAMS {
+            let next = if done {
+                // Only what h2 holds already: it has read the whole input.
+                match std::future::poll_fn(|cx| Poll::Ready(connection.poll_accept(cx))).await {
+                    Poll::Ready(next) => next,
+                    Poll::Pending => return,
+                }
+            } else {
+                tokio::select! {
+                    next = connection.accept() => next,
+                    () = answered.notified() => {
+                        done = true;
+                        continue;
+                    }
+                }
+            };
+            let Some(Ok((request, mut respond))) = next else {
                 return;
             };
             let answer = check(&request, peer);
             let _ = respond.send_response(answer, true);
+            served += 1;
         }
     };
+    // The server's end closes when `accept` is done, which ends `read`.
     tokio::join!(write, read, accept);
+}
+
+/// `frames` up to the end of its last whole frame (9 bytes of header, then
+/// as many as its length says): h2 waits for the rest of a frame cut short,
+/// and would never answer the [`PING`] after it.
+fn whole_frames(frames: &[u8]) -> &[u8] {
+    let mut end = 0;
+    while let Some(header) = frames.get(end..end + 9) {
+        let length =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        if frames.len() < end + 9 + length {
+            break;
+        }
+        end += 9 + length;
+    }
+    &frames[..end]
 }
 
 /// The admission of one request, checked; the answer the agent would send.
@@ -215,6 +272,20 @@ fn refused_rightly(method: &Method, uri: &Uri, refused: &Refused) {
         }
         Refused::NoPod(ip) => assert!(pod().is_none(), "{ip} is a pod's"),
         _ => {}
+    }
+    // And the other way: a CONNECT to a pod of another node is refused for
+    // that, before anything about the pod or the caller is looked at (the
+    // policies would refuse it too, but then the client would not learn why).
+    if method == Method::CONNECT
+        && let Some(pod) = pod()
+        && pod.node != NODE
+    {
+        assert!(
+            matches!(refused, Refused::NotLocal { .. }),
+            "{} of {} refused as {refused:?}",
+            pod.key(),
+            pod.node
+        );
     }
 }
 

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-/// The three ways the same two pods are connected, in the order runs alternate.
-pub const SETUPS: [&str; 3] = ["no-mesh", "ferry", "stunnel"];
+/// The ways the same two pods are connected, in the order runs alternate:
+/// no mesh, Ferry, and two TLS proxy baselines (stunnel, HAProxy).
+pub const SETUPS: [&str; 4] = ["no-mesh", "ferry", "stunnel", "haproxy"];
 
 /// Samples of one metric (e.g. `rr.perSecond`) per setup, one per round.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -124,10 +125,14 @@ pub fn bound_check(what: &str, value: f64, bound: f64, unit: &str) -> Check {
     }
 }
 
-/// The results as a Markdown table: each metric's median (± spread) per setup.
+/// The results as a Markdown table: each metric's median (± spread) per
+/// setup, one column per [`SETUPS`] entry in that order.
 pub fn markdown(samples: &Samples, checks: &[Check]) -> String {
-    let mut out =
-        String::from("| metric | no-mesh | ferry | stunnel |\n| --- | --- | --- | --- |\n");
+    let mut out = format!(
+        "| metric | {} |\n| --- |{}\n",
+        SETUPS.join(" | "),
+        " --- |".repeat(SETUPS.len())
+    );
     for (metric, setups) in samples.summary() {
         out.push_str(&format!("| {metric} |"));
         for setup in SETUPS {
@@ -226,8 +231,32 @@ mod tests {
         samples.add("bulk.MiBPerSecond", "ferry", 100.0);
         let table = markdown(&samples, &[]);
         assert!(
-            table.contains("| bulk.MiBPerSecond | – | 100 ±0% | – |"),
+            table.contains("| bulk.MiBPerSecond | – | 100 ±0% | – | – |"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn the_table_has_a_column_per_setup() {
+        let mut samples = Samples::default();
+        for (setup, v) in [
+            ("no-mesh", 400.0),
+            ("ferry", 100.0),
+            ("stunnel", 80.0),
+            ("haproxy", 90.0),
+        ] {
+            samples.add("bulk.MiBPerSecond", setup, v);
+        }
+        let table = markdown(&samples, &[]);
+        let mut lines = table.lines();
+        assert_eq!(
+            lines.next(),
+            Some("| metric | no-mesh | ferry | stunnel | haproxy |")
+        );
+        assert_eq!(lines.next(), Some("| --- | --- | --- | --- | --- |"));
+        assert_eq!(
+            lines.next(),
+            Some("| bulk.MiBPerSecond | 400 ±0% | 100 ±0% | 80.0 ±0% | 90.0 ±0% |")
         );
     }
 }

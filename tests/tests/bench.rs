@@ -1,5 +1,5 @@
-//! `ferry-bench --quick`: every benchmark scenario runs end to end over all
-//! three setups. A smoke check, not a measurement: no timing is asserted.
+//! `ferry-bench --quick`: every benchmark scenario runs end to end over every
+//! setup. A smoke check, not a measurement: no timing is asserted.
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{bench::SETUPS, bin_path};
@@ -41,7 +41,7 @@ fn every_scenario_runs_over_every_setup() -> anyhow::Result<()> {
             );
         }
     }
-    for setup in ["ferry", "stunnel"] {
+    for setup in ["ferry", "stunnel", "haproxy"] {
         ensure!(
             summary["idle.clientSideKiBPerConn"][setup]["median"].is_f64(),
             "no idle-connection memory over {setup}"

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: Ferry side by side with no mesh and with stunnel.
+//! `cargo xtask bench`: Ferry side by side with no mesh, stunnel and HAProxy.
 //! Benchmarks run optimized binaries, so this builds the release profile
 //! (the tests and the demo use debug) and then becomes `ferry-bench`, which
 //! prints the table, writes `target/bench/results.json` and puts the table

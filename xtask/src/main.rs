@@ -55,8 +55,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Run setup, build in release, and benchmark Ferry against no mesh and
-    /// stunnel (`target/release/ferry-bench`; `-- --quick` for a smoke run).
+    /// Run setup, build in release, and benchmark Ferry against no mesh,
+    /// stunnel and HAProxy (`target/release/ferry-bench`; `-- --quick` for a smoke run).
     Bench {
         /// Passed to ferry-bench as they are.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -18,9 +18,10 @@ use crate::{cmd, mounts};
 /// inspect what the agent loaded, iproute2 for the simulated nodes' network
 /// namespaces and veths, tcpdump to look at their traffic, openssl (the
 /// tests' independent certificate verifier), curl for the admin endpoint,
-/// stunnel4 (the benchmark's baseline: what one would use without a mesh),
-/// python3-venv for the venv that holds kubernetes-validate, gcc for
-/// aws-lc-sys (the crypto provider's C core, built from source by cargo).
+/// stunnel4 and haproxy (the benchmark's baselines: what one would use
+/// without a mesh), python3-venv for the venv that holds
+/// kubernetes-validate, gcc for aws-lc-sys (the crypto provider's C core,
+/// built from source by cargo).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "gcc",
     "llvm-22-dev",
@@ -32,6 +33,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "stunnel4",
+    "haproxy",
     "python3-venv",
 ];
 

@@ -1,18 +1,21 @@
-//! `ferry-bench`: Ferry side by side with no mesh and with stunnel, on two
-//! simulated nodes (`cargo xtask bench` builds it in release and runs it).
+//! `ferry-bench`: Ferry side by side with no mesh, with stunnel and with
+//! HAProxy, on two simulated nodes (`cargo xtask bench` builds it in release
+//! and runs it).
 //!
-//! One cluster holds all three setups, so they share nodes, veths and
+//! One cluster holds all four setups, so they share nodes, veths and
 //! kernel: `no-mesh` is a client pod and a server pod in an unmeshed
 //! namespace talking plain TCP; `ferry` is the same pair in a meshed
 //! namespace (captured, tunnelled over pooled mTLS between the agents);
 //! `stunnel` is the unmeshed pair again with a `stunnel4` process in each
 //! pod doing mutual TLS 1.3 with P-256 certificates, one TLS connection per
-//! application connection. Every scenario runs each setup in turn, the
-//! order rotating per round, and the medians are compared.
+//! application connection; `haproxy` is the same with a multi-threaded
+//! `haproxy` (`mode tcp`) in each pod instead, which also resumes TLS
+//! sessions towards the server side. Every scenario runs each setup in
+//! turn, the order rotating per round, and the medians are compared.
 //!
 //! The `same-node-*` scenarios run the same load to a second server pod on
 //! the client's own node: there Ferry authorizes the connection and relays
-//! it inside the node without TLS, and stunnel still encrypts.
+//! it inside the node without TLS, and stunnel and HAProxy still encrypt.
 //!
 //! The `upgrade` scenario (Ferry only, once, last: it replaces the agents)
 //! keeps 100 long-lived connections exchanging checksummed messages and a
@@ -53,6 +56,18 @@ const STUNNEL_PORT: u16 = 7443;
 /// node's server pod, and towards the server pod on its own node.
 const STUNNEL_LOCAL_PORTS: [u16; 2] = [7001, 7002];
 const STUNNEL: &str = "/usr/bin/stunnel4";
+const HAPROXY_PORT: u16 = 8443;
+/// Where each client pod's HAProxy listens on loopback, as
+/// [`STUNNEL_LOCAL_PORTS`] for stunnel.
+const HAPROXY_LOCAL_PORTS: [u16; 2] = [7003, 7004];
+const HAPROXY: &str = "/usr/sbin/haproxy";
+/// HAProxy's threads per process: one per core of the bench machine (2).
+const HAPROXY_THREADS: usize = 2;
+/// Connections per HAProxy: well above the idle scenario's 1000, and few
+/// enough that the descriptors HAProxy reserves for them (two each) fit a
+/// hard `ulimit -n` of 20000, as on the bench machines (it refuses to start
+/// otherwise).
+const HAPROXY_MAXCONN: usize = 4000;
 /// The `upgrade` scenario: its long-lived connections (each sending a
 /// message, then pausing), how long a connect may take before it counts
 /// as a hang, how long the destination is left without an agent after
@@ -69,7 +84,7 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-bench",
-    about = "Ferry vs no mesh vs stunnel, side by side"
+    about = "Ferry vs no mesh vs stunnel vs HAProxy, side by side"
 )]
 struct Args {
     /// A smoke run: every scenario once, briefly, 50 idle connections; no
@@ -148,11 +163,13 @@ struct Bench {
     /// The stunnel pair towards the other node (client, server), then the
     /// one towards the client's own node.
     stunnels: [[Proc; 2]; 2],
+    /// The HAProxy pairs, as `stunnels`.
+    haproxies: [[Proc; 2]; 2],
     /// Kept running for the whole bench (`upgrade` starts agents again).
     _ca: ferry_tests::ca::CaFixture,
     /// Per setup, in [`SETUPS`] order: the client pod and where it connects,
     /// across nodes (`[0]`) and on the client's node (`[1]`).
-    targets: [[(PodId, SocketAddr); 3]; 2],
+    targets: [[(PodId, SocketAddr); SETUPS.len()]; 2],
     seconds: f64,
 }
 
@@ -263,7 +280,7 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
         }
     }
     if args.runs("idle") {
-        let setups: Vec<&str> = ["ferry", "stunnel"]
+        let setups: Vec<&str> = ["ferry", "stunnel", "haproxy"]
             .into_iter()
             .filter(|s| args.over(s))
             .collect();
@@ -321,13 +338,17 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     }
     let mut checks: Vec<_> = [
         ratio_check(&samples, "bulk.MiBPerSecond", "no-mesh", 0.5, true),
-        ratio_check(&samples, "bulk.MiBPerSecond", "stunnel", 1.0, true),
         ratio_check(&samples, "rr.perSecond", "no-mesh", 0.5, true),
-        ratio_check(&samples, "rr.perSecond", "stunnel", 1.0, true),
-        ratio_check(&samples, "rr.p99Micros", "stunnel", 1.0, false),
-        ratio_check(&samples, "crr.perSecond", "stunnel", 3.0, true),
     ]
     .into_iter()
+    .chain(["stunnel", "haproxy"].into_iter().flat_map(|baseline| {
+        [
+            ratio_check(&samples, "bulk.MiBPerSecond", baseline, 1.0, true),
+            ratio_check(&samples, "rr.perSecond", baseline, 1.0, true),
+            ratio_check(&samples, "rr.p99Micros", baseline, 1.0, false),
+            ratio_check(&samples, "crr.perSecond", baseline, 3.0, true),
+        ]
+    }))
     .flatten()
     .collect();
     let rss = |metric: &str| samples.median(metric, "ferry").unwrap_or(f64::NAN);
@@ -503,16 +524,19 @@ impl Bench {
             start_stunnels(&mut cluster, plain_client, plain_server, 0)?,
             start_stunnels(&mut cluster, plain_client, plain_local, 1)?,
         ];
-        // In SETUPS order: no-mesh, ferry, stunnel.
+        let haproxies = [
+            start_haproxies(&mut cluster, plain_client, plain_server, 0)?,
+            start_haproxies(&mut cluster, plain_client, plain_local, 1)?,
+        ];
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        // In SETUPS order: no-mesh, ferry, stunnel, haproxy.
         let targets = [(plain_server, mesh_server, 0), (plain_local, mesh_local, 1)].map(
             |(plain, meshed, pair)| {
                 [
                     (plain_client, cluster.pod(plain).addr_v4(SERVER_PORT)),
                     (mesh_client, cluster.pod(meshed).addr_v4(SERVER_PORT)),
-                    (
-                        plain_client,
-                        SocketAddr::from(([127, 0, 0, 1], STUNNEL_LOCAL_PORTS[pair])),
-                    ),
+                    (plain_client, loopback(STUNNEL_LOCAL_PORTS[pair])),
+                    (plain_client, loopback(HAPROXY_LOCAL_PORTS[pair])),
                 ]
             },
         );
@@ -521,6 +545,7 @@ impl Bench {
             agents,
             _servers: servers,
             stunnels,
+            haproxies,
             _ca: ca,
             targets,
             seconds,
@@ -715,7 +740,8 @@ impl Bench {
     }
 
     /// Agent RSS idle, then what `count` idle connections add to each side:
-    /// the two agents for Ferry, the two stunnel processes for stunnel.
+    /// the two agents for Ferry, the two stunnel or HAProxy processes for
+    /// stunnel and HAProxy.
     fn memory(
         &mut self,
         count: usize,
@@ -723,9 +749,14 @@ impl Bench {
     ) -> anyhow::Result<Vec<(&'static str, &'static str, f64)>> {
         let agent_pids = [self.agents[0].proc.pid(), self.agents[1].proc.pid()];
         let stunnel_pids = [self.stunnels[0][0].pid(), self.stunnels[0][1].pid()];
+        let haproxy_pids = [self.haproxies[0][0].pid(), self.haproxies[0][1].pid()];
         let idle_rss = rss_kib(agent_pids[0])?;
         let mut out = vec![("idle.agentRssMiB", "ferry", idle_rss / 1024.0)];
-        for (setup, pids) in [("ferry", agent_pids), ("stunnel", stunnel_pids)] {
+        for (setup, pids) in [
+            ("ferry", agent_pids),
+            ("stunnel", stunnel_pids),
+            ("haproxy", haproxy_pids),
+        ] {
             if !setups.contains(&setup) {
                 continue;
             }
@@ -749,7 +780,7 @@ impl Bench {
     }
 }
 
-/// Certificates like Ferry's (P-256 leaves under one CA) and a stunnel in
+/// Certificates like Ferry's ([`make_certificates`]) and a stunnel in
 /// each pod: the client's listens on loopback (`STUNNEL_LOCAL_PORTS[pair]`),
 /// the server's terminates TLS in front of the load server.
 fn start_stunnels(
@@ -764,10 +795,54 @@ fn start_stunnels(
     );
     let dir = cluster.tempdir().join(format!("stunnel-{pair}"));
     fs::create_dir_all(&dir)?;
+    make_certificates(&dir)?;
+    let server_ip = cluster.pod(server).ipv4;
+    let config = |side: &str, accept: String, connect: String| {
+        let d = dir.display();
+        format!(
+            "foreground = yes\npid =\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
+             [bench]\nclient = {}\naccept = {accept}\nconnect = {connect}\n\
+             cert = {d}/{side}.crt\nkey = {d}/{side}.key\nCAfile = {d}/ca.crt\n\
+             verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
+            if side == "client" { "yes" } else { "no" }
+        )
+    };
+    let client_conf = dir.join("client.conf");
+    let server_conf = dir.join("server.conf");
+    fs::write(
+        &client_conf,
+        config(
+            "client",
+            format!("127.0.0.1:{}", STUNNEL_LOCAL_PORTS[pair]),
+            format!("{server_ip}:{STUNNEL_PORT}"),
+        ),
+    )?;
+    fs::write(
+        &server_conf,
+        config(
+            "server",
+            format!("0.0.0.0:{STUNNEL_PORT}"),
+            format!("127.0.0.1:{SERVER_PORT}"),
+        ),
+    )?;
+    let stunnel = PathBuf::from(STUNNEL);
+    let server_proc = cluster.spawn(server, &stunnel, &[&server_conf.to_string_lossy()])?;
+    let client_proc = cluster.spawn(client, &stunnel, &[&client_conf.to_string_lossy()])?;
+    // stunnel says nothing on stdout; wait until both ends accept.
+    for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORTS[pair])] {
+        wait_listening(cluster, pod, port)?;
+    }
+    Ok([client_proc, server_proc])
+}
+
+/// Certificates like Ferry's in `dir`: a CA (`ca.crt`) and P-256 leaves
+/// under it, `client.crt`/`.key` and `server.crt`/`.key` (CN `client` and
+/// `server`).
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
     let openssl = |args: &[&str]| -> anyhow::Result<()> {
         let output = Process::new("openssl")
             .args(args)
-            .current_dir(&dir)
+            .current_dir(dir)
             .output()?;
         if !output.status.success() {
             bail!(
@@ -837,41 +912,89 @@ fn start_stunnels(
             "1",
         ])?;
     }
+    Ok(())
+}
+
+/// [`make_certificates`] and an HAProxy in each pod, as [`start_stunnels`]:
+/// the client's listens on loopback (`HAPROXY_LOCAL_PORTS[pair]`) and opens
+/// mutual TLS 1.3 to the server's, which verifies the client's certificate
+/// and forwards to the load server on loopback.
+///
+/// `mode tcp` ties each client connection to one server connection (idle
+/// connection reuse, `http-reuse`, is for HTTP only), so the keep-alive
+/// HAProxy allows towards the server is TLS session resumption, which
+/// `server ... ssl` does by default. TCP_NODELAY needs no option: "HAProxy
+/// automatically disables Nagle in pure TCP mode and in tunnels"
+/// (`/usr/share/doc/haproxy/management.txt`; strace shows it set on the
+/// accepted and the outgoing socket of each connection).
+fn start_haproxies(
+    cluster: &mut Cluster,
+    client: PodId,
+    server: PodId,
+    pair: usize,
+) -> anyhow::Result<[Proc; 2]> {
+    ensure!(
+        Path::new(HAPROXY).is_file(),
+        "{HAPROXY} is missing: run `cargo xtask setup` (it installs Debian's haproxy)"
+    );
+    let dir = cluster.tempdir().join(format!("haproxy-{pair}"));
+    fs::create_dir_all(&dir)?;
+    make_certificates(&dir)?;
+    // HAProxy's `crt` is one PEM file: the certificate, then its key.
+    for side in ["client", "server"] {
+        let mut pem = fs::read_to_string(dir.join(format!("{side}.crt")))?;
+        pem.push_str(&fs::read_to_string(dir.join(format!("{side}.key")))?);
+        fs::write(dir.join(format!("{side}.pem")), pem)?;
+    }
+    let d = dir.display();
     let server_ip = cluster.pod(server).ipv4;
-    let config = |side: &str, accept: String, connect: String| {
-        let d = dir.display();
-        format!(
-            "foreground = yes\npid =\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
-             [bench]\nclient = {}\naccept = {accept}\nconnect = {connect}\n\
-             cert = {d}/{side}.crt\nkey = {d}/{side}.key\nCAfile = {d}/ca.crt\n\
-             verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
-            if side == "client" { "yes" } else { "no" }
-        )
-    };
-    let client_conf = dir.join("client.conf");
-    let server_conf = dir.join("server.conf");
-    fs::write(
-        &client_conf,
-        config(
-            "client",
-            format!("127.0.0.1:{}", STUNNEL_LOCAL_PORTS[pair]),
-            format!("{server_ip}:{STUNNEL_PORT}"),
-        ),
-    )?;
-    fs::write(
-        &server_conf,
-        config(
-            "server",
-            format!("0.0.0.0:{STUNNEL_PORT}"),
-            format!("127.0.0.1:{SERVER_PORT}"),
-        ),
-    )?;
-    let stunnel = PathBuf::from(STUNNEL);
-    let server_proc = cluster.spawn(server, &stunnel, &[&server_conf.to_string_lossy()])?;
-    let client_proc = cluster.spawn(client, &stunnel, &[&client_conf.to_string_lossy()])?;
-    // stunnel says nothing on stdout; wait until both ends accept.
-    for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORTS[pair])] {
-        wait_listening(cluster, pod, port)?;
+    let local = HAPROXY_LOCAL_PORTS[pair];
+    // Long timeouts: the idle scenario's connections stay open, unused.
+    let common = format!(
+        "global\n    nbthread {HAPROXY_THREADS}\n    maxconn {HAPROXY_MAXCONN}\n\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    \
+         timeout server 1h\n\n"
+    );
+    // The server's certificate is checked against the CA and its name.
+    let client_conf = format!(
+        "{common}frontend bench\n    bind 127.0.0.1:{local}\n    default_backend tls\n\n\
+         backend tls\n    server tls {server_ip}:{HAPROXY_PORT} ssl verify required \
+         ca-file {d}/ca.crt verifyhost server crt {d}/client.pem ssl-min-ver TLSv1.3\n"
+    );
+    let server_conf = format!(
+        "{common}frontend bench\n    bind 0.0.0.0:{HAPROXY_PORT} ssl crt {d}/server.pem \
+         ca-file {d}/ca.crt verify required ssl-min-ver TLSv1.3\n    default_backend load\n\n\
+         backend load\n    server load 127.0.0.1:{SERVER_PORT}\n"
+    );
+    let mut paths = Vec::new();
+    for (side, config) in [("client", client_conf), ("server", server_conf)] {
+        let path = dir.join(format!("{side}.cfg"));
+        fs::write(&path, config)?;
+        // A bad configuration says why here, not as a port that never opens.
+        let check = Process::new(HAPROXY)
+            .args(["-c", "-q", "-f"])
+            .arg(&path)
+            .output()
+            .with_context(|| format!("cannot run {HAPROXY}"))?;
+        ensure!(
+            check.status.success(),
+            "{HAPROXY} rejects {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+        paths.push(path.to_string_lossy().into_owned());
+    }
+    let haproxy = PathBuf::from(HAPROXY);
+    // `-db`: in the foreground, one process (no master, no daemon), so the
+    // cluster's handle is HAProxy itself.
+    let client_proc = cluster.spawn(client, &haproxy, &["-db", "-f", &paths[0]])?;
+    let server_proc = cluster.spawn(server, &haproxy, &["-db", "-f", &paths[1]])?;
+    for (pod, port, proc) in [
+        (server, HAPROXY_PORT, &server_proc),
+        (client, local, &client_proc),
+    ] {
+        wait_listening(cluster, pod, port)
+            .with_context(|| format!("{}: {}", proc.label(), proc.stderr_tail()))?;
     }
     Ok([client_proc, server_proc])
 }

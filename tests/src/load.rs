@@ -56,8 +56,9 @@ pub enum Command {
     },
     /// One connection, as many bytes as fit in `seconds`: throughput.
     Bulk(Run),
-    /// One connection, `size`-byte request then response, repeated: round
-    /// trips per second and latency percentiles.
+    /// `size`-byte request then response, repeated back to back on each of
+    /// `connections` connections: round trips per second and latency
+    /// percentiles.
     Rr(Exchange),
     /// Connect, one `size`-byte request/response, close, repeated: new
     /// connections per second.
@@ -142,6 +143,9 @@ pub struct Exchange {
     pub run: Run,
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// Connections (threads) exchanging at once; the report covers all.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
 }
 
 impl Command {
@@ -157,9 +161,17 @@ impl Command {
                 &run.seconds.to_string(),
             ])
         };
-        let exchange = |mode: &str, Exchange { run: timed, size }: &Exchange| {
+        let exchange = |mode: &str,
+                        Exchange {
+                            run: timed,
+                            size,
+                            connections,
+                        }: &Exchange| {
             let mut argv = run(mode, timed);
             argv.extend(words(&["--size", &size.to_string()]));
+            if *connections != 1 {
+                argv.extend(words(&["--connections", &connections.to_string()]));
+            }
             argv
         };
         match self {
@@ -223,8 +235,8 @@ pub struct Throughput {
     pub bytes_per_second: f64,
 }
 
-/// What `rr` and `crr` print: `count` round trips in `seconds`, and their
-/// latency percentiles.
+/// What `rr` and `crr` print: `count` round trips in `seconds` (over all
+/// connections), and their latency percentiles.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Latencies {
@@ -397,7 +409,7 @@ pub struct ChurnPhase {
 pub enum Mode {
     /// Throughput over one connection.
     Bulk,
-    /// Round trips on one connection.
+    /// Round trips on each of a run's connections.
     Rr,
     /// A new connection per round trip.
     Crr,
@@ -434,18 +446,21 @@ pub fn serve(
     Ok(server)
 }
 
-/// One timed run of `mode` from `place` to `to`, for `seconds`.
+/// One timed run of `mode` from `place` to `to`, for `seconds`, over
+/// `connections` connections at once (`rr` and `crr`; `bulk` uses one).
 pub fn measure(
     cluster: &mut Cluster,
     place: impl Into<Place>,
     mode: Mode,
     to: SocketAddr,
     seconds: f64,
+    connections: usize,
 ) -> anyhow::Result<Measured> {
     let run = Run { to, seconds };
     let exchange = || Exchange {
         run: run.clone(),
         size: 1024,
+        connections,
     };
     let command = match mode {
         Mode::Bulk => Command::Bulk(run.clone()),
@@ -623,8 +638,18 @@ mod tests {
             Command::Rr(Exchange {
                 run: run.clone(),
                 size: 1024,
+                connections: 1,
             }),
-            Command::Crr(Exchange { run, size: 7 }),
+            Command::Rr(Exchange {
+                run: run.clone(),
+                size: 1024,
+                connections: 16,
+            }),
+            Command::Crr(Exchange {
+                run,
+                size: 7,
+                connections: 1,
+            }),
             Command::Idle { to, count: 50 },
             Command::Streams(Streams {
                 to,

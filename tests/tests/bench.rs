@@ -28,6 +28,10 @@ fn every_scenario_runs_over_every_setup() -> anyhow::Result<()> {
         "bulk.MiBPerSecond",
         "rr.perSecond",
         "rr.p99Micros",
+        "rr-16.perSecond",
+        "rr-16.p99Micros",
+        "rr-64.perSecond",
+        "rr-64.p99Micros",
         "crr.perSecond",
         "same-node-bulk.MiBPerSecond",
         "same-node-rr.perSecond",
@@ -36,6 +40,20 @@ fn every_scenario_runs_over_every_setup() -> anyhow::Result<()> {
             let median = summary[metric][setup]["median"].as_f64();
             ensure!(
                 median.is_some_and(|m| m > 0.0),
+                "{metric} has no measurement over {setup}: {}",
+                summary[metric]
+            );
+        }
+    }
+    for metric in [
+        "bulk.cpuSecondsPerGiB",
+        "rr.cpuMicrosPerRequest",
+        "rr-16.cpuMicrosPerRequest",
+        "rr-64.cpuMicrosPerRequest",
+    ] {
+        for setup in ["ferry", "stunnel", "haproxy"] {
+            ensure!(
+                summary[metric][setup]["median"].is_f64(),
                 "{metric} has no measurement over {setup}: {}",
                 summary[metric]
             );

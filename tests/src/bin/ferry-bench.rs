@@ -13,6 +13,13 @@
 //! sessions towards the server side. Every scenario runs each setup in
 //! turn, the order rotating per round, and the medians are compared.
 //!
+//! `rr-concurrent` is `rr` on 16, then 64 connections at once (metrics
+//! `rr-16.*`, `rr-64.*`): the CPU-bound case. Across nodes, `bulk`, `rr` and
+//! `rr-concurrent` also record the CPU time (utime + stime from
+//! `/proc/<pid>/stat`) of the setup's proxies, both agents or both stunnel
+//! or HAProxy processes, per round trip (`*.cpuMicrosPerRequest`) or per GiB
+//! (`bulk.cpuSecondsPerGiB`); `no-mesh` has none.
+//!
 //! The `same-node-*` scenarios run the same load to a second server pod on
 //! the client's own node: there Ferry authorizes the connection and relays
 //! it inside the node without TLS, and stunnel and HAProxy still encrypt.
@@ -43,6 +50,7 @@ use ferry_tests::{
 use serde_json::{Value, json};
 
 const SERVER_PORT: u16 = 7000;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// What the `ciphers` scenario moves through each suite, both ways together.
 const CIPHER_BYTES: u64 = 512 * MIB;
 /// Full handshakes per key exchange group in the `ciphers` scenario.
@@ -123,22 +131,52 @@ struct Args {
     baseline_ca: Option<PathBuf>,
 }
 
-/// Timed scenarios: name, `ferry-load` mode, and whether the server pod is on
-/// the client's node. The memory scenario `idle` and the authorization cost
-/// `policies` (ferry only) run after them.
-const TIMED: [(&str, Mode, bool); 5] = [
-    ("bulk", Mode::Bulk, false),
-    ("rr", Mode::Rr, false),
-    ("crr", Mode::Crr, false),
-    ("same-node-bulk", Mode::Bulk, true),
-    ("same-node-rr", Mode::Rr, true),
+/// A run of a timed scenario.
+struct Timed {
+    scenario: &'static str,
+    /// The prefix of its metrics.
+    metric: &'static str,
+    mode: Mode,
+    connections: usize,
+    /// Whether the server pod is on the client's node.
+    same_node: bool,
+}
+
+const fn timed(
+    scenario: &'static str,
+    metric: &'static str,
+    mode: Mode,
+    connections: usize,
+    same_node: bool,
+) -> Timed {
+    Timed {
+        scenario,
+        metric,
+        mode,
+        connections,
+        same_node,
+    }
+}
+
+/// The timed runs, each over every setup per round (`rr-concurrent` makes
+/// two). The memory
+/// scenario `idle` and the authorization cost `policies` (ferry only) run
+/// after them.
+const TIMED: [Timed; 7] = [
+    timed("bulk", "bulk", Mode::Bulk, 1, false),
+    timed("rr", "rr", Mode::Rr, 1, false),
+    timed("rr-concurrent", "rr-16", Mode::Rr, 16, false),
+    timed("rr-concurrent", "rr-64", Mode::Rr, 64, false),
+    timed("crr", "crr", Mode::Crr, 1, false),
+    timed("same-node-bulk", "same-node-bulk", Mode::Bulk, 1, true),
+    timed("same-node-rr", "same-node-rr", Mode::Rr, 1, true),
 ];
 
 fn scenario_names() -> clap::builder::PossibleValuesParser {
-    let timed = TIMED.iter().map(|(name, ..)| *name);
-    clap::builder::PossibleValuesParser::new(
-        timed.chain(["idle", "policies", "ciphers", "issuance", "upgrade"]),
-    )
+    let mut names: Vec<&str> = TIMED.iter().map(|t| t.scenario).collect();
+    names.dedup();
+    names.extend(["idle", "policies", "ciphers", "issuance", "upgrade"]);
+    clap::builder::PossibleValuesParser::new(names)
 }
 
 impl Args {
@@ -247,18 +285,39 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     let connect4_before = prog_stats("ferry_connect4")?;
     let sock_ops_before = prog_stats("ferry_sock_ops")?;
     for round in 0..args.rounds {
-        for (scenario, mode, same_node) in TIMED.into_iter().filter(|(s, ..)| args.runs(s)) {
+        for run in TIMED.iter().filter(|t| args.runs(t.scenario)) {
+            let metric = run.metric;
             for k in 0..SETUPS.len() {
                 let i = (round + k) % SETUPS.len();
                 let setup = SETUPS[i];
                 if !args.over(setup) {
                     continue;
                 }
-                let (pod, to) = bench.targets[usize::from(same_node)][i];
-                let result = load::measure(&mut bench.cluster, pod, mode, to, bench.seconds)
-                    .with_context(|| format!("{scenario} over {setup}"))?;
-                println!("round {} {scenario:>14} {setup:>8}: {result}", round + 1);
-                record(&mut samples, scenario, mode, setup, &result);
+                let (pod, to) = bench.targets[usize::from(run.same_node)][i];
+                // Proxy CPU across nodes, where both sides' proxies work.
+                let pids = match (run.same_node, run.mode) {
+                    (false, Mode::Bulk | Mode::Rr) => bench.proxy_pids(setup),
+                    _ => Vec::new(),
+                };
+                let cpu_before = cpu_seconds(&pids)?;
+                let result = load::measure(
+                    &mut bench.cluster,
+                    pod,
+                    run.mode,
+                    to,
+                    bench.seconds,
+                    run.connections,
+                )
+                .with_context(|| format!("{metric} over {setup}"))?;
+                let cpu = (!pids.is_empty())
+                    .then(|| cpu_seconds(&pids).map(|after| after - cpu_before))
+                    .transpose()?;
+                let cpu_note = cpu.map_or(String::new(), |c| format!(" (proxy CPU {c:.2} s)"));
+                println!(
+                    "round {} {metric:>14} {setup:>8}: {result}{cpu_note}",
+                    round + 1
+                );
+                record(&mut samples, metric, run.mode, setup, &result, cpu);
             }
         }
     }
@@ -266,7 +325,7 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
     let sock_ops_after = prog_stats("ferry_sock_ops")?;
     let calls = connect4_after.1.saturating_sub(connect4_before.1);
     // Same-node connections are captured too.
-    let ferry_ran = args.over("ferry") && TIMED.iter().any(|(s, ..)| args.runs(s));
+    let ferry_ran = args.over("ferry") && TIMED.iter().any(|t| args.runs(t.scenario));
     ensure!(
         calls > 0 || !ferry_ran,
         "ferry_connect4 never ran: is capture working?"
@@ -478,23 +537,77 @@ fn issuance(args: &Args, samples: &mut Samples) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn record(samples: &mut Samples, scenario: &str, mode: Mode, setup: &str, result: &Measured) {
+/// Adds a run's metrics under `prefix`; `cpu`, the proxies' CPU seconds
+/// during it, also per GiB or per round trip.
+fn record(
+    samples: &mut Samples,
+    prefix: &str,
+    mode: Mode,
+    setup: &str,
+    result: &Measured,
+    cpu: Option<f64>,
+) {
     let mut add = |metric: &str, value: f64| {
-        samples.add(&format!("{scenario}.{metric}"), setup, value);
+        samples.add(&format!("{prefix}.{metric}"), setup, value);
     };
     match result {
-        Measured::Throughput(bulk) => add("MiBPerSecond", bulk.bytes_per_second / MIB as f64),
+        Measured::Throughput(bulk) => {
+            add("MiBPerSecond", bulk.bytes_per_second / MIB as f64);
+            if let Some(cpu) = cpu.filter(|_| bulk.bytes > 0) {
+                add("cpuSecondsPerGiB", cpu / (bulk.bytes as f64 / GIB));
+            }
+        }
         Measured::Latencies(latencies) => {
             add("perSecond", latencies.per_second);
             if mode == Mode::Rr {
                 add("p50Micros", latencies.p50_micros);
             }
             add("p99Micros", latencies.p99_micros);
+            if let Some(cpu) = cpu.filter(|_| latencies.count > 0) {
+                add("cpuMicrosPerRequest", cpu * 1e6 / latencies.count as f64);
+            }
         }
     }
 }
 
+/// CPU seconds (user and system, every thread) that `pids` have used.
+fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
+    let mut total = 0u64;
+    for pid in pids {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+        // Fields 14 and 15, counted after the command name's `)`: it may
+        // hold spaces.
+        let after = stat
+            .rsplit_once(')')
+            .with_context(|| format!("/proc/{pid}/stat: {stat}"))?
+            .1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        for i in [11, 12] {
+            total += fields
+                .get(i)
+                .with_context(|| format!("/proc/{pid}/stat: {stat}"))?
+                .parse::<u64>()?;
+        }
+    }
+    Ok(total as f64 / ticks as f64)
+}
+
 impl Bench {
+    /// The processes that carry `setup`'s traffic across nodes (none for
+    /// `no-mesh`).
+    fn proxy_pids(&self, setup: &str) -> Vec<u32> {
+        match setup {
+            "ferry" => self.agents.iter().map(|a| a.proc.pid()).collect(),
+            "stunnel" => self.stunnels[0].iter().map(Proc::pid).collect(),
+            "haproxy" => self.haproxies[0].iter().map(Proc::pid).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn start(seconds: f64, agent_args: &[String]) -> anyhow::Result<Self> {
         let mut cluster = Cluster::new("bench")?;
         let n1 = cluster.add_node()?;
@@ -593,7 +706,7 @@ impl Bench {
                     );
                     Ok(())
                 })?;
-                let result = load::measure(&mut self.cluster, pod, Mode::Crr, to, self.seconds)
+                let result = load::measure(&mut self.cluster, pod, Mode::Crr, to, self.seconds, 1)
                     .with_context(|| format!("crr with {count} policies"))?;
                 println!("round {} crr with {count:>4} policies: {result}", round + 1);
                 if let Measured::Latencies(latencies) = result {

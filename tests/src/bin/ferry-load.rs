@@ -199,20 +199,66 @@ fn round_trip(stream: &mut TcpStream, request: &[u8], response: &mut [u8]) -> an
 
 /// Request/response exchanges back to back for the run's duration, on one
 /// connection or (`connection_each`) on a new connection each, timed from
-/// the start of each (its connect, if it makes one) to its answer.
+/// the start of each (its connect, if it makes one) to its answer. With
+/// `connections` above 1, that many threads do so at once (their kept
+/// connections opened first), and the report covers them all.
 fn exchanges(exchange: &Exchange, connection_each: bool) -> anyhow::Result<()> {
-    let Exchange { run, size } = exchange;
-    let request: Vec<u8> = (0..*size).map(|i| i as u8).collect();
-    let mut response = vec![0u8; *size];
+    let Exchange {
+        run,
+        size,
+        connections,
+    } = exchange;
     let open = || -> anyhow::Result<TcpStream> {
         let mut stream = connect(run.to)?;
         start_echo(&mut stream, *size)?;
         Ok(stream)
     };
-    let mut kept = if connection_each { None } else { Some(open()?) };
-    let mut latencies = Vec::new();
+    let mut kept = (0..(*connections).max(1))
+        .map(|i| {
+            let stream = if connection_each { None } else { Some(open()?) };
+            anyhow::Ok(stream).with_context(|| format!("connection {i} of {connections}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let duration = run.duration();
     let started = Instant::now();
-    while started.elapsed() < run.duration() {
+    let latencies = if kept.len() == 1 {
+        exchange_loop(kept.pop().flatten(), &open, *size, started, duration)?
+    } else {
+        thread::scope(|scope| {
+            let workers: Vec<_> = kept
+                .into_iter()
+                .map(|stream| {
+                    let open = &open;
+                    scope.spawn(move || exchange_loop(stream, open, *size, started, duration))
+                })
+                .collect();
+            let mut all = Vec::new();
+            for worker in workers {
+                let latencies = worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a connection's thread panicked"))??;
+                all.extend(latencies);
+            }
+            anyhow::Ok(all)
+        })?
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    report(&latency_report(latencies, elapsed))
+}
+
+/// One connection's (or, without `kept`, one thread's of new connections)
+/// round trips from `started` until `duration` has passed.
+fn exchange_loop(
+    mut kept: Option<TcpStream>,
+    open: &(dyn Fn() -> anyhow::Result<TcpStream> + Sync),
+    size: usize,
+    started: Instant,
+    duration: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let request: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    let mut response = vec![0u8; size];
+    let mut latencies = Vec::new();
+    while started.elapsed() < duration {
         let began = Instant::now();
         let mut fresh = None;
         let stream = match &mut kept {
@@ -223,8 +269,7 @@ fn exchanges(exchange: &Exchange, connection_each: bool) -> anyhow::Result<()> {
         drop(fresh);
         latencies.push(began.elapsed());
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    report(&latency_report(latencies, elapsed))
+    Ok(latencies)
 }
 
 fn latency_report(mut latencies: Vec<Duration>, elapsed: f64) -> Latencies {

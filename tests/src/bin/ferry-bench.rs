@@ -893,6 +893,24 @@ impl Bench {
     }
 }
 
+/// The directory of a baseline's `pair` (named after its Debian `package`),
+/// with [`make_certificates`] in it, once `binary` is there to use them.
+fn baseline_dir(
+    cluster: &Cluster,
+    binary: &str,
+    package: &str,
+    pair: usize,
+) -> anyhow::Result<PathBuf> {
+    ensure!(
+        Path::new(binary).is_file(),
+        "{binary} is missing: run `cargo xtask setup` (it installs Debian's {package})"
+    );
+    let dir = cluster.tempdir().join(format!("{package}-{pair}"));
+    fs::create_dir_all(&dir)?;
+    make_certificates(&dir)?;
+    Ok(dir)
+}
+
 /// Certificates like Ferry's ([`make_certificates`]) and a stunnel in
 /// each pod: the client's listens on loopback (`STUNNEL_LOCAL_PORTS[pair]`),
 /// the server's terminates TLS in front of the load server.
@@ -902,13 +920,7 @@ fn start_stunnels(
     server: PodId,
     pair: usize,
 ) -> anyhow::Result<[Proc; 2]> {
-    ensure!(
-        Path::new(STUNNEL).is_file(),
-        "{STUNNEL} is missing: run `cargo xtask setup` (it installs Debian's stunnel4)"
-    );
-    let dir = cluster.tempdir().join(format!("stunnel-{pair}"));
-    fs::create_dir_all(&dir)?;
-    make_certificates(&dir)?;
+    let dir = baseline_dir(cluster, STUNNEL, "stunnel4", pair)?;
     let server_ip = cluster.pod(server).ipv4;
     let config = |side: &str, accept: String, connect: String| {
         let d = dir.display();
@@ -1046,13 +1058,7 @@ fn start_haproxies(
     server: PodId,
     pair: usize,
 ) -> anyhow::Result<[Proc; 2]> {
-    ensure!(
-        Path::new(HAPROXY).is_file(),
-        "{HAPROXY} is missing: run `cargo xtask setup` (it installs Debian's haproxy)"
-    );
-    let dir = cluster.tempdir().join(format!("haproxy-{pair}"));
-    fs::create_dir_all(&dir)?;
-    make_certificates(&dir)?;
+    let dir = baseline_dir(cluster, HAPROXY, "haproxy", pair)?;
     // HAProxy's `crt` is one PEM file: the certificate, then its key.
     for side in ["client", "server"] {
         let mut pem = fs::read_to_string(dir.join(format!("{side}.crt")))?;

@@ -325,7 +325,7 @@ pub(super) fn pod_policies(
     default: DefaultPolicy,
 ) -> PodPolicies {
     let compiled: Vec<_> = policies.iter().map(PolicyGen::compiled).collect();
-    PodPolicies::select(POD.to_owned(), "shop", &labels(app), default, &compiled)
+    PodPolicies::select(POD.to_owned(), TD, "shop", &labels(app), default, &compiled)
 }
 
 /// What decided, without which policy did: the same whatever the order.

@@ -239,8 +239,14 @@ impl WorkloadTable {
                 let candidates = of_namespace
                     .get(w.namespace.as_str())
                     .map_or(&[][..], Vec::as_slice);
-                let selected =
-                    PodPolicies::select(w.key(), &w.namespace, &w.labels, default, candidates);
+                let selected = PodPolicies::select(
+                    w.key(),
+                    &settings.trust_domain,
+                    &w.namespace,
+                    &w.labels,
+                    default,
+                    candidates,
+                );
                 (w.key(), Arc::new(selected))
             })
             .collect();

@@ -267,6 +267,8 @@ fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool 
 pub struct PodPolicies {
     /// `namespace/name` of the pod.
     pub pod: String,
+    /// The mesh's trust domain: a caller of another is of no namespace here.
+    pub trust_domain: String,
     pub namespace: String,
     pub default: DefaultPolicy,
     pub policies: Vec<Arc<CompiledPolicy>>,
@@ -302,14 +304,24 @@ impl ByCaller {
 
     /// The first policy (in policy order) that names `caller` and passes
     /// `covers`; no allocation, as it runs per connection.
-    fn first_naming(&self, caller: Caller<'_>, covers: impl Fn(usize) -> bool) -> Option<usize> {
+    /// A `namespace` source names a namespace of the mesh's `trust_domain`.
+    fn first_naming(
+        &self,
+        caller: Caller<'_>,
+        trust_domain: &str,
+        covers: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let none: &[usize] = &[];
         let lists = match caller {
             Caller::Identity(id) => [
                 self.identity.get(id).map_or(none, Vec::as_slice),
-                self.namespace
-                    .get(id.namespace())
-                    .map_or(none, Vec::as_slice),
+                if id.trust_domain() == trust_domain {
+                    self.namespace
+                        .get(id.namespace())
+                        .map_or(none, Vec::as_slice)
+                } else {
+                    none
+                },
             ],
             Caller::Unauthenticated => [self.unauthenticated.as_slice(), none],
         };
@@ -383,6 +395,7 @@ impl PodPolicies {
     /// Works out which of `policies` select a pod of `namespace` with `labels`.
     pub fn select(
         pod: String,
+        trust_domain: &str,
         namespace: &str,
         labels: &BTreeMap<String, String>,
         default: DefaultPolicy,
@@ -410,6 +423,7 @@ impl PodPolicies {
         }
         Self {
             pod,
+            trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
             default,
             policies,
@@ -431,8 +445,10 @@ impl PodPolicies {
             })
         };
         let covering = |by: &ByCaller| {
-            by.first_naming(caller, |i| self.policies[i].covers(port))
-                .map(|i| &self.policies[i])
+            by.first_naming(caller, &self.trust_domain, |i| {
+                self.policies[i].covers(port)
+            })
+            .map(|i| &self.policies[i])
         };
         if let Some(deny) = covering(&self.deny) {
             return denied(DenyReason::DenyPolicy(deny.key.clone()));
@@ -461,7 +477,7 @@ impl PodPolicies {
             (DefaultPolicy::AllUnauthenticated, _) => true,
             (DefaultPolicy::AllAuthenticated, caller) => caller != Caller::Unauthenticated,
             (DefaultPolicy::SameNamespace, Caller::Identity(id)) => {
-                id.namespace() == self.namespace
+                id.trust_domain() == self.trust_domain && id.namespace() == self.namespace
             }
             (DefaultPolicy::SameNamespace, Caller::Unauthenticated) => false,
             (DefaultPolicy::Deny, _) => false,
@@ -568,6 +584,7 @@ mod tests {
     ) -> PodPolicies {
         PodPolicies::select(
             "shop/db-0".to_owned(),
+            TD,
             "shop",
             &labels(labels_of),
             default,
@@ -581,6 +598,25 @@ mod tests {
 
     fn allowed(verdict: &Verdict) -> bool {
         matches!(verdict, Verdict::Allowed { .. })
+    }
+
+    /// Found by the tunnel_connect fuzz target: a caller of another trust
+    /// domain was admitted by `same-namespace` and by `namespace` sources,
+    /// which compared the namespace's name alone.
+    #[test]
+    fn a_namespace_of_another_trust_domain_is_not_this_namespace() {
+        let foreign = SpiffeId::new("example.org", "shop", "api").unwrap();
+        let same = pod(&[], DefaultPolicy::SameNamespace, &[]);
+        assert!(!allowed(&same.evaluate(Caller::Identity(&foreign), 80)));
+        assert!(allowed(
+            &same.evaluate(Caller::Identity(&id("shop", "api")), 80)
+        ));
+        let from_shop = policy("from-shop", "from: [{ namespace: shop }]");
+        let guarded = pod(&[], DefaultPolicy::Deny, &[from_shop]);
+        assert!(!allowed(&guarded.evaluate(Caller::Identity(&foreign), 80)));
+        assert!(allowed(
+            &guarded.evaluate(Caller::Identity(&id("shop", "api")), 80)
+        ));
     }
 
     #[test]

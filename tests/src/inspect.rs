@@ -241,3 +241,24 @@ pub fn is_node_addr(cluster: &Cluster, node: NodeId, ip: IpAddr) -> bool {
         || ip == IpAddr::V4(gateway_v4)
         || ip == IpAddr::V6(gateway_v6)
 }
+
+/// User + system CPU seconds of `pid` so far, every thread counted.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command may hold spaces and parentheses; the fields follow the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("an unreadable /proc/<pid>/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("a short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15; after the ')' they are 11 and 12 (0-based).
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}

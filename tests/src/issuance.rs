@@ -22,6 +22,7 @@ use rcgen::{CertificateParams, KeyPair, SanType, string::Ia5String};
 use crate::{
     Cluster, NodeId, PodOptions,
     ca::{CaFixture, CaOptions, ca_client},
+    inspect::cpu_seconds,
     netns,
 };
 
@@ -171,25 +172,4 @@ fn csr() -> anyhow::Result<Vec<u8>> {
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(IDENTITY)?)];
     Ok(params.serialize_request(&key)?.der().to_vec())
-}
-
-/// User + system CPU seconds of `pid` so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command may hold spaces and parentheses; the fields follow the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("an unreadable /proc/<pid>/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("a short /proc/<pid>/stat")?
-            .parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15; after the ')' they are 11 and 12 (0-based).
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok((ticks(11)? + ticks(12)?) / hz)
 }

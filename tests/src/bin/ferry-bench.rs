@@ -44,7 +44,7 @@ use clap::Parser;
 use ferry_tests::{
     Cluster, MIB, PodId, PodOptions, Proc,
     bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
-    inspect::{admin_json, bpftool, eventually},
+    inspect::{self, admin_json, bpftool, eventually},
     load::{self, Churn, ChurnPhase, Measured, Mode, Streams},
 };
 use serde_json::{Value, json};
@@ -572,28 +572,7 @@ fn record(
 
 /// CPU seconds (user and system, every thread) that `pids` have used.
 fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
-    let mut total = 0u64;
-    for pid in pids {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-        // Fields 14 and 15, counted after the command name's `)`: it may
-        // hold spaces.
-        let after = stat
-            .rsplit_once(')')
-            .with_context(|| format!("/proc/{pid}/stat: {stat}"))?
-            .1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        for i in [11, 12] {
-            total += fields
-                .get(i)
-                .with_context(|| format!("/proc/{pid}/stat: {stat}"))?
-                .parse::<u64>()?;
-        }
-    }
-    Ok(total as f64 / ticks as f64)
+    pids.iter().map(|&pid| inspect::cpu_seconds(pid)).sum()
 }
 
 impl Bench {

@@ -116,6 +116,28 @@ pub fn ratio_check(
     })
 }
 
+/// `ferry / best` of `metric`'s medians, where `best` is whichever of
+/// `baselines` has the better median (the higher, or the lower when
+/// `higher_is_better` is false): Ferry against the strongest proxy a user
+/// could run in its place, whichever that is for this load.
+pub fn best_baseline_check(
+    samples: &Samples,
+    metric: &str,
+    baselines: &[&str],
+    bound: f64,
+    higher_is_better: bool,
+) -> Option<Check> {
+    let better = |a: f64, b: f64| if higher_is_better { a > b } else { a < b };
+    let best = baselines
+        .iter()
+        .filter_map(|&b| Some((b, samples.median(metric, b)?)))
+        .reduce(|best, next| if better(next.1, best.1) { next } else { best })?;
+    ratio_check(samples, metric, best.0, bound, higher_is_better).map(|mut check| {
+        check.what = format!("{metric} ferry/best ({})", best.0);
+        check
+    })
+}
+
 pub fn bound_check(what: &str, value: f64, bound: f64, unit: &str) -> Check {
     Check {
         what: what.to_owned(),
@@ -210,6 +232,30 @@ mod tests {
         let latency = ratio_check(&samples, "rr.p99Micros", "stunnel", 1.0, false).unwrap();
         assert!(!latency.met, "ferry's p99 is above stunnel's");
         assert!(ratio_check(&samples, "crr.perSecond", "stunnel", 3.0, true).is_none());
+    }
+
+    #[test]
+    fn the_best_baseline_is_the_better_one_in_the_metric_s_direction() {
+        let mut samples = Samples::default();
+        for (setup, rate, p99) in [
+            ("ferry", 90.0, 50.0),
+            ("stunnel", 60.0, 40.0),
+            ("haproxy", 100.0, 80.0),
+        ] {
+            samples.add("rr.perSecond", setup, rate);
+            samples.add("rr.p99Micros", setup, p99);
+        }
+        let both = ["stunnel", "haproxy"];
+        let rate = best_baseline_check(&samples, "rr.perSecond", &both, 1.0, true).unwrap();
+        assert_eq!(rate.what, "rr.perSecond ferry/best (haproxy)");
+        assert!(!rate.met && (rate.value - 0.9).abs() < 1e-9);
+        let p99 = best_baseline_check(&samples, "rr.p99Micros", &both, 1.0, false).unwrap();
+        assert_eq!(p99.what, "rr.p99Micros ferry/best (stunnel)");
+        assert!(!p99.met && (p99.value - 1.25).abs() < 1e-9);
+        // A baseline that did not run is no baseline; none at all, no check.
+        let only = best_baseline_check(&samples, "rr.perSecond", &["stunnel", "envoy"], 1.0, true);
+        assert!(only.unwrap().met);
+        assert!(best_baseline_check(&samples, "rr.perSecond", &["envoy"], 1.0, true).is_none());
     }
 
     #[test]

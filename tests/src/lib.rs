@@ -18,6 +18,8 @@
 //!   `ferry-leftovers` crate, which `cargo xtask test` uses too);
 //! - [`PORT`], [`WAIT`], [`MIB`]: the constants every test shares.
 
+pub mod apps;
+pub mod baselines;
 pub mod bench;
 pub mod ca;
 pub mod cgroup;

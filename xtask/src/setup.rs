@@ -19,7 +19,10 @@ use crate::{cmd, mounts};
 /// namespaces and veths, tcpdump to look at their traffic, openssl (the
 /// tests' independent certificate verifier), curl for the admin endpoint,
 /// stunnel4 and haproxy (the benchmark's baselines: what one would use
-/// without a mesh), python3-venv for the venv that holds
+/// without a mesh), redis-server + redis-tools and nginx + wrk (the real
+/// applications and load generators the benchmark runs through each data
+/// path; Debian's policy-rc.d keeps their system services from starting),
+/// python3-venv for the venv that holds
 /// kubernetes-validate, gcc for aws-lc-sys (the crypto provider's C core,
 /// built from source by cargo).
 pub const DEBIAN_PACKAGES: &[&str] = &[
@@ -34,6 +37,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "stunnel4",
     "haproxy",
+    "redis-server",
+    "redis-tools",
+    "nginx",
+    "wrk",
     "python3-venv",
 ];
 

@@ -14,11 +14,15 @@
 //! turn, the order rotating per round, and the medians are compared.
 //!
 //! `rr-concurrent` is `rr` on 16, then 64 connections at once (metrics
-//! `rr-16.*`, `rr-64.*`): the CPU-bound case. Across nodes, `bulk`, `rr` and
-//! `rr-concurrent` also record the CPU time (utime + stime from
+//! `rr-16.*`, `rr-64.*`): the CPU-bound case. `redis` runs the real
+//! `redis-benchmark` (`GET`, then `SET`, over 1 and 20 connections) against
+//! a `redis-server` in the server pod, and `http` runs `wrk` over 16
+//! keep-alive connections against nginx there, fetching a 128-byte and a
+//! 64 KiB file: the loads users run, through the same four data paths.
+//! Every scenario also records the CPU time (utime + stime from
 //! `/proc/<pid>/stat`) of the setup's proxies, both agents or both stunnel
-//! or HAProxy processes, per round trip (`*.cpuMicrosPerRequest`) or per GiB
-//! (`bulk.cpuSecondsPerGiB`); `no-mesh` has none.
+//! or HAProxy processes, per request (`*.cpuMicrosPerRequest`) or per GiB
+//! (`*bulk.cpuSecondsPerGiB`); `no-mesh` has none.
 //!
 //! The `same-node-*` scenarios run the same load to a second server pod on
 //! the client's own node: there Ferry authorizes the connection and relays
@@ -33,17 +37,20 @@
 use std::{
     fs,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command as Process, ExitCode},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use clap::Parser;
 use ferry_tests::{
-    Cluster, MIB, PodId, PodOptions, Proc,
-    bench::{SETUPS, Samples, bound_check, markdown, ratio_check, replace_results},
+    Cluster, MIB, PodId, PodOptions, Proc, apps,
+    baselines::Baseline,
+    bench::{
+        SETUPS, Samples, best_baseline_check, bound_check, markdown, ratio_check, replace_results,
+    },
     inspect::{self, admin_json, bpftool, eventually},
     load::{self, Churn, ChurnPhase, Measured, Mode, Streams},
 };
@@ -59,23 +66,20 @@ const HANDSHAKES: u64 = 2000;
 const POLICY_COUNT: usize = 1000;
 const NO_POLICIES_METRIC: &str = "crr-no-policies.perSecond";
 const POLICIES_METRIC: &str = "crr-1000-policies.perSecond";
-const STUNNEL_PORT: u16 = 7443;
-/// Where each client pod's stunnel listens on loopback: towards the other
-/// node's server pod, and towards the server pod on its own node.
-const STUNNEL_LOCAL_PORTS: [u16; 2] = [7001, 7002];
-const STUNNEL: &str = "/usr/bin/stunnel4";
-const HAPROXY_PORT: u16 = 8443;
-/// Where each client pod's HAProxy listens on loopback, as
-/// [`STUNNEL_LOCAL_PORTS`] for stunnel.
-const HAPROXY_LOCAL_PORTS: [u16; 2] = [7003, 7004];
-const HAPROXY: &str = "/usr/sbin/haproxy";
-/// HAProxy's threads per process: one per core of the bench machine (2).
-const HAPROXY_THREADS: usize = 2;
-/// Connections per HAProxy: well above the idle scenario's 1000, and few
-/// enough that the descriptors HAProxy reserves for them (two each) fit a
-/// hard `ulimit -n` of 20000, as on the bench machines (it refuses to start
-/// otherwise).
-const HAPROXY_MAXCONN: usize = 4000;
+/// The services of the server pods, in the order the baselines number
+/// them: `ferry-load serve`, `redis-server`, nginx. The server pod on the
+/// client's node runs only the first.
+const SERVICES: [u16; 3] = [SERVER_PORT, REDIS_PORT, HTTP_PORT];
+const REDIS_PORT: u16 = 6379;
+const HTTP_PORT: u16 = 8080;
+/// Requests per second of run that redis-benchmark is asked for (it counts
+/// requests, not time), per connection up to [`REDIS_RATE_CLIENTS`]: about
+/// what one connection without a mesh does here, so a run lasts about
+/// `--seconds` without a mesh and longer with one.
+const REDIS_RATE: f64 = 15_000.0;
+const REDIS_RATE_CLIENTS: f64 = 3.0;
+/// Connections of the `http` scenario.
+const HTTP_CONNECTIONS: usize = 16;
 /// The `upgrade` scenario: its long-lived connections (each sending a
 /// message, then pausing), how long a connect may take before it counts
 /// as a hang, how long the destination is left without an agent after
@@ -131,45 +135,76 @@ struct Args {
     baseline_ca: Option<PathBuf>,
 }
 
+/// What a timed run puts on the path.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// `ferry-load`'s `mode` over this many connections at once (`bulk`
+    /// uses one).
+    Ferry(Mode, usize),
+    /// `redis-benchmark`'s test (`get`, `set`) over this many connections.
+    Redis(&'static str, usize),
+    /// `wrk` fetching one of [`apps::HTTP_FILES`] over
+    /// [`HTTP_CONNECTIONS`] keep-alive connections.
+    Http(&'static str),
+}
+
+impl Load {
+    /// Which of [`SERVICES`] it talks to.
+    fn service(self) -> usize {
+        match self {
+            Load::Ferry(..) => 0,
+            Load::Redis(..) => 1,
+            Load::Http(..) => 2,
+        }
+    }
+}
+
 /// A run of a timed scenario.
 struct Timed {
     scenario: &'static str,
     /// The prefix of its metrics.
     metric: &'static str,
-    mode: Mode,
-    connections: usize,
+    load: Load,
     /// Whether the server pod is on the client's node.
     same_node: bool,
 }
 
-const fn timed(
-    scenario: &'static str,
-    metric: &'static str,
-    mode: Mode,
-    connections: usize,
-    same_node: bool,
-) -> Timed {
+const fn timed(scenario: &'static str, metric: &'static str, load: Load, same_node: bool) -> Timed {
     Timed {
         scenario,
         metric,
-        mode,
-        connections,
+        load,
         same_node,
     }
 }
 
-/// The timed runs, each over every setup per round (`rr-concurrent` makes
-/// two). The memory
-/// scenario `idle` and the authorization cost `policies` (ferry only) run
-/// after them.
-const TIMED: [Timed; 7] = [
-    timed("bulk", "bulk", Mode::Bulk, 1, false),
-    timed("rr", "rr", Mode::Rr, 1, false),
-    timed("rr-concurrent", "rr-16", Mode::Rr, 16, false),
-    timed("rr-concurrent", "rr-64", Mode::Rr, 64, false),
-    timed("crr", "crr", Mode::Crr, 1, false),
-    timed("same-node-bulk", "same-node-bulk", Mode::Bulk, 1, true),
-    timed("same-node-rr", "same-node-rr", Mode::Rr, 1, true),
+/// The timed runs, each over every setup per round (`rr-concurrent`,
+/// `redis` and `http` make several). The memory scenario `idle` and the
+/// authorization cost `policies` (ferry only) run after them.
+const TIMED: [Timed; 13] = [
+    timed("bulk", "bulk", Load::Ferry(Mode::Bulk, 1), false),
+    timed("rr", "rr", Load::Ferry(Mode::Rr, 1), false),
+    timed("rr-concurrent", "rr-16", Load::Ferry(Mode::Rr, 16), false),
+    timed("rr-concurrent", "rr-64", Load::Ferry(Mode::Rr, 64), false),
+    timed("crr", "crr", Load::Ferry(Mode::Crr, 1), false),
+    timed("redis", "redis-get-1", Load::Redis("get", 1), false),
+    timed("redis", "redis-get-20", Load::Redis("get", 20), false),
+    timed("redis", "redis-set-1", Load::Redis("set", 1), false),
+    timed("redis", "redis-set-20", Load::Redis("set", 20), false),
+    timed("http", "http-small", Load::Http("small"), false),
+    timed("http", "http-64k", Load::Http("64k"), false),
+    timed(
+        "same-node-bulk",
+        "same-node-bulk",
+        Load::Ferry(Mode::Bulk, 1),
+        true,
+    ),
+    timed(
+        "same-node-rr",
+        "same-node-rr",
+        Load::Ferry(Mode::Rr, 1),
+        true,
+    ),
 ];
 
 fn scenario_names() -> clap::builder::PossibleValuesParser {
@@ -205,9 +240,12 @@ struct Bench {
     haproxies: [[Proc; 2]; 2],
     /// Kept running for the whole bench (`upgrade` starts agents again).
     _ca: ferry_tests::ca::CaFixture,
-    /// Per setup, in [`SETUPS`] order: the client pod and where it connects,
-    /// across nodes (`[0]`) and on the client's node (`[1]`).
-    targets: [[(PodId, SocketAddr); SETUPS.len()]; 2],
+    /// The unmeshed client pod (no-mesh, stunnel, HAProxy) and the meshed
+    /// one.
+    clients: [PodId; 2],
+    /// The server pods, unmeshed and meshed, on the other node (`[0]`) and
+    /// on the client's node (`[1]`).
+    servers: [[PodId; 2]; 2],
     seconds: f64,
 }
 
@@ -293,22 +331,13 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
                 if !args.over(setup) {
                     continue;
                 }
-                let (pod, to) = bench.targets[usize::from(run.same_node)][i];
-                // Proxy CPU across nodes, where both sides' proxies work.
-                let pids = match (run.same_node, run.mode) {
-                    (false, Mode::Bulk | Mode::Rr) => bench.proxy_pids(setup),
-                    _ => Vec::new(),
-                };
+                let pair = usize::from(run.same_node);
+                let (pod, to) = bench.target(pair, i, run.load.service());
+                let pids = bench.proxy_pids(setup, pair);
                 let cpu_before = cpu_seconds(&pids)?;
-                let result = load::measure(
-                    &mut bench.cluster,
-                    pod,
-                    run.mode,
-                    to,
-                    bench.seconds,
-                    run.connections,
-                )
-                .with_context(|| format!("{metric} over {setup}"))?;
+                let result = bench
+                    .measure(run.load, pod, to)
+                    .with_context(|| format!("{metric} over {setup}"))?;
                 let cpu = (!pids.is_empty())
                     .then(|| cpu_seconds(&pids).map(|after| after - cpu_before))
                     .transpose()?;
@@ -317,7 +346,8 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
                     "round {} {metric:>14} {setup:>8}: {result}{cpu_note}",
                     round + 1
                 );
-                record(&mut samples, metric, run.mode, setup, &result, cpu);
+                let with_p50 = !matches!(run.load, Load::Ferry(Mode::Crr, _));
+                record(&mut samples, metric, with_p50, setup, &result, cpu);
             }
         }
     }
@@ -396,20 +426,38 @@ fn measure(args: &Args) -> anyhow::Result<(Samples, Vec<ferry_tests::bench::Chec
         }
     }
     let mut checks: Vec<_> = [
-        ratio_check(&samples, "bulk.MiBPerSecond", "no-mesh", 0.5, true),
-        ratio_check(&samples, "rr.perSecond", "no-mesh", 0.5, true),
+        ("bulk", 0.4),
+        ("rr", 0.5),
+        ("rr-16", 0.5),
+        ("rr-64", 0.5),
+        ("redis-get-20", 0.5),
+        ("redis-set-20", 0.5),
     ]
     .into_iter()
-    .chain(["stunnel", "haproxy"].into_iter().flat_map(|baseline| {
+    .map(|(load, bound)| ratio_check(&samples, &throughput(load), "no-mesh", bound, true))
+    .chain(TIMED.iter().flat_map(|run| {
+        let crr = matches!(run.load, Load::Ferry(Mode::Crr, _));
+        let bound = if crr { 3.0 } else { 1.0 };
+        let throughput = throughput(run.metric);
         [
-            ratio_check(&samples, "bulk.MiBPerSecond", baseline, 1.0, true),
-            ratio_check(&samples, "rr.perSecond", baseline, 1.0, true),
-            ratio_check(&samples, "rr.p99Micros", baseline, 1.0, false),
-            ratio_check(&samples, "crr.perSecond", baseline, 3.0, true),
+            best_baseline_check(&samples, &throughput, &BASELINES, bound, true),
+            best_baseline_check(
+                &samples,
+                &format!("{}.p99Micros", run.metric),
+                &BASELINES,
+                1.0,
+                false,
+            ),
         ]
     }))
     .flatten()
     .collect();
+    for load in ["rr-16", "rr-64"] {
+        let metric = format!("{load}.cpuMicrosPerRequest");
+        if let Some(cpu) = samples.median(&metric, "ferry") {
+            checks.push(bound_check(&format!("{metric} ferry"), cpu, 20.0, "µs"));
+        }
+    }
     let rss = |metric: &str| samples.median(metric, "ferry").unwrap_or(f64::NAN);
     checks.push(bound_check(
         "agent RSS idle",
@@ -539,10 +587,23 @@ fn issuance(args: &Args, samples: &mut Samples) -> anyhow::Result<()> {
 
 /// Adds a run's metrics under `prefix`; `cpu`, the proxies' CPU seconds
 /// during it, also per GiB or per round trip.
+/// The proxies a user could run in Ferry's place.
+const BASELINES: [&str; 2] = ["stunnel", "haproxy"];
+
+/// The throughput metric of a timed run's `prefix`: MiB/s for bulk
+/// transfers, requests (or round trips) per second for the rest.
+fn throughput(prefix: &str) -> String {
+    if prefix.ends_with("bulk") {
+        format!("{prefix}.MiBPerSecond")
+    } else {
+        format!("{prefix}.perSecond")
+    }
+}
+
 fn record(
     samples: &mut Samples,
     prefix: &str,
-    mode: Mode,
+    with_p50: bool,
     setup: &str,
     result: &Measured,
     cpu: Option<f64>,
@@ -559,7 +620,7 @@ fn record(
         }
         Measured::Latencies(latencies) => {
             add("perSecond", latencies.per_second);
-            if mode == Mode::Rr {
+            if with_p50 {
                 add("p50Micros", latencies.p50_micros);
             }
             add("p99Micros", latencies.p99_micros);
@@ -576,15 +637,62 @@ fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
 }
 
 impl Bench {
-    /// The processes that carry `setup`'s traffic across nodes (none for
-    /// `no-mesh`).
-    fn proxy_pids(&self, setup: &str) -> Vec<u32> {
+    /// The processes that carry `setup`'s traffic for `pair` (none for
+    /// `no-mesh`): both agents for Ferry (on the same node only the
+    /// client's works), the pair's two proxies for a baseline.
+    fn proxy_pids(&self, setup: &str, pair: usize) -> Vec<u32> {
         match setup {
             "ferry" => self.agents.iter().map(|a| a.proc.pid()).collect(),
-            "stunnel" => self.stunnels[0].iter().map(Proc::pid).collect(),
-            "haproxy" => self.haproxies[0].iter().map(Proc::pid).collect(),
+            "stunnel" => self.stunnels[pair].iter().map(Proc::pid).collect(),
+            "haproxy" => self.haproxies[pair].iter().map(Proc::pid).collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// The client pod of [`SETUPS`]`[setup]` and where it connects for the
+    /// `service`-th of [`SERVICES`], across nodes (`pair` 0) or on the
+    /// client's node (1).
+    fn target(&self, pair: usize, setup: usize, service: usize) -> (PodId, SocketAddr) {
+        let [plain, meshed] = self.servers[pair];
+        let port = SERVICES[service];
+        match SETUPS[setup] {
+            "ferry" => (self.clients[1], self.cluster.pod(meshed).addr_v4(port)),
+            "stunnel" => (self.clients[0], Baseline::Stunnel.local_addr(pair, service)),
+            "haproxy" => (self.clients[0], Baseline::Haproxy.local_addr(pair, service)),
+            _ => (self.clients[0], self.cluster.pod(plain).addr_v4(port)),
+        }
+    }
+
+    /// One timed run of `load` from `pod` to `to`.
+    fn measure(&mut self, load: Load, pod: PodId, to: SocketAddr) -> anyhow::Result<Measured> {
+        let seconds = self.seconds;
+        Ok(match load {
+            Load::Ferry(mode, connections) => {
+                load::measure(&mut self.cluster, pod, mode, to, seconds, connections)?
+            }
+            Load::Redis(test, clients) => {
+                let rate = REDIS_RATE * (clients as f64).min(REDIS_RATE_CLIENTS);
+                let requests = ((seconds * rate) as usize).max(1000);
+                Measured::Latencies(apps::redis_benchmark(
+                    &mut self.cluster,
+                    pod,
+                    to,
+                    test,
+                    clients,
+                    requests,
+                )?)
+            }
+            Load::Http(file) => {
+                let url = format!("http://{to}/{file}");
+                Measured::Latencies(apps::wrk(
+                    &mut self.cluster,
+                    pod,
+                    &url,
+                    HTTP_CONNECTIONS,
+                    seconds,
+                )?)
+            }
+        })
     }
 
     fn start(seconds: f64, agent_args: &[String]) -> anyhow::Result<Self> {
@@ -607,31 +715,23 @@ impl Bench {
         for pod in [plain_server, mesh_server, plain_local, mesh_local] {
             servers.push(load::serve(&mut cluster, pod, listen)?);
         }
+        for pod in [plain_server, mesh_server] {
+            servers.push(apps::start_redis(&mut cluster, pod, REDIS_PORT)?);
+            servers.push(apps::start_nginx(&mut cluster, pod, HTTP_PORT)?);
+        }
         // Thousands of connect/close a second leave the closing side's ports
         // in TIME_WAIT; without reuse, later rounds of `crr` measure the
         // kernel's search for a free port instead of the path. Same for every
         // setup: every pod and node may reuse them.
         load::reuse_time_wait_ports(&cluster)?;
-        let stunnels = [
-            start_stunnels(&mut cluster, plain_client, plain_server, 0)?,
-            start_stunnels(&mut cluster, plain_client, plain_local, 1)?,
-        ];
-        let haproxies = [
-            start_haproxies(&mut cluster, plain_client, plain_server, 0)?,
-            start_haproxies(&mut cluster, plain_client, plain_local, 1)?,
-        ];
-        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        // In SETUPS order: no-mesh, ferry, stunnel, haproxy.
-        let targets = [(plain_server, mesh_server, 0), (plain_local, mesh_local, 1)].map(
-            |(plain, meshed, pair)| {
-                [
-                    (plain_client, cluster.pod(plain).addr_v4(SERVER_PORT)),
-                    (mesh_client, cluster.pod(meshed).addr_v4(SERVER_PORT)),
-                    (plain_client, loopback(STUNNEL_LOCAL_PORTS[pair])),
-                    (plain_client, loopback(HAPROXY_LOCAL_PORTS[pair])),
-                ]
-            },
-        );
+        let mut pairs = |baseline: Baseline| -> anyhow::Result<[[Proc; 2]; 2]> {
+            Ok([
+                baseline.start(&mut cluster, plain_client, plain_server, 0, &SERVICES)?,
+                baseline.start(&mut cluster, plain_client, plain_local, 1, &SERVICES[..1])?,
+            ])
+        };
+        let stunnels = pairs(Baseline::Stunnel)?;
+        let haproxies = pairs(Baseline::Haproxy)?;
         Ok(Self {
             cluster,
             agents,
@@ -639,7 +739,8 @@ impl Bench {
             stunnels,
             haproxies,
             _ca: ca,
-            targets,
+            clients: [plain_client, mesh_client],
+            servers: [[plain_server, mesh_server], [plain_local, mesh_local]],
             seconds,
         })
     }
@@ -665,8 +766,7 @@ impl Bench {
                 )
             })
             .collect::<anyhow::Result<_>>()?;
-        let (pod, to) =
-            self.targets[0][SETUPS.iter().position(|s| *s == "ferry").context("ferry")?];
+        let (pod, to) = self.target(0, setup_index("ferry")?, 0);
         let mut out = Vec::new();
         for round in 0..rounds {
             for (metric, policies) in [
@@ -706,8 +806,7 @@ impl Bench {
     /// one started (phase 5), and the time from its start to the first new
     /// connection through is measured.
     fn upgrade(&mut self) -> anyhow::Result<Vec<(&'static str, f64)>> {
-        let (pod, to) =
-            self.targets[0][SETUPS.iter().position(|s| *s == "ferry").context("ferry")?];
+        let (pod, to) = self.target(0, setup_index("ferry")?, 0);
         let phase = Duration::from_secs_f64(self.seconds.max(1.0));
         let mut streams = Streams {
             to,
@@ -852,11 +951,7 @@ impl Bench {
             if !setups.contains(&setup) {
                 continue;
             }
-            let (pod, to) = SETUPS
-                .iter()
-                .position(|s| *s == setup)
-                .map(|i| self.targets[0][i])
-                .context("no target")?;
+            let (pod, to) = self.target(0, setup_index(setup)?, 0);
             let before = [rss_kib(pids[0])?, rss_kib(pids[1])?];
             let idle = load::open_idle(&mut self.cluster, pod, to, count)
                 .with_context(|| format!("{count} idle connections over {setup}"))?;
@@ -872,250 +967,12 @@ impl Bench {
     }
 }
 
-/// The directory of a baseline's `pair` (named after its Debian `package`),
-/// with [`make_certificates`] in it, once `binary` is there to use them.
-fn baseline_dir(
-    cluster: &Cluster,
-    binary: &str,
-    package: &str,
-    pair: usize,
-) -> anyhow::Result<PathBuf> {
-    ensure!(
-        Path::new(binary).is_file(),
-        "{binary} is missing: run `cargo xtask setup` (it installs Debian's {package})"
-    );
-    let dir = cluster.tempdir().join(format!("{package}-{pair}"));
-    fs::create_dir_all(&dir)?;
-    make_certificates(&dir)?;
-    Ok(dir)
-}
-
-/// Certificates like Ferry's ([`make_certificates`]) and a stunnel in
-/// each pod: the client's listens on loopback (`STUNNEL_LOCAL_PORTS[pair]`),
-/// the server's terminates TLS in front of the load server.
-fn start_stunnels(
-    cluster: &mut Cluster,
-    client: PodId,
-    server: PodId,
-    pair: usize,
-) -> anyhow::Result<[Proc; 2]> {
-    let dir = baseline_dir(cluster, STUNNEL, "stunnel4", pair)?;
-    let server_ip = cluster.pod(server).ipv4;
-    let config = |side: &str, accept: String, connect: String| {
-        let d = dir.display();
-        format!(
-            "foreground = yes\npid =\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
-             [bench]\nclient = {}\naccept = {accept}\nconnect = {connect}\n\
-             cert = {d}/{side}.crt\nkey = {d}/{side}.key\nCAfile = {d}/ca.crt\n\
-             verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
-            if side == "client" { "yes" } else { "no" }
-        )
-    };
-    let client_conf = dir.join("client.conf");
-    let server_conf = dir.join("server.conf");
-    fs::write(
-        &client_conf,
-        config(
-            "client",
-            format!("127.0.0.1:{}", STUNNEL_LOCAL_PORTS[pair]),
-            format!("{server_ip}:{STUNNEL_PORT}"),
-        ),
-    )?;
-    fs::write(
-        &server_conf,
-        config(
-            "server",
-            format!("0.0.0.0:{STUNNEL_PORT}"),
-            format!("127.0.0.1:{SERVER_PORT}"),
-        ),
-    )?;
-    let stunnel = PathBuf::from(STUNNEL);
-    let server_proc = cluster.spawn(server, &stunnel, &[&server_conf.to_string_lossy()])?;
-    let client_proc = cluster.spawn(client, &stunnel, &[&client_conf.to_string_lossy()])?;
-    // stunnel says nothing on stdout; wait until both ends accept.
-    for (pod, port) in [(server, STUNNEL_PORT), (client, STUNNEL_LOCAL_PORTS[pair])] {
-        wait_listening(cluster, pod, port)?;
-    }
-    Ok([client_proc, server_proc])
-}
-
-/// Certificates like Ferry's in `dir`: a CA (`ca.crt`) and P-256 leaves
-/// under it, `client.crt`/`.key` and `server.crt`/`.key` (CN `client` and
-/// `server`).
-fn make_certificates(dir: &Path) -> anyhow::Result<()> {
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let output = Process::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "openssl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
-    };
-    let p256 = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &p256,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-subj",
-                "/CN=bench-ca",
-                "-days",
-                "1",
-            ],
-        ]
-        .concat(),
-    )?;
-    for side in ["client", "server"] {
-        let key = format!("{side}.key");
-        let csr = format!("{side}.csr");
-        let crt = format!("{side}.crt");
-        openssl(
-            &[
-                &["req"][..],
-                &p256,
-                &[
-                    "-keyout",
-                    &key,
-                    "-out",
-                    &csr,
-                    "-subj",
-                    &format!("/CN={side}"),
-                ],
-            ]
-            .concat(),
-        )?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &crt,
-            "-days",
-            "1",
-        ])?;
-    }
-    Ok(())
-}
-
-/// [`make_certificates`] and an HAProxy in each pod, as [`start_stunnels`]:
-/// the client's listens on loopback (`HAPROXY_LOCAL_PORTS[pair]`) and opens
-/// mutual TLS 1.3 to the server's, which verifies the client's certificate
-/// and forwards to the load server on loopback.
-///
-/// `mode tcp` ties each client connection to one server connection (idle
-/// connection reuse, `http-reuse`, is for HTTP only), so the keep-alive
-/// HAProxy allows towards the server is TLS session resumption, which
-/// `server ... ssl` does by default. TCP_NODELAY needs no option: "HAProxy
-/// automatically disables Nagle in pure TCP mode and in tunnels"
-/// (`/usr/share/doc/haproxy/management.txt`; strace shows it set on the
-/// accepted and the outgoing socket of each connection).
-fn start_haproxies(
-    cluster: &mut Cluster,
-    client: PodId,
-    server: PodId,
-    pair: usize,
-) -> anyhow::Result<[Proc; 2]> {
-    let dir = baseline_dir(cluster, HAPROXY, "haproxy", pair)?;
-    // HAProxy's `crt` is one PEM file: the certificate, then its key.
-    for side in ["client", "server"] {
-        let mut pem = fs::read_to_string(dir.join(format!("{side}.crt")))?;
-        pem.push_str(&fs::read_to_string(dir.join(format!("{side}.key")))?);
-        fs::write(dir.join(format!("{side}.pem")), pem)?;
-    }
-    let d = dir.display();
-    let server_ip = cluster.pod(server).ipv4;
-    let local = HAPROXY_LOCAL_PORTS[pair];
-    // Long timeouts: the idle scenario's connections stay open, unused.
-    let common = format!(
-        "global\n    nbthread {HAPROXY_THREADS}\n    maxconn {HAPROXY_MAXCONN}\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    \
-         timeout server 1h\n\n"
-    );
-    // The server's certificate is checked against the CA and its name.
-    let client_conf = format!(
-        "{common}frontend bench\n    bind 127.0.0.1:{local}\n    default_backend tls\n\n\
-         backend tls\n    server tls {server_ip}:{HAPROXY_PORT} ssl verify required \
-         ca-file {d}/ca.crt verifyhost server crt {d}/client.pem ssl-min-ver TLSv1.3\n"
-    );
-    let server_conf = format!(
-        "{common}frontend bench\n    bind 0.0.0.0:{HAPROXY_PORT} ssl crt {d}/server.pem \
-         ca-file {d}/ca.crt verify required ssl-min-ver TLSv1.3\n    default_backend load\n\n\
-         backend load\n    server load 127.0.0.1:{SERVER_PORT}\n"
-    );
-    let mut paths = Vec::new();
-    for (side, config) in [("client", client_conf), ("server", server_conf)] {
-        let path = dir.join(format!("{side}.cfg"));
-        fs::write(&path, config)?;
-        // A bad configuration says why here, not as a port that never opens.
-        let check = Process::new(HAPROXY)
-            .args(["-c", "-q", "-f"])
-            .arg(&path)
-            .output()
-            .with_context(|| format!("cannot run {HAPROXY}"))?;
-        ensure!(
-            check.status.success(),
-            "{HAPROXY} rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
-        paths.push(path.to_string_lossy().into_owned());
-    }
-    let haproxy = PathBuf::from(HAPROXY);
-    // `-db`: in the foreground, one process (no master, no daemon), so the
-    // cluster's handle is HAProxy itself.
-    let client_proc = cluster.spawn(client, &haproxy, &["-db", "-f", &paths[0]])?;
-    let server_proc = cluster.spawn(server, &haproxy, &["-db", "-f", &paths[1]])?;
-    for (pod, port, proc) in [
-        (server, HAPROXY_PORT, &server_proc),
-        (client, local, &client_proc),
-    ] {
-        wait_listening(cluster, pod, port)
-            .with_context(|| format!("{}: {}", proc.label(), proc.stderr_tail()))?;
-    }
-    Ok([client_proc, server_proc])
-}
-
-fn wait_listening(cluster: &Cluster, pod: PodId, port: u16) -> anyhow::Result<()> {
-    let netns = cluster.pod(pod).netns.clone();
-    for _ in 0..100 {
-        let out = Process::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "ss",
-                "-Htln",
-                &format!("sport = :{port}"),
-            ])
-            .output()?;
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("nothing listens on port {port} in {netns} after 10 s")
+/// Where `setup` is in [`SETUPS`].
+fn setup_index(setup: &str) -> anyhow::Result<usize> {
+    SETUPS
+        .iter()
+        .position(|s| *s == setup)
+        .with_context(|| format!("no setup {setup}"))
 }
 
 /// Resident memory of `pid`, KiB.

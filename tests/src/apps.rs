@@ -25,6 +25,10 @@ pub const WRK: &str = "/usr/bin/wrk";
 /// The files nginx serves: a small response and a 64 KiB one.
 pub const HTTP_FILES: [(&str, usize); 2] = [("small", 128), ("64k", 64 * 1024)];
 
+/// Set (to anything), the load generators' own reports are printed whole,
+/// e.g. for wrk's latency distribution beyond the p50 and p99 kept.
+pub const RAW_REPORTS: &str = "FERRY_BENCH_RAW";
+
 /// How long a load generator may run past what it was asked for.
 const RUN_SLACK: Duration = Duration::from_secs(60);
 /// How long a server gets to listen.
@@ -179,6 +183,9 @@ fn run_to_end(
 ) -> anyhow::Result<String> {
     let mut proc = cluster.spawn(pod, Path::new(program), args)?;
     let (status, stdout, stderr) = proc.wait_exit(expected + RUN_SLACK)?;
+    if std::env::var_os(RAW_REPORTS).is_some() {
+        eprintln!("{program} {}:\n{stdout}", args.join(" "));
+    }
     // wrk prints its usage errors on stdout.
     let said = if stderr.trim().is_empty() {
         &stdout

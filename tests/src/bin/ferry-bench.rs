@@ -1017,7 +1017,15 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+    // Every namespace the bench makes starts with this default, and it
+    // moves the results (BENCHMARKS.md: BBR in the server pod and http-64k).
+    let congestion =
+        fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores, Linux {}, TCP congestion control {}",
+        kernel.trim(),
+        congestion.trim()
+    )
 }
 
 fn today() -> String {

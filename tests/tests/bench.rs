@@ -1,5 +1,6 @@
-//! `ferry-bench --quick`: every benchmark scenario runs end to end over every
-//! setup. A smoke check, not a measurement: no timing is asserted.
+//! `ferry-bench --quick`: every benchmark scenario, the real applications'
+//! included, runs end to end over every setup. A smoke check, not a
+//! measurement: no timing is asserted.
 
 use anyhow::{Context as _, ensure};
 use ferry_tests::{bench::SETUPS, bin_path};
@@ -35,6 +36,12 @@ fn every_scenario_runs_over_every_setup() -> anyhow::Result<()> {
         "crr.perSecond",
         "same-node-bulk.MiBPerSecond",
         "same-node-rr.perSecond",
+        "redis-get-1.perSecond",
+        "redis-get-20.p99Micros",
+        "redis-set-1.perSecond",
+        "redis-set-20.p99Micros",
+        "http-small.perSecond",
+        "http-64k.p99Micros",
     ] {
         for setup in SETUPS {
             let median = summary[metric][setup]["median"].as_f64();
@@ -50,6 +57,10 @@ fn every_scenario_runs_over_every_setup() -> anyhow::Result<()> {
         "rr.cpuMicrosPerRequest",
         "rr-16.cpuMicrosPerRequest",
         "rr-64.cpuMicrosPerRequest",
+        "crr.cpuMicrosPerRequest",
+        "redis-get-20.cpuMicrosPerRequest",
+        "http-64k.cpuMicrosPerRequest",
+        "same-node-rr.cpuMicrosPerRequest",
     ] {
         for setup in ["ferry", "stunnel", "haproxy"] {
             ensure!(

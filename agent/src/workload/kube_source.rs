@@ -492,15 +492,16 @@ fn excluded_ports(pod: &Pod) -> Vec<u16> {
     else {
         return Vec::new();
     };
+    // As the workload file: a port is 1-65535, so `0` is refused like `nope`.
     text.split(',')
-        .filter_map(|port| match port.trim().parse() {
-            Ok(port) => Some(port),
-            Err(_) => {
+        .filter_map(|item| match item.trim().parse::<u16>() {
+            Ok(port) if port != 0 => Some(port),
+            _ => {
                 tracing::warn!(
                     pod = ?pod.metadata.name,
                     annotation = EXCLUDED_PORTS_ANNOTATION,
                     value = %Untrusted(text),
-                    "ignoring a port that is not a number"
+                    "ignoring an item that is not a port (1-65535)"
                 );
                 None
             }
@@ -732,6 +733,20 @@ mod tests {
         )]));
         let table = table(&namespaces, vec![web]);
         assert_eq!(table.workloads[0].excluded_ports, [5432, 6379]);
+    }
+
+    /// Found by the `kube_table` fuzz target: `0` in the annotation was
+    /// taken as an excluded port.
+    #[test]
+    fn an_excluded_port_of_zero_is_not_a_port() {
+        let namespaces = [namespace("shop", true, false)];
+        let mut api = pod("shop", "api-0", "n1", "198.18.1.2", 1);
+        api.metadata.annotations = Some(BTreeMap::from([(
+            EXCLUDED_PORTS_ANNOTATION.to_owned(),
+            "5432, 6,,:,0,379,nope,65536".to_owned(),
+        )]));
+        let table = table(&namespaces, vec![api]);
+        assert_eq!(table.workloads[0].excluded_ports, [5432, 6, 379]);
     }
 
     #[test]

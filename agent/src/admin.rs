@@ -229,7 +229,9 @@ fn logging<B>(req: &Request<B>) -> Response<Full<Bytes>> {
         Err(error) => {
             let status = match error {
                 FilterError::NoLogger => StatusCode::SERVICE_UNAVAILABLE,
-                FilterError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                FilterError::Invalid { .. } | FilterError::FieldFilter { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
                 FilterError::Reload(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             text(status, format!("{error}\n"))

@@ -10,7 +10,8 @@
 //! What must hold: `POST /logging` with a non-empty `level` either answers
 //! 200, and the filter in force is then exactly the level, decoded here
 //! without the agent's decoder, or answers 400 with a message and leaves
-//! the filter as it was; without a level, 400; `GET /logging` shows the
+//! the filter as it was (always, for a filter on span fields, `{`);
+//! without a level, 400; `GET /logging` shows the
 //! filter in force. Any other method is refused (405); a `GET` reaches the
 //! page its path names, or a 404 that names the path. Every answer is
 //! plain text that says something. `percent_decode` reads every escape as
@@ -102,6 +103,10 @@ fn set_level(uri: &Uri, status: StatusCode, body: &str) {
             assert_eq!(filter, QUIET, "no level, yet the filter changed");
         }
         Some(level) if status == StatusCode::OK => {
+            assert!(
+                !level.contains('{'),
+                "{level:?} filters on span fields, yet was taken"
+            );
             assert_eq!(filter, level, "{uri} set another filter");
             assert_eq!(body, format!("log filter is now {level}\n"));
         }

@@ -34,7 +34,8 @@ const RUN_SLACK: Duration = Duration::from_secs(60);
 /// How long a server gets to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn ensure_installed(binary: &str, package: &str) -> anyhow::Result<()> {
+/// Fails, naming the Debian package setup installs, if `binary` is missing.
+pub(crate) fn ensure_installed(binary: &str, package: &str) -> anyhow::Result<()> {
     ensure!(
         Path::new(binary).is_file(),
         "{binary} is missing: run `cargo xtask setup` (it installs Debian's {package})"

@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{Cluster, PodId, Proc, apps::wait_listening};
+use crate::{
+    Cluster, PodId, Proc,
+    apps::{ensure_installed, wait_listening},
+};
 
 const STUNNEL: &str = "/usr/bin/stunnel4";
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -85,10 +88,7 @@ impl Baseline {
             Baseline::Stunnel => (STUNNEL, "stunnel4"),
             Baseline::Haproxy => (HAPROXY, "haproxy"),
         };
-        ensure!(
-            Path::new(binary).is_file(),
-            "{binary} is missing: run `cargo xtask setup` (it installs Debian's {package})"
-        );
+        ensure_installed(binary, package)?;
         let dir = cluster.tempdir().join(format!("{package}-{pair}"));
         fs::create_dir_all(&dir)?;
         make_certificates(&dir)?;

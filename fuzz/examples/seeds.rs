@@ -69,7 +69,7 @@ fn main() {
 
     let key = token_key();
     let token = key.minter.mint(&agent_token()).expect("mint a token");
-    let claims = jwt_part(&token, 1).expect("the minted claims");
+    let claims: serde_json::Value = jwt_part(&token, 1).expect("the minted claims");
     write("jwt", "token", Some(0), token.as_bytes());
     write("jwt", "claims", Some(1), claims.to_string().as_bytes());
     let with_header = |header: &serde_json::Value, claims: &serde_json::Value| {
@@ -78,7 +78,7 @@ fn main() {
         bytes.extend(claims.to_string().into_bytes());
         bytes
     };
-    let header = jwt_part(&token, 0).expect("the minted header");
+    let header: serde_json::Value = jwt_part(&token, 0).expect("the minted header");
     write(
         "jwt",
         "header-and-claims",

@@ -54,7 +54,7 @@ use crate::{
     proxy::{
         Balancer, Refused,
         connections::Stop,
-        relay::{CloseWrite, Reset, relay_tunnel},
+        relay::{AckNow, CloseWrite, Reset, relay_tunnel},
         route::{Decision, decide},
     },
     tunnel::{

@@ -72,6 +72,10 @@ impl CloseWrite for PodSocket {
     }
 }
 
+impl AckNow for PodSocket {
+    fn ack_now(&self) {}
+}
+
 /// The peer agent's end of the tunnel stream, in two halves that can be
 /// driven at once.
 struct Peer {

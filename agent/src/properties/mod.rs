@@ -19,7 +19,8 @@
 //!   when every connection is full.
 //! - relay: `relay_tunnel` over in-memory pipes carries both directions
 //!   byte for byte whichever side half-closes first, passes a reset on as a
-//!   reset, never as a clean end, and stops as `Stop` says. (`relay`, the
+//!   reset, never as a clean end, stops as `Stop` says, and asks for the
+//!   pod's ACK after a large read only. (`relay`, the
 //!   splice path, needs real sockets and is not covered here.)
 
 use std::{
@@ -54,7 +55,7 @@ use crate::{
     proxy::{
         Balancer, Refused,
         connections::Stop,
-        relay::{AckNow, CloseWrite, Reset, relay_tunnel},
+        relay::{ACK_NOW_READ, AckNow, CloseWrite, Reset, relay_tunnel},
         route::{Decision, decide},
     },
     tunnel::{

@@ -12,6 +12,9 @@ struct Seen {
     resets: AtomicUsize,
     close_writes: AtomicUsize,
     shutdowns: AtomicUsize,
+    /// Reads that returned at least [`ACK_NOW_READ`] bytes.
+    large_reads: AtomicUsize,
+    acks: AtomicUsize,
 }
 
 /// The agent's end of the pod's socket. With `fail_after`, reading fails
@@ -35,7 +38,11 @@ impl AsyncRead for PodSocket {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        this.read += buf.filled().len() - before;
+        let n = buf.filled().len() - before;
+        if n >= ACK_NOW_READ {
+            this.seen.large_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        this.read += n;
         Poll::Ready(Ok(()))
     }
 }
@@ -73,7 +80,9 @@ impl CloseWrite for PodSocket {
 }
 
 impl AckNow for PodSocket {
-    fn ack_now(&self) {}
+    fn ack_now(&self) {
+        self.seen.acks.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The peer agent's end of the tunnel stream, in two halves that can be
@@ -176,12 +185,21 @@ async fn tunnel_pair() -> (TunnelStream, Peer) {
 type Relay = tokio::task::JoinHandle<io::Result<(u64, u64)>>;
 
 /// A relay between a pod and a peer, ending when `stop` resolves (or never).
+/// The pod's pipe holds 4 KiB, so no read reaches [`ACK_NOW_READ`].
 async fn start(
     fail_after: Option<usize>,
     stop: impl Future<Output = Stop> + Send + 'static,
 ) -> (DuplexStream, Peer, Arc<Seen>, Relay) {
+    start_with_pipe(4096, fail_after, stop).await
+}
+
+async fn start_with_pipe(
+    pipe: usize,
+    fail_after: Option<usize>,
+    stop: impl Future<Output = Stop> + Send + 'static,
+) -> (DuplexStream, Peer, Arc<Seen>, Relay) {
     let (agent, peer) = tunnel_pair().await;
-    let (pod, socket) = tokio::io::duplex(4096);
+    let (pod, socket) = tokio::io::duplex(pipe);
     let seen = Arc::new(Seen::default());
     let socket = PodSocket {
         io: socket,
@@ -296,6 +314,7 @@ proptest! {
             prop_assert_eq!(result.map_err(|e| e.kind()), Ok(lengths));
             prop_assert_eq!(count(&seen.resets), 0, "a clean relay reset the pod");
             prop_assert_eq!(count(&seen.shutdowns), 1, "the peer's end reached the pod as no FIN or several");
+            prop_assert_eq!(count(&seen.acks), 0, "small reads asked for the ACK now");
             Ok::<(), TestCaseError>(())
         })?;
     }
@@ -417,4 +436,29 @@ proptest! {
             Ok::<(), TestCaseError>(())
         })?;
     }
+}
+
+/// A pod that sends 64 KiB at once gets its ACK asked for after the large
+/// read, once per such read: the delayed-ACK stall of a BBR sender.
+#[test]
+fn a_large_read_from_the_pod_asks_for_the_ack_now() {
+    run(async {
+        let (mut pod, peer, seen, relay) = start_with_pipe(64 * 1024, None, never()).await;
+        let Peer {
+            send: _send,
+            mut recv,
+        } = peer;
+        let response = vec![7u8; 64 * 1024];
+        // The pipe takes it all before the relay first reads.
+        pod.write_all(&response).await.unwrap();
+        pod.shutdown().await.unwrap();
+        let (received, _end) = peer_receive(&mut recv, None).await;
+        assert_eq!(received, response);
+        assert!(
+            count(&seen.large_reads) >= 1,
+            "no read reached {ACK_NOW_READ} bytes"
+        );
+        assert_eq!(count(&seen.acks), count(&seen.large_reads));
+        relay.abort();
+    });
 }

@@ -345,13 +345,14 @@ const STREAMING_READ: usize = 256 * 1024;
 /// A read from the pod of at least this much is followed by
 /// [`AckNow::ack_now`]. A pod that sends this much at once may be sending
 /// more than its congestion window holds (BBR keeps it near two round trips'
-/// worth, a few tens of KiB over a veth) and waits for ACKs before the rest,
-/// while the kernel delays the agent's ACKs, up to its delayed-ACK timeout
-/// (40 ms at HZ=250). Under `http-64k` (nginx's 64 KiB responses, BBR) that
+/// worth, which over a veth's microsecond round trips is little) and waits
+/// for ACKs before the rest, while the kernel delays the agent's ACKs until
+/// its delayed-ACK timer (at least 40 ms at HZ=250) or the pod's tail-loss
+/// probe draws them out. Under `http-64k` (nginx's 64 KiB responses, BBR) that
 /// was the p99 tail: in A/B runs beside HAProxy, Ferry's p99 went from 0.53,
 /// 2.66, 6.36 and 6.66 × HAProxy's to 0.88, 0.92, 0.93 and 0.97 ×. Request
 /// and response messages of a few KiB never pay the extra syscall.
-const ACK_NOW_READ: usize = 16 * 1024;
+pub(crate) const ACK_NOW_READ: usize = 16 * 1024;
 
 /// Tunnel to socket: write each received chunk from where h2 holds it.
 #[derive(Default)]

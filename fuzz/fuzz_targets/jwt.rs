@@ -12,8 +12,9 @@
 //! `kubernetes.io.node.name`, its pod `kubernetes.io.pod.name`, and its
 //! issuer and audience are the verifier's, all read again from the token
 //! here (reading only those fields, as the verifier does, so an unknown
-//! claim's value is skipped unconverted); a token whose header does not say ES256 (the only trusted key's
-//! algorithm; RS256 would need an RSA key) is never accepted; every refusal's
+//! claim's value is skipped unconverted); a token whose header does not say
+//! ES256 (the only trusted key's algorithm; RS256 would need an RSA key) is
+//! never accepted; every refusal's
 //! message is non-empty and free of raw control characters (serde's errors
 //! quote the token's text; they are escaped).
 

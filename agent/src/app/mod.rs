@@ -5,6 +5,7 @@
 //! over; then it drains ([`lifecycle`]).
 
 mod lifecycle;
+mod memory;
 
 use std::{sync::Arc, time::Duration};
 
@@ -115,6 +116,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     if let Some(identities) = &identities {
         identities.follow(table_rx.clone());
     }
+    tokio::spawn(memory::return_freed());
     tokio::spawn(revocation::follow_policies(
         table_rx.clone(),
         Arc::clone(&inputs.connections),

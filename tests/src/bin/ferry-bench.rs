@@ -64,6 +64,9 @@ const CIPHER_BYTES: u64 = 512 * MIB;
 const HANDSHAKES: u64 = 2000;
 /// How many policies the `policies` scenario puts in the cluster.
 const POLICY_COUNT: usize = 1000;
+/// How long the agent goes without traffic before its idle memory is read:
+/// more than the 5 s between its returns of freed memory to the kernel.
+const IDLE_SETTLE: Duration = Duration::from_secs(6);
 const NO_POLICIES_METRIC: &str = "crr-no-policies.perSecond";
 const POLICIES_METRIC: &str = "crr-1000-policies.perSecond";
 /// The services of the server pods, in the order the baselines number
@@ -930,7 +933,8 @@ impl Bench {
         ])
     }
 
-    /// Agent RSS idle, then what `count` idle connections add to each side:
+    /// Agent RSS idle (once the agent has had [`IDLE_SETTLE`] without
+    /// traffic), then what `count` idle connections add to each side:
     /// the two agents for Ferry, the two stunnel or HAProxy processes for
     /// stunnel and HAProxy.
     fn memory(
@@ -941,6 +945,9 @@ impl Bench {
         let agent_pids = [self.agents[0].proc.pid(), self.agents[1].proc.pid()];
         let stunnel_pids = [self.stunnels[0][0].pid(), self.stunnels[0][1].pid()];
         let haproxy_pids = [self.haproxies[0][0].pid(), self.haproxies[0][1].pid()];
+        // The agent hands what the timed scenarios freed back to the kernel
+        // every 5 s (`app/memory.rs`); idle is after that.
+        std::thread::sleep(IDLE_SETTLE);
         let idle_rss = rss_kib(agent_pids[0])?;
         let mut out = vec![("idle.agentRssMiB", "ferry", idle_rss / 1024.0)];
         for (setup, pids) in [

@@ -36,12 +36,13 @@ pub async fn return_freed() {
 /// how many they held when it did.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn trim_if_past(past: usize) -> Option<usize> {
-    // SAFETY: both only read and rearrange glibc's own allocator state,
-    // under its arena locks.
+    // SAFETY: reads glibc's allocator statistics under its arena locks.
     let free = unsafe { libc::mallinfo2() }.fordblks;
     if free <= past {
         return None;
     }
+    // SAFETY: hands free pages of glibc's own arenas back, under their
+    // locks; no memory the program holds is touched.
     unsafe { libc::malloc_trim(0) };
     Some(free)
 }

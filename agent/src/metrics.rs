@@ -22,7 +22,10 @@ use crate::{
     capture::metrics::CaptureMetrics,
     drain::DrainMetrics,
     identity::metrics::IdentityMetrics,
-    proxy::metrics::{Direction, Failure, ProxyMetrics},
+    proxy::{
+        metrics::{Direction, Failure, ProxyMetrics},
+        spread::SpreadMetrics,
+    },
     tunnel::metrics::{Side, TunnelMetrics},
 };
 
@@ -42,6 +45,7 @@ pub struct Metrics {
     pub identity: Arc<IdentityMetrics>,
     pub capture: Arc<CaptureMetrics>,
     pub drain: Arc<DrainMetrics>,
+    pub spread: Arc<SpreadMetrics>,
 }
 
 impl Default for Metrics {
@@ -68,8 +72,11 @@ impl Metrics {
         capture.register(&mut registry);
         let drain = Arc::<DrainMetrics>::default();
         drain.register(&mut registry);
+        let spread = Arc::<SpreadMetrics>::default();
+        spread.register(&mut registry);
         Self {
             drain,
+            spread,
             registry,
             proxy,
             tunnel,

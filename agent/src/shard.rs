@@ -1,7 +1,8 @@
 //! The data plane runs on shards: one thread per worker, each with its own
 //! single-threaded runtime, its own pool of tunnel connections, and its own
 //! accept loops on the node's listening sockets (every shard waits on the
-//! same sockets; whichever is free takes the next connection).
+//! same sockets; whichever is woken first accepts, and hands the connection
+//! to the shard carrying the fewest: [`crate::proxy::spread`]).
 //!
 //! A connection is carried from accept to close on one thread: its relay,
 //! the pooled HTTP/2 connection it rides on and that connection's TLS all
@@ -12,10 +13,10 @@
 use std::{io, net::SocketAddr, sync::Arc, sync::mpsc};
 
 use anyhow::Context as _;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpSocket;
 
 use crate::{
-    proxy::{inbound::Inbound, outbound::Outbound},
+    proxy::{inbound::Inbound, outbound::Outbound, spread::SharedListener},
     tunnel::Identities,
 };
 
@@ -23,7 +24,7 @@ use crate::{
 const LISTEN_BACKLOG: u32 = 1024;
 
 /// Binds a listening socket the shards share. Called on the main runtime;
-/// each shard registers its own handle (`try_clone`) with its own reactor.
+/// each shard registers its own handle ([`crate::proxy::spread::share`]) with its own reactor.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -41,8 +42,8 @@ pub struct Shard<I> {
     pub outbound: Arc<Outbound>,
     /// `None` without a CA: no tunnel to accept.
     pub inbound: Option<Arc<Inbound<I>>>,
-    pub outbound_listeners: Vec<std::net::TcpListener>,
-    pub tunnel_listeners: Vec<std::net::TcpListener>,
+    pub outbound_listeners: Vec<SharedListener>,
+    pub tunnel_listeners: Vec<SharedListener>,
 }
 
 impl<I: Identities> Shard<I> {
@@ -82,12 +83,12 @@ impl<I: Identities> Shard<I> {
     /// Spawns this shard's accept loops on its runtime.
     fn accept(self) -> io::Result<()> {
         for listener in self.outbound_listeners {
-            let listener = TcpListener::from_std(listener)?;
+            let listener = listener.accept_on_this_shard()?;
             tokio::spawn(Arc::clone(&self.outbound).serve(listener));
         }
         if let Some(inbound) = &self.inbound {
             for listener in self.tunnel_listeners {
-                let listener = TcpListener::from_std(listener)?;
+                let listener = listener.accept_on_this_shard()?;
                 tokio::spawn(Arc::clone(inbound).serve(listener));
             }
         }

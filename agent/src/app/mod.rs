@@ -27,7 +27,7 @@ use crate::{
         connections::Connections,
         inbound::Inbound,
         outbound::{Mesh, Outbound},
-        revocation,
+        revocation, spread,
     },
     shard::Shard,
     tunnel::{
@@ -137,6 +137,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let balancer = Arc::new(Balancer::default());
     let mut pools = Vec::new();
     let mut shard_list = Vec::new();
+    let mut outbound_listeners =
+        spread::share(&listeners.outbound, shards, "outbound", &metrics.spread)
+            .context("cannot share the outbound listeners with the shards")?
+            .into_iter();
+    let mut tunnel_listeners = spread::share(&listeners.tunnel, shards, "tunnel", &metrics.spread)
+        .context("cannot share the tunnel listeners with the shards")?
+        .into_iter();
     for index in 0..shards {
         // Each shard dials and keeps its own tunnel connections, so a
         // connection's relay and the pooled connection it rides on share a thread.
@@ -161,8 +168,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             index,
             outbound,
             inbound: inbound.clone(),
-            outbound_listeners: try_clone_all(&listeners.outbound)?,
-            tunnel_listeners: try_clone_all(&listeners.tunnel)?,
+            outbound_listeners: outbound_listeners.next().unwrap_or_default(),
+            tunnel_listeners: tunnel_listeners.next().unwrap_or_default(),
         });
     }
     let pool_view = (!pools.is_empty()).then(|| {
@@ -291,19 +298,6 @@ impl AdminPorts {
             stop(),
         ));
     }
-}
-
-/// A handle per shard on each listening socket.
-fn try_clone_all(
-    listeners: &[std::net::TcpListener],
-) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    listeners
-        .iter()
-        .map(|l| {
-            l.try_clone()
-                .context("cannot share a listening socket with a shard")
-        })
-        .collect()
 }
 
 /// The first table from the source the command line names, and the source

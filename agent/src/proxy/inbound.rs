@@ -14,14 +14,16 @@ use bytes::Bytes;
 use ferry_proto::{SpiffeId, Untrusted};
 use h2::server::SendResponse;
 use http::{Method, Request, Response, Uri};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::{
     Error, ProxyInputs, Refused,
     connections::{ConnectionMeta, Grant, Route},
     metrics::Direction,
-    relay, upstream,
+    relay,
+    spread::Accepting,
+    upstream,
 };
 use crate::{
     drain::Phase,
@@ -67,7 +69,7 @@ pub struct Peer {
 }
 
 impl<I: Identities> Inbound<I> {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: Accepting) {
         let drain = self.inputs.drain.clone();
         super::accept_until_drained(listener, "inbound tunnel", drain, move |stream, peer| {
             let this = Arc::clone(&self);

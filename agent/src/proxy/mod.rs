@@ -19,14 +19,12 @@ pub mod outbound;
 pub mod relay;
 pub mod revocation;
 pub mod route;
+pub mod spread;
 pub mod upstream;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::{net::TcpStream, sync::watch};
 
 pub use balancer::Balancer;
 pub use error::{Error, Refused};
@@ -36,6 +34,7 @@ use crate::{
     workload::WorkloadTable,
 };
 use connections::Connections;
+use spread::Accepting;
 
 /// What both directions read: the workload table, and where they record
 /// the connections they carry (and the metrics those update).
@@ -48,11 +47,11 @@ pub struct ProxyInputs {
 }
 
 /// Accepts connections on `listener` until the agent drains, each handled in
-/// its own task; then closes this handle on the listening socket (a
-/// successor may hold another). An accept error (EMFILE and friends) backs
-/// off briefly instead of spinning.
+/// its own task on the shard [`spread`] gives it; then closes this handle on
+/// the listening socket (a successor may hold another). An accept error
+/// (EMFILE and friends) backs off briefly instead of spinning.
 pub async fn accept_until_drained<F, Fut>(
-    listener: TcpListener,
+    mut listener: Accepting,
     what: &'static str,
     drain: DrainSignal,
     handle: F,
@@ -63,19 +62,18 @@ pub async fn accept_until_drained<F, Fut>(
     let drained = drain.reached(Phase::Draining);
     tokio::pin!(drained);
     loop {
-        let accepted = tokio::select! {
+        let taken = tokio::select! {
             () = &mut drained => break,
-            accepted = listener.accept() => accepted,
+            taken = listener.next() => taken,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
-            }
+        match taken {
+            Ok(taken) => spread::spawn_counted(taken.load, handle(taken.stream, taken.peer)),
             Err(error) => {
                 tracing::warn!(%error, listener = what, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
+    listener.close(|taken| spread::spawn_counted(taken.load, handle(taken.stream, taken.peer)));
     tracing::debug!(listener = what, "stopped accepting");
 }

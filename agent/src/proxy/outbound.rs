@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use ferry_proto::Untrusted;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::{
@@ -18,6 +18,7 @@ use super::{
     metrics::Direction,
     relay,
     route::{self, Decision},
+    spread::Accepting,
     upstream,
 };
 use crate::{
@@ -47,7 +48,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: Accepting) {
         let drain = self.inputs.drain.clone();
         super::accept_until_drained(listener, "outbound", drain, move |stream, peer| {
             let this = Arc::clone(&self);

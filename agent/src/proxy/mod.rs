@@ -59,6 +59,9 @@ pub async fn accept_until_drained<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let carry = |taken: spread::Taken| {
+        spread::spawn_counted(taken.load, handle(taken.stream, taken.peer));
+    };
     let drained = drain.reached(Phase::Draining);
     tokio::pin!(drained);
     loop {
@@ -67,13 +70,13 @@ pub async fn accept_until_drained<F, Fut>(
             taken = listener.next() => taken,
         };
         match taken {
-            Ok(taken) => spread::spawn_counted(taken.load, handle(taken.stream, taken.peer)),
+            Ok(taken) => carry(taken),
             Err(error) => {
                 tracing::warn!(%error, listener = what, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    listener.close(|taken| spread::spawn_counted(taken.load, handle(taken.stream, taken.peer)));
+    listener.close(carry);
     tracing::debug!(listener = what, "stopped accepting");
 }

@@ -76,15 +76,18 @@ struct Handed {
 }
 
 impl Handed {
-    /// Registers the connection with the calling shard's reactor; one that
-    /// cannot be is closed, and said so.
+    /// Registers the connection with the calling shard's reactor (counted as
+    /// handed over); one that cannot be is closed, and said so.
     fn register(self) -> Option<Taken> {
         match TcpStream::from_std(self.stream) {
-            Ok(stream) => Some(Taken {
-                stream,
-                peer: self.peer,
-                load: self.load,
-            }),
+            Ok(stream) => {
+                self.load.spread.handed.inc();
+                Some(Taken {
+                    stream,
+                    peer: self.peer,
+                    load: self.load,
+                })
+            }
             Err(error) => {
                 tracing::warn!(%error, peer = %self.peer, "a connection another shard accepted could not be registered here; closing it");
                 None
@@ -145,8 +148,8 @@ impl Spread {
         listener: &'static str,
         metrics: &SpreadMetrics,
     ) -> (Arc<Self>, Vec<mpsc::UnboundedReceiver<Handed>>) {
-        let (senders, receivers) = (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
-        let senders: Vec<_> = senders;
+        let (senders, receivers): (Vec<_>, _) =
+            (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
         let spread = Self {
             loads: (0..shards)
                 .map(|shard| {
@@ -265,9 +268,6 @@ impl Accepting {
                     Err(error) => Unhanded::Lost(error),
                 },
             )
-            .inspect(|()| {
-                self.spread.handed.inc();
-            })
     }
 
     /// Stops taking connections from the other shards, and passes each one
@@ -335,6 +335,63 @@ mod tests {
             1,
             "/metrics shows each shard's load"
         );
+    }
+
+    /// A shard that stops accepting still carries what was handed to it,
+    /// and a hand-off after that stays with the shard that accepted it.
+    #[tokio::test]
+    async fn no_handed_connection_is_lost_when_a_shard_stops() {
+        let metrics = SpreadMetrics::default();
+        let (spread, mut inboxes) = Spread::new(2, "outbound", &metrics);
+        let listeners = [(); 2].map(|()| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            listener
+        });
+        let addr = listeners[0].local_addr().unwrap();
+        let mut shard = 0;
+        let [zero, one] = listeners.map(|listener| {
+            shard += 1;
+            SharedListener {
+                shard: shard - 1,
+                listener,
+                spread: Arc::clone(&spread),
+                inbox: inboxes.remove(0),
+            }
+        });
+        let mut zero = zero.accept_on_this_shard().unwrap();
+        let one = one.accept_on_this_shard().unwrap();
+
+        // Shard 1 is busier, then frees up: shard 0 hands it the next one.
+        let busy = spread.count(1);
+        let _first = std::net::TcpStream::connect(addr).unwrap();
+        let kept = tokio::time::timeout(Duration::from_secs(5), zero.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.load.shard, 0);
+        drop(busy);
+        let _second = std::net::TcpStream::connect(addr).unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(200), zero.next()).await;
+        assert!(next.is_err(), "the connection was handed over, not kept");
+
+        let mut carried = Vec::new();
+        one.close(|taken| carried.push(taken));
+        assert_eq!(
+            carried.len(),
+            1,
+            "the handed connection is carried at close"
+        );
+        assert_eq!(carried[0].load.shard, 1);
+
+        // Both shards now carry one; shard 1's inbox is closed.
+        drop(kept);
+        let _third = std::net::TcpStream::connect(addr).unwrap();
+        let stayed = tokio::time::timeout(Duration::from_secs(5), zero.next())
+            .await
+            .expect("a hand-off to a stopped shard is not lost")
+            .unwrap();
+        assert_eq!(stayed.load.shard, 0, "carried where it was accepted");
     }
 
     /// Shard 0 accepts every connection (shard 1's own descriptor is on a

@@ -92,7 +92,7 @@ pub fn group_name(group: Option<rustls::NamedGroup>) -> &'static str {
 }
 
 /// The group a finished handshake negotiated.
-pub fn negotiated_group<D>(connection: &rustls::ConnectionCommon<D>) -> &'static str {
+pub fn negotiated_group(connection: &rustls::CommonState) -> &'static str {
     group_name(
         connection
             .negotiated_key_exchange_group()

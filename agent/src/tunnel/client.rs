@@ -7,12 +7,13 @@ use std::{net::SocketAddr, sync::Arc};
 use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::TlsConnector;
 
 use super::{
     Identities,
     pool::{Checkout, Dial, DialError, Pool, PoolError, PoolKey},
     stream::TunnelStream,
+    transport::Transport,
     wire,
 };
 
@@ -23,10 +24,10 @@ pub struct TlsDialer<I> {
 }
 
 impl<I: Identities> Dial for TlsDialer<I> {
-    type Io = TlsStream<TcpStream>;
+    type Io = Transport;
 
     fn key_exchange(io: &Self::Io) -> Option<&'static str> {
-        Some(ferry_proto::crypto::negotiated_group(io.get_ref().1))
+        Some(ferry_proto::crypto::negotiated_group(io.tls()))
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Self::Io, DialError> {
@@ -43,13 +44,15 @@ impl<I: Identities> Dial for TlsDialer<I> {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        TlsConnector::from(Arc::clone(&issued.client_config))
+        let tls = TlsConnector::from(Arc::clone(&issued.client_config))
             .connect(sni, tcp)
             .await
             .map_err(|source| DialError::Tls {
                 address: key.address,
                 source,
-            })
+            })?;
+        let (tcp, session) = tls.into_inner();
+        Ok(Transport::new(tcp, session))
     }
 }
 

@@ -3,7 +3,8 @@
 //! certificates, pooled per (source identity, destination identity,
 //! destination agent). [`client`] dials and opens streams, [`server`]
 //! accepts connections, [`pool`] keeps the client's connections,
-//! [`stream`] is one stream as the relay uses it, [`wire`] holds the
+//! [`stream`] is one stream as the relay uses it, [`transport`] is the TLS
+//! under HTTP/2 once the handshake is done, [`wire`] holds the
 //! conventions both ends share. Deciding what to carry is the proxy's job.
 
 pub mod client;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod stream;
+pub mod transport;
 pub mod wire;
 
 use std::sync::Arc;

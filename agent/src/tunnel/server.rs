@@ -8,11 +8,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ferry_proto::SpiffeId;
 use tokio::net::TcpStream;
-use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
+use tokio_rustls::LazyConfigAcceptor;
 
 use super::{
     Identities,
     metrics::{Side, TunnelMetrics},
+    transport::Transport,
     wire,
 };
 use crate::identity::{CertIdentityError, identity_of};
@@ -25,7 +26,7 @@ pub struct Accepted {
     pub local: SpiffeId,
     /// The key exchange group the handshake negotiated.
     pub key_exchange: &'static str,
-    pub connection: h2::server::Connection<TlsStream<TcpStream>, Bytes>,
+    pub connection: h2::server::Connection<Transport, Bytes>,
 }
 
 /// Why a tunnel connection was refused before it could carry a stream.
@@ -119,6 +120,7 @@ impl<I: Identities> Server<I> {
                 .ok_or(AcceptError::NoClientCertificate)?;
             identity_of(&chain[0])?
         };
+        let (tcp, session) = tls.into_inner();
         if client.trust_domain() != local.trust_domain() {
             return Err(AcceptError::ForeignTrustDomain {
                 client,
@@ -130,7 +132,7 @@ impl<I: Identities> Server<I> {
             .initial_connection_window_size(wire::CONNECTION_WINDOW)
             .max_frame_size(wire::MAX_FRAME_SIZE)
             .max_concurrent_streams(wire::MAX_CONCURRENT_STREAMS)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(Transport::new(tcp, session))
             .await;
         match connection {
             Ok(connection) => Ok(Accepted {

@@ -528,4 +528,50 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(received, b"cut", "what came before the cut is delivered");
     }
+
+    #[tokio::test]
+    async fn data_flows_on_across_a_key_update_from_the_peer() {
+        let Pair {
+            mut client,
+            mut server,
+            ..
+        } = pair(64 * 1024).await;
+        // The client changes its keys and asks the server to change its own.
+        client.tls.refresh_traffic_keys().expect("a key update");
+        client.write_all(b"after the update").await.expect("sent");
+        client.flush().await.expect("flushed");
+        send_owed(&mut client).await;
+        let mut received = [0; 16];
+        server.read_exact(&mut received).await.expect("read");
+        assert_eq!(&received, b"after the update");
+        server.write_all(b"reply").await.expect("sent");
+        server.flush().await.expect("flushed");
+        send_owed(&mut server).await;
+        let mut reply = [0; 5];
+        client.read_exact(&mut reply).await.expect("read");
+        assert_eq!(&reply, b"reply");
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_no_tls_record_are_an_error_not_a_hang() {
+        let Pair {
+            client, mut server, ..
+        } = pair(64 * 1024).await;
+        let mut socket = client.socket;
+        socket
+            .socket
+            .write_all(b"GET / HTTP/1.1\r\nHost: ferry\r\n\r\n")
+            .await
+            .expect("written");
+        let mut received = Vec::new();
+        let error = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            server.read_to_end(&mut received),
+        )
+        .await
+        .expect("an answer, not a hang")
+        .expect_err("plaintext where a record belongs");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        assert!(received.is_empty());
+    }
 }

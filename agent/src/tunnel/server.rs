@@ -120,13 +120,13 @@ impl<I: Identities> Server<I> {
                 .ok_or(AcceptError::NoClientCertificate)?;
             identity_of(&chain[0])?
         };
-        let (tcp, session) = tls.into_inner();
         if client.trust_domain() != local.trust_domain() {
             return Err(AcceptError::ForeignTrustDomain {
                 client,
                 trust_domain: local.trust_domain().to_owned(),
             });
         }
+        let (tcp, session) = tls.into_inner();
         let connection = h2::server::Builder::new()
             .initial_window_size(wire::STREAM_WINDOW)
             .initial_connection_window_size(wire::CONNECTION_WINDOW)

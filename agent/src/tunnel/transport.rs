@@ -50,7 +50,9 @@ pub struct Transport<S = TcpStream> {
 
 impl<S> Transport<S> {
     /// Takes over a connection whose handshake is done, with whatever
-    /// plaintext and records rustls already holds.
+    /// plaintext and records rustls already holds. What h2's own handshake
+    /// writes (the preface, SETTINGS) goes out at the first poll of the
+    /// task that drives the connection.
     pub fn new(socket: S, tls: impl Into<Connection>) -> Self {
         Self {
             socket,

@@ -288,13 +288,13 @@ mod tests {
     use super::*;
 
     /// A socket that counts the reads and writes that moved bytes.
-    struct Counted {
+    struct CountingSocket {
         socket: DuplexStream,
         reads: Arc<AtomicUsize>,
         writes: Arc<AtomicUsize>,
     }
 
-    impl AsyncRead for Counted {
+    impl AsyncRead for CountingSocket {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -309,7 +309,7 @@ mod tests {
         }
     }
 
-    impl AsyncWrite for Counted {
+    impl AsyncWrite for CountingSocket {
         fn poll_write(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -346,8 +346,8 @@ mod tests {
     /// Both ends of a finished TLS 1.3 handshake over an in-memory pipe of
     /// `pipe` bytes, each a [`Transport`] over a counted socket.
     struct Pair {
-        client: Transport<Counted>,
-        server: Transport<Counted>,
+        client: Transport<CountingSocket>,
+        server: Transport<CountingSocket>,
         client_writes: Arc<AtomicUsize>,
         server_reads: Arc<AtomicUsize>,
     }
@@ -373,7 +373,7 @@ mod tests {
             .with_single_cert(vec![certified.cert.der().clone()], key)
             .expect("a server certificate");
         let (client_socket, server_socket) = tokio::io::duplex(pipe);
-        let counted = |socket| Counted {
+        let counted = |socket| CountingSocket {
             socket,
             reads: Arc::default(),
             writes: Arc::default(),
@@ -407,7 +407,7 @@ mod tests {
 
     /// What h2's next poll of the connection does first: a read, which
     /// sends the records an earlier poll owes.
-    async fn send_owed(transport: &mut Transport<Counted>) {
+    async fn send_owed(transport: &mut Transport<CountingSocket>) {
         poll_fn(|cx| {
             let mut none = ReadBuf::new(&mut []);
             let _ = Pin::new(&mut *transport).poll_read(cx, &mut none);

@@ -9,7 +9,7 @@
 //!   of 256 bytes or more on its own, and `TlsStream` sends each write to
 //!   the socket at once: with 16 streams busy, one loop turn of the
 //!   connection's task made 16 `writev`s and 16 TCP segments, and the peer
-//!   16 wake-ups. Here a write seals the frame into rustls's buffer and owes
+//!   up to 16 wake-ups. Here a write seals the frame into rustls's buffer and owes
 //!   the socket a write; the records go out together in one `writev` at the
 //!   start of the task's next poll (the task wakes itself for it), or at once
 //!   when rustls's buffer is full.
@@ -145,7 +145,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
             let _ = self.poll_send_records(cx);
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)));
         }
-        // A key update or an alert to answer.
+        // Whatever rustls queued while reading leaves with the next batch.
+        // (Its answer to a peer's key update waits for our next record by
+        // rustls's own design; this is for anything it queues at once.)
         self.owe(cx);
         Poll::Ready(Ok(()))
     }
@@ -493,6 +495,11 @@ mod tests {
         assert!(
             reads <= records.div_ceil(READ_CHUNK / (16 * 1024 + 22)) + 1,
             "{reads} reads for {records} records"
+        );
+        assert_eq!(
+            server.incoming.capacity(),
+            0,
+            "the read buffer is freed once rustls has taken it all"
         );
     }
 
